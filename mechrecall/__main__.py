@@ -1,0 +1,120 @@
+"""``python -m mechrecall``: the lab's command line.
+
+    python -m mechrecall reproduce [--preset default] [--out runs/default] [--seeds 0 1 2] [--force]
+    python -m mechrecall train --regime mixed --out runs/x          (same as python -m mechrecall.train)
+    python -m mechrecall eval CHECKPOINT                             (registry name or folder)
+    python -m mechrecall registry                                    (list checkpoints.yaml)
+    python -m mechrecall presets                                     (list presets and their settings)
+
+Errors (unknown preset, malformed registry, missing checkpoint, finished output folder) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from mechrecall.reproduce import reproduce
+
+    out = args.out or f"runs/{args.preset}"
+    results = reproduce(
+        args.preset, out, seeds=args.seeds, overrides=args.overrides, force=args.force,
+        registry=args.registry, progress=not args.quiet,
+    )
+    from mechrecall.reproduce import markdown_table
+
+    print(markdown_table(results))
+    print(f"wrote {out}/results.json and {out}/results.md")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mechrecall.config import Preset
+    from mechrecall.evaluate import evaluate
+    from mechrecall.facts import generate
+    from mechrecall.models import CheckpointError, load_checkpoint
+    from mechrecall.registry import resolve
+
+    location, _ = resolve(args.checkpoint, args.registry)
+    model, tokenizer, meta = load_checkpoint(location)
+    if "config" not in meta:
+        raise CheckpointError(f"{location} has no mechrecall.json: cannot tell which dataset it was trained on")
+    preset = Preset.model_validate(meta["config"])
+    dataset = generate(preset.data.spec(), preset.seed)
+    if dataset.hash != meta.get("dataset_hash"):
+        raise CheckpointError(f"{location}: dataset hash {meta.get('dataset_hash')} does not match regenerated {dataset.hash}")
+    metrics = evaluate(model, tokenizer, dataset)
+    print(json.dumps(metrics if args.per_attribute else {k: v for k, v in metrics.items() if k != "per_attribute"}, indent=2))
+    return 0
+
+
+def _cmd_registry(args: argparse.Namespace) -> int:
+    from mechrecall.registry import default_path, load_registry
+
+    reg = load_registry(args.registry or default_path())
+    for e in reg.checkpoints:
+        metrics = " ".join(f"{k}={v:.3f}" for k, v in e.metrics.items() if k in ("heldout_qa", "trained_qa", "storage"))
+        print(f"{e.name:32s} {e.regime:10s} {e.stage:8s} {e.path}  {metrics}")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from mechrecall.config import PRESETS
+
+    for name, p in PRESETS.items():
+        print(f"{name}: {json.dumps(p.model_dump(mode='json'))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mechrecall", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    rp = sub.add_parser("reproduce", help="data, both regimes, evaluation, registry, results.json")
+    rp.add_argument("--preset", default="default")
+    rp.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
+    rp.add_argument("--seeds", type=int, nargs="+", default=[0])
+    rp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    rp.add_argument("--force", action="store_true", help="delete a finished run in --out and redo it")
+    rp.add_argument("--registry", default=None, help="registry file (default $MECHRECALL_REGISTRY or ./checkpoints.yaml)")
+    rp.add_argument("--quiet", action="store_true")
+    rp.set_defaults(func=_cmd_reproduce)
+    ev = sub.add_parser("eval", help="exact-match recall of one checkpoint")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--registry", default=None)
+    ev.add_argument("--per-attribute", action="store_true")
+    ev.set_defaults(func=_cmd_eval)
+    rg = sub.add_parser("registry", help="list registered checkpoints")
+    rg.add_argument("--registry", default=None)
+    rg.set_defaults(func=_cmd_registry)
+    ps = sub.add_parser("presets", help="list presets")
+    ps.set_defaults(func=_cmd_presets)
+    tr = sub.add_parser("train", help="train one regime (see python -m mechrecall.train --help)", add_help=False)
+    tr.add_argument("rest", nargs=argparse.REMAINDER)
+    tr.set_defaults(func=None)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from mechrecall.train import main as train_main
+
+        return train_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    from mechrecall.models import CheckpointError
+    from mechrecall.registry import RegistryError
+    from mechrecall.reproduce import RunExistsError
+
+    try:
+        return args.func(args)
+    except (RunExistsError, RegistryError, CheckpointError, KeyError, ValueError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

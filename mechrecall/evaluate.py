@@ -1,0 +1,138 @@
+"""Exact-match recall in both formats, per example, per split and per attribute.
+
+Scoring is teacher-forced: a fact counts as recalled when the argmax at every answer token is right, and for the
+query format also at the end-of-text token after it. That is exactly greedy exact match (greedy decoding emits the
+answer and stops iff each of those argmaxes is right; ``tests/test_evaluate.py`` checks this against
+``generate``), at the cost of one forward per batch. Storage recall is scored inside each whole biography in one
+forward (causal attention makes the prediction at a position depend on the prefix only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from mechrecall.facts import ATTRIBUTES, SPLITS, Biography, Example, FactDataset, Split
+from mechrecall.tokenization import Batch, collate, collate_examples, encode_example
+
+
+@torch.no_grad()
+def correct_answers(model, batch: Batch) -> Bool[Tensor, "batch pos"]:
+    """Per position: the scored token (``labels != -100``) is the argmax of the previous position's logits.
+
+    Unscored positions are True, so ``.all(-1)`` over a row's positions is that row's exact match.
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    target = batch.labels[:, 1:]
+    hit = logits[:, :-1].argmax(-1) == target
+    out = torch.ones_like(batch.labels, dtype=torch.bool)
+    out[:, 1:] = hit | (target == -100)
+    return out
+
+
+def _chunks(n: int, size: int):
+    for i in range(0, n, size):
+        yield torch.arange(i, min(n, i + size))
+
+
+@dataclass
+class Recall:
+    """Per-example exact match for a list of facts in one format."""
+
+    format: str
+    person_ids: Int[Tensor, " n"]
+    attributes: list[str]
+    splits: list[str]
+    correct: Bool[Tensor, " n"]
+
+    def accuracy(self, split: Split | None = None, attribute: str | None = None) -> float:
+        keep = torch.tensor(
+            [(split is None or s == split) and (attribute is None or a == attribute) for s, a in zip(self.splits, self.attributes)],
+            dtype=torch.bool,
+        )
+        return float(self.correct[keep].float().mean()) if keep.any() else float("nan")
+
+    def per_attribute(self, split: Split | None = None) -> dict[str, float]:
+        return {a: self.accuracy(split, a) for a in ATTRIBUTES}
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "format": self.format,
+                "person_id": self.person_ids.tolist(),
+                "attribute": self.attributes,
+                "split": self.splits,
+                "correct": self.correct.tolist(),
+            }
+        )
+
+
+def query_recall(model, tokenizer, dataset: FactDataset, examples: Sequence[Example], batch_size: int = 512) -> Recall:
+    encoded = [encode_example(tokenizer, ex) for ex in examples]
+    batch = collate_examples(encoded, tokenizer.pad_token_id)
+    correct = torch.cat([correct_answers(model, batch.index(rows)).all(-1) for rows in _chunks(len(batch), batch_size)])
+    return Recall(
+        "query",
+        torch.tensor([ex.person_id for ex in examples]),
+        [ex.attribute for ex in examples],
+        [dataset.split[ex.person_id] for ex in examples],
+        correct,
+    )
+
+
+def encode_biography(tokenizer, bio: Biography) -> tuple[list[int], dict[str, list[int]]]:
+    """Token ids of a whole biography and, per attribute, the positions of its value's tokens."""
+    enc = tokenizer(bio.text, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    positions = {}
+    for attribute, ex in bio.facts.items():
+        s, e = ex.spans["answer"][0]
+        positions[attribute] = [i for i, (a, b) in enumerate(offsets) if b > a and a < e and b > s]
+    return list(enc["input_ids"]), positions
+
+
+def storage_recall(model, tokenizer, dataset: FactDataset, pids: Sequence[int] | None = None, batch_size: int = 256) -> Recall:
+    """Exact match of every attribute value inside each person's first biography (teacher-forced)."""
+    pids = list(range(len(dataset.people))) if pids is None else list(pids)
+    encoded = [encode_biography(tokenizer, dataset.bios[p][0]) for p in pids]
+    all_scored = [sorted(i for ps in pos.values() for i in ps) for _, pos in encoded]
+    batch = collate([ids for ids, _ in encoded], all_scored, tokenizer.pad_token_id)
+    correct, person_ids, attributes = [], [], []
+    for rows in _chunks(len(batch), batch_size):
+        sub = batch.index(rows)
+        hits = correct_answers(model, sub)
+        for r, row in enumerate(rows.tolist()):
+            for attribute in ATTRIBUTES:
+                correct.append(bool(hits[r, encoded[row][1][attribute]].all()))
+                person_ids.append(pids[row])
+                attributes.append(attribute)
+    return Recall(
+        "storage", torch.tensor(person_ids), attributes, [dataset.split[p] for p in person_ids], torch.tensor(correct)
+    )
+
+
+def evaluate(model, tokenizer, dataset: FactDataset, splits: Sequence[Split] = SPLITS, storage: bool = True) -> dict:
+    """Summary fractions: ``{split}_qa`` for each split (``trained_qa`` for ``train``), ``storage``, per attribute."""
+    was_training = model.training
+    model.eval()
+    pids = dataset.pids(splits)
+    out: dict = {}
+    names = {"train": "trained_qa", "validation": "validation_qa", "heldout": "heldout_qa"}
+    per_attribute = {}
+    if pids:
+        qa = query_recall(model, tokenizer, dataset, dataset.query_examples(pids))
+        for split in splits:
+            out[names[split]] = qa.accuracy(split)
+            per_attribute[names[split]] = qa.per_attribute(split)
+    if storage:
+        st = storage_recall(model, tokenizer, dataset)
+        out["storage"] = st.accuracy()
+        per_attribute["storage"] = st.per_attribute()
+    out["per_attribute"] = per_attribute
+    model.train(was_training)
+    return out

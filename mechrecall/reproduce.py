@@ -1,0 +1,197 @@
+"""``python -m mechrecall reproduce``: data, both regimes, evaluation, registry entries and a results table.
+
+Per seed it writes ``OUT/seed<S>/`` (see :mod:`mechrecall.train` for the layout), registers the checkpoints, and
+finally ``OUT/results.json`` and ``OUT/results.md``. An interrupted run resumes where it stopped; a finished one is
+refused unless ``force`` (which deletes it first).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import shutil
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mechrecall.config import Preset, get_preset
+from mechrecall.facts import ATTRIBUTES
+from mechrecall.io import atomic_write_json, atomic_write_text
+from mechrecall.registry import Entry, register, relative_path
+from mechrecall.train import train
+
+RESULT_KEYS = {
+    "two_stage": ("heldout_qa", "trained_qa", "validation_qa", "storage", "storage_after_stage1", "train_seconds"),
+    "mixed": ("heldout_qa", "trained_qa", "validation_qa", "storage", "train_seconds"),
+}
+
+
+class RunExistsError(FileExistsError):
+    pass
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("mechrecall", "torch", "transformers", "tokenizers", "transformer-lens", "nnsight"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _regime_summary(regime: str, meta: dict) -> dict:
+    m = meta["metrics"]
+    row = {k: m[k] for k in ("heldout_qa", "trained_qa", "validation_qa", "storage")}
+    row["train_seconds"] = meta.get("train_seconds", float("nan"))
+    row["steps"] = meta["global_step"]
+    row["per_attribute"] = m["per_attribute"]
+    if regime == "two_stage":
+        stages = meta.get("stages") or {}
+        s1 = stages.get("stage1") or {}
+        row["storage_after_stage1"] = s1.get("storage", float("nan"))
+        row["stage2_steps"] = (stages.get("stage2") or {}).get("steps")
+        row["stage2_stopped_early"] = (stages.get("stage2") or {}).get("stopped_early")
+    return row
+
+
+def _register_seed(preset: Preset, run_dir: Path, registry: Path | None) -> list[str]:
+    names = []
+    arch = f"scratch:llama-L{preset.model.n_layers}-d{preset.model.d_model}"
+    prefix = f"{preset.name}-s{preset.seed}"
+    for name, folder, regime, stage in (
+        (f"{prefix}-base", run_dir / "data" / "base", "base", "init"),
+        (f"{prefix}-two-stage-stage1", run_dir / "two_stage" / "stage1", "two_stage", "stage1"),
+        (f"{prefix}-two-stage", run_dir / "two_stage" / "final", "two_stage", "final"),
+        (f"{prefix}-mixed", run_dir / "mixed" / "final", "mixed", "final"),
+    ):
+        from mechrecall.models import read_meta
+
+        meta = read_meta(folder)
+        metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        entry = Entry(
+            name=name,
+            path=relative_path(folder, registry),
+            base_model=arch if regime == "base" else f"{prefix}-base",
+            regime=regime,
+            stage=stage,
+            seed=preset.seed,
+            dataset_hash=meta.get("dataset_hash"),
+            metrics=metrics,
+        )
+        register(entry, registry)
+        names.append(name)
+    return names
+
+
+def _spread(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "values": values,
+    }
+
+
+def markdown_table(results: dict) -> str:
+    lines = [
+        f"# mechrecall reproduce: preset `{results['preset']}`, seeds {results['seeds']}",
+        "",
+        "Exact-match recall (fractions; greedy = teacher-forced argmax on every answer token, plus end-of-text for QA).",
+        "",
+        "| regime | held-out QA | trained QA | validation QA | storage (end) | storage after stage 1 | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for regime in ("two_stage", "mixed"):
+        r = results["regimes"][regime]
+        sp = results.get("spread", {}).get(regime, {})
+
+        def cell(k: str) -> str:
+            if k not in r:
+                return "–"
+            if k in sp and len(results["seeds"]) > 1:
+                return f"{sp[k]['mean']:.3f} ± {sp[k]['std']:.3f}"
+            return f"{r[k]:.3f}" if k != "train_seconds" else f"{r[k]:.0f}"
+
+        lines.append(
+            f"| {regime} | {cell('heldout_qa')} | {cell('trained_qa')} | {cell('validation_qa')} | {cell('storage')} "
+            f"| {cell('storage_after_stage1')} | {cell('train_seconds')} |"
+        )
+    lines += ["", "Held-out QA per attribute (first seed):", "", "| attribute | two-stage | mixed |", "|---|---|---|"]
+    first = results["per_seed"][0]["regimes"]
+    for a in ATTRIBUTES:
+        two = first["two_stage"]["per_attribute"]["heldout_qa"][a]
+        mix = first["mixed"]["per_attribute"]["heldout_qa"][a]
+        lines.append(f"| {a} | {two:.3f} | {mix:.3f} |")
+    lines += ["", f"Gap (mixed − two-stage held-out QA): {results['gap']['mean']:.3f}", f"Wall time: {results['wall_seconds']:.0f} s", ""]
+    return "\n".join(lines)
+
+
+def reproduce(
+    preset_name: str = "default",
+    out: str | Path = "runs/default",
+    *,
+    seeds: Sequence[int] = (0,),
+    overrides: Sequence[str] = (),
+    force: bool = False,
+    registry: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the whole pipeline and return the results dict that is also written to ``out/results.json``."""
+    out = Path(out)
+    if (out / "results.json").exists():
+        if not force:
+            raise RunExistsError(f"{out} already holds a finished run (results.json); pass --force to redo it")
+        shutil.rmtree(out)
+    if not seeds:
+        raise ValueError("need at least one seed")
+    presets = {s: get_preset(preset_name, [*overrides, f"seed={s}"]) for s in seeds}  # validate all before work
+    t0 = time.perf_counter()
+    per_seed = []
+    for seed, preset in presets.items():
+        run_dir = out / f"seed{seed}"
+        regimes = {}
+        for regime in ("two_stage", "mixed"):
+            meta = train(preset, regime, run_dir, progress=progress)
+            if "stages" not in meta:  # finished earlier: stage metrics live in the stage checkpoints
+                from mechrecall.models import read_meta
+
+                stage1 = read_meta(run_dir / "two_stage" / "stage1") if regime == "two_stage" else None
+                meta["stages"] = {"stage1": stage1["metrics"]} if stage1 else {}
+            regimes[regime] = _regime_summary(regime, meta)
+        names = _register_seed(preset, run_dir, Path(registry) if registry else None)
+        per_seed.append({"seed": seed, "run_dir": str(run_dir), "regimes": regimes, "registered": names})
+
+    keys = RESULT_KEYS
+    mean_regimes = {
+        regime: {k: statistics.fmean(ps["regimes"][regime][k] for ps in per_seed) for k in keys[regime]}
+        for regime in keys
+    }
+    spread = {
+        regime: {k: _spread([ps["regimes"][regime][k] for ps in per_seed]) for k in keys[regime]} for regime in keys
+    }
+    gaps = [ps["regimes"]["mixed"]["heldout_qa"] - ps["regimes"]["two_stage"]["heldout_qa"] for ps in per_seed]
+    results = {
+        "preset": preset_name,
+        "seed": seeds[0],
+        "seeds": list(seeds),
+        "regimes": mean_regimes,
+        "spread": spread,
+        "gap": _spread(gaps),
+        "per_seed": per_seed,
+        "wall_seconds": time.perf_counter() - t0,
+        "provenance": {
+            "config": presets[seeds[0]].model_dump(mode="json"),
+            "overrides": list(overrides),
+            "versions": _versions(),
+            "torch_threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        },
+    }
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", markdown_table(results))
+    return results

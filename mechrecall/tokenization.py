@@ -1,0 +1,144 @@
+"""Tokenizers for the lab, and role spans resolved to token positions through offset mappings.
+
+:func:`train_tokenizer` builds a word-level tokenizer with the ``tokenizers`` library on the generated corpus (with
+``name_style="single_token"`` each full name is one added token). :func:`encode_example` works with any Hugging Face
+*fast* tokenizer, so the same role resolution serves real pretrained models (BPE with leading spaces included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Int
+from tokenizers import AddedToken, Tokenizer, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+from tokenizers.trainers import WordLevelTrainer
+from torch import Tensor
+from transformers import PreTrainedTokenizerFast
+
+from mechrecall.facts import ROLES, Example, FactDataset
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+
+
+class RoleAlignmentError(ValueError):
+    """A role's character span does not land on whole tokens (the message names the prompt and the role)."""
+
+
+def train_tokenizer(dataset: FactDataset, name_style: str = "single_token") -> PreTrainedTokenizerFast:
+    """Word-level tokenizer trained on every text the dataset can render; prepends ``<bos>``."""
+    tok = Tokenizer(WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(dataset.corpus(), trainer=WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS)))
+    if name_style == "single_token":
+        tok.add_tokens([AddedToken(p.name, single_word=True, normalized=False) for p in dataset.people])
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """Token ids of one example and the positions of each role.
+
+    ``answer_positions`` are the positions whose *token* is scored (the answer tokens, then end-of-text for query
+    examples); the model predicts token ``i`` from position ``i - 1``. ``prompt_len`` is the index of the first answer
+    token, so ``input_ids[:prompt_len]`` is the prompt and ``prompt_len - 1`` its last position.
+    """
+
+    example: Example
+    input_ids: tuple[int, ...]
+    roles: dict[str, tuple[int, ...]]
+    answer_positions: tuple[int, ...]
+
+    @property
+    def prompt_len(self) -> int:
+        return self.roles["answer"][0]
+
+    def last(self, role: str) -> int:
+        """Position of the role's last token; ``"final"`` is the last prompt token (it predicts the answer)."""
+        if role == "final":
+            return self.prompt_len - 1
+        positions = self.roles.get(role, ())
+        if not positions:
+            raise RoleAlignmentError(f"role {role!r} has no tokens in prompt {self.example.prompt!r}")
+        return positions[-1]
+
+
+def encode_example(tokenizer, example: Example, *, add_eos: bool | None = None) -> EncodedExample:
+    """Tokenize ``example.text`` and map each role's character spans to token positions.
+
+    A token belongs to a role when its character range overlaps the role's span. Raises
+    :class:`RoleAlignmentError` when a role that has text gets no token, or when a token straddles the boundary
+    between prompt and answer (then the prompt cannot be cut at a token boundary).
+    """
+    add_eos = example.format == "query" if add_eos is None else add_eos
+    enc = tokenizer(example.text, return_offsets_mapping=True, add_special_tokens=True)
+    ids: list[int] = list(enc["input_ids"])
+    offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
+    roles: dict[str, tuple[int, ...]] = {}
+    for role in ROLES:
+        spans = example.spans.get(role, ())
+        pos = tuple(
+            i for i, (a, b) in enumerate(offsets) if b > a and any(a < e and b > s for s, e in spans)
+        )
+        if spans and not pos:
+            raise RoleAlignmentError(f"role {role!r} of prompt {example.text!r} covers no token")
+        roles[role] = pos
+    a0, a1 = example.spans["answer"][0]
+    answer = roles["answer"]
+    if offsets[answer[0]][0] < a0 and example.text[offsets[answer[0]][0] : a0].strip():
+        raise RoleAlignmentError(
+            f"a token straddles the prompt/answer boundary in {example.text!r}: {example.text[offsets[answer[0]][0]:a1]!r}"
+        )
+    if answer[-1] != max(i for i, (a, b) in enumerate(offsets) if b > a):
+        raise RoleAlignmentError(f"the answer of {example.text!r} is not the end of the text")
+    scored = answer
+    if add_eos:
+        ids.append(tokenizer.eos_token_id)
+        scored = (*answer, len(ids) - 1)
+    return EncodedExample(example, tuple(ids), roles, scored)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Right-padded token batch with a label mask: ``labels`` is -100 wherever no loss or score applies."""
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    labels: Int[Tensor, "batch pos"]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def index(self, rows: Int[Tensor, " n"]) -> Batch:
+        """A sub-batch, trimmed to its longest row."""
+        width = int(self.attention_mask[rows].sum(1).max())
+        return Batch(self.input_ids[rows, :width], self.attention_mask[rows, :width], self.labels[rows, :width])
+
+
+def collate(sequences: list[list[int]], scored: list[list[int]], pad_id: int) -> Batch:
+    """Pad ``sequences`` to one width; ``labels[i, j] = ids[i][j]`` for ``j`` in ``scored[i]``, else -100."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for i, (seq, pos) in enumerate(zip(sequences, scored, strict=True)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, list(pos)] = ids[i, list(pos)]
+    return Batch(ids, mask, labels)
+
+
+def collate_examples(encoded: list[EncodedExample], pad_id: int) -> Batch:
+    """Batch of examples scored on their answer positions (+ end-of-text for queries)."""
+    return collate([list(e.input_ids) for e in encoded], [list(e.answer_positions) for e in encoded], pad_id)
+
+
+def collate_documents(tokenizer, texts: list[str]) -> Batch:
+    """Language-modelling batch: every token after ``<bos>`` is scored, end-of-text appended."""
+    seqs = [list(tokenizer(t)["input_ids"]) + [tokenizer.eos_token_id] for t in texts]
+    return collate(seqs, [list(range(1, len(s))) for s in seqs], tokenizer.pad_token_id)

@@ -1,0 +1,370 @@
+"""Training regimes: two-stage (storage, then query of the training half) and mixed (both jointly).
+
+Run layout (``run_dir``)::
+
+    data/            tokenizer + dataset.jsonl + base/ (the shared random initialisation)
+    two_stage/       checkpoints/step-NNNNNN/ (resumable), stage1/, final/, history.json
+    mixed/           checkpoints/step-NNNNNN/, final/, history.json
+
+Determinism: batches are a pure function of (seed, stage, step) and checkpoints hold the optimizer state, so a run
+resumed from any checkpoint ends with the same weights as an uninterrupted one (``tests/test_train.py``).
+
+CLI: ``python -m mechrecall.train --preset default --regime mixed --out runs/x`` (see ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from mechrecall.config import Preset, StageConfig, get_preset
+from mechrecall.evaluate import evaluate
+from mechrecall.facts import FactDataset, generate
+from mechrecall.io import atomic_write_json
+from mechrecall.models import build_model, load_checkpoint, read_meta, save_checkpoint
+from mechrecall.tokenization import Batch, collate_documents, collate_examples, encode_example, train_tokenizer
+
+REGIMES = ("two_stage", "mixed")
+
+
+def normalize_regime(regime: str) -> str:
+    name = regime.replace("-", "_")
+    if name not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; choose one of: two-stage, mixed")
+    return name
+
+
+def stage_plan(preset: Preset, regime: str) -> list[tuple[str, StageConfig]]:
+    regime = normalize_regime(regime)
+    if regime == "mixed":
+        return [("mixed", preset.mixed)]
+    return [("stage1", preset.two_stage.stage1), ("stage2", preset.two_stage.stage2)]
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+@dataclass
+class TrainingData:
+    """Pre-tokenised training sets: every biography (LM loss) and the training half's QA (answer + EOS loss)."""
+
+    storage: Batch
+    query: Batch
+
+    @classmethod
+    def build(cls, dataset: FactDataset, tokenizer) -> TrainingData:
+        storage = collate_documents(tokenizer, dataset.documents())
+        qa = [encode_example(tokenizer, ex) for ex in dataset.query_examples(dataset.pids("train"))]
+        return cls(storage, collate_examples(qa, tokenizer.pad_token_id))
+
+
+def batch_rows(n: int, batch_size: int, step: int, seed: int, stage: int) -> Int[Tensor, " batch"]:
+    """Rows of the ``step``-th batch: consecutive slices of per-epoch permutations seeded by (seed, stage, epoch)."""
+    ks = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, within = ks // n, ks % n
+    rows = torch.empty_like(ks)
+    for epoch in epochs.unique().tolist():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + stage * 7_919 + epoch)
+        perm = torch.randperm(n, generator=g)
+        sel = epochs == epoch
+        rows[sel] = perm[within[sel]]
+    return rows
+
+
+def lm_loss(model, batch: Batch) -> Float[Tensor, ""]:
+    """Mean next-token cross-entropy over the scored positions (``labels != -100``)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def lr_at(cfg: StageConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    t = min(1.0, (step - cfg.warmup) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ----------------------------------------------------------------------------------------------------------- LoRA
+class LowRankDelta(nn.Module):
+    """Parametrization ``W -> W + B @ A * (alpha / rank)`` (B starts at zero, so training starts from W)."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, generator: torch.Generator, alpha: float = 16.0):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        self.scale = alpha / rank
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight + (self.B @ self.A) * self.scale
+
+
+def apply_lora(model, cfg: StageConfig, seed: int) -> list[nn.Parameter]:
+    """Freeze ``model`` and add low-rank updates to the Linear layers named in ``cfg.lora_targets`` (and, with
+    ``lora_embedding_rank``, to the tied embedding). Returns the trainable parameters."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in cfg.lora_targets]
+    if not targets and cfg.lora_targets:
+        raise ValueError(f"lora_targets {cfg.lora_targets} match no Linear layer of the model")
+    for _, module in targets:
+        out_f, in_f = module.weight.shape
+        parametrize.register_parametrization(module, "weight", LowRankDelta(out_f, in_f, cfg.lora_rank, g))
+    if cfg.lora_embedding_rank:
+        emb = model.get_input_embeddings()
+        v, d = emb.weight.shape
+        delta = LowRankDelta(v, d, cfg.lora_embedding_rank, g)
+        parametrize.register_parametrization(emb, "weight", delta)
+        if model.config.tie_word_embeddings:  # keep the unembedding tied to the same low-rank update
+            parametrize.register_parametrization(model.get_output_embeddings(), "weight", delta)
+    return [p for n, p in model.named_parameters() if p.requires_grad]
+
+
+def merge_lora(model) -> None:
+    """Fold every low-rank update into its weight, remove the parametrizations and unfreeze the model."""
+    deltas: dict[int, tuple[Tensor, Tensor]] = {}
+    modules = [m for m in model.modules() if parametrize.is_parametrized(m, "weight")]
+    for m in modules:
+        base = m.parametrizations.weight.original
+        deltas[id(base)] = (base, m.weight.detach().clone())
+    for m in modules:
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+    with torch.no_grad():
+        for base, merged in deltas.values():  # tied weights share one base: written once
+            base.copy_(merged)
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def merged_copy(model):
+    """A plain copy of a (possibly LoRA-parametrized) model with every update folded in; ``model`` is untouched.
+
+    (``copy.deepcopy`` + :func:`merge_lora` is wrong: removing a parametrization edits the class that the original
+    shares with its copy.)
+    """
+    fresh = type(model)(model.config)
+    with torch.no_grad():
+        for name, p in fresh.named_parameters():
+            prefix, _, leaf = name.rpartition(".")
+            p.copy_(getattr(model.get_submodule(prefix), leaf))
+    return fresh.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------- runs
+@dataclass
+class StepEvent:
+    """Handed to callbacks after the backward pass and before the optimizer step (gradients are populated)."""
+
+    regime: str
+    stage: str
+    step: int
+    global_step: int
+    model: nn.Module
+    batches: dict[str, Batch]
+    losses: dict[str, float]
+
+
+Callback = Callable[[StepEvent], None]
+
+
+def prepare_data(preset: Preset, run_dir: str | Path) -> tuple[FactDataset, object]:
+    """Generate the dataset, train the tokenizer and write ``data/`` (once; later calls reload and verify)."""
+    data_dir = Path(run_dir) / "data"
+    dataset = generate(preset.data.spec(), preset.seed)
+    base = data_dir / "base"
+    if base.exists():
+        meta = read_meta(base)
+        if meta.get("dataset_hash") != dataset.hash:
+            raise ValueError(
+                f"{data_dir} holds dataset {meta.get('dataset_hash')} but preset {preset.name!r} seed {preset.seed} "
+                f"generates {dataset.hash}: use another --out or --force"
+            )
+        _, tokenizer, _ = load_checkpoint(base)
+        return dataset, tokenizer
+    tokenizer = train_tokenizer(dataset, preset.data.name_style)
+    dataset.to_jsonl(data_dir / "dataset.jsonl")
+    model = build_model(preset.model, tokenizer, preset.seed)
+    save_checkpoint(base, model, tokenizer, _meta(preset, dataset, "base", "init", 0, {}))
+    return dataset, tokenizer
+
+
+def _meta(preset: Preset, dataset: FactDataset, regime: str, stage: str, step: int, metrics: dict) -> dict:
+    return {
+        "preset": preset.name,
+        "seed": preset.seed,
+        "regime": regime,
+        "stage": stage,
+        "global_step": step,
+        "dataset_hash": dataset.hash,
+        "config": preset.model_dump(mode="json"),
+        "metrics": metrics,
+    }
+
+
+def _latest_checkpoint(regime_dir: Path) -> Path | None:
+    steps = sorted(regime_dir.glob("checkpoints/step-*"), key=lambda p: int(re.sub(r"\D", "", p.name)))
+    return steps[-1] if steps else None
+
+
+def train(
+    preset: Preset,
+    regime: str,
+    run_dir: str | Path,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+    stop_after: int | None = None,
+) -> dict:
+    """Train one regime into ``run_dir/<regime>`` and return the final checkpoint's metadata (with metrics).
+
+    ``resume`` continues from the newest checkpoint (a finished run is returned as is). ``stop_after`` ends the run
+    after that many global steps without writing ``final/`` (simulates an interruption; used by tests).
+    """
+    regime = normalize_regime(regime)
+    run_dir = Path(run_dir)
+    regime_dir = run_dir / regime
+    if resume and (regime_dir / "final").exists():
+        return read_meta(regime_dir / "final")
+    if preset.threads:
+        torch.set_num_threads(preset.threads)
+    dataset, tokenizer = prepare_data(preset, run_dir)
+    data = TrainingData.build(dataset, tokenizer)
+    model, _, _ = load_checkpoint(run_dir / "data" / "base")
+    plan = stage_plan(preset, regime)
+    state = {"stage_index": 0, "step": 0, "global_step": 0, "history": [], "metrics": {}, "optimizer": None, "lora": None}
+    latest = _latest_checkpoint(regime_dir) if resume else None
+    if latest is not None:
+        model, _, _ = load_checkpoint(latest)
+        state = torch.load(latest / "trainer_state.pt", weights_only=False)
+    t0 = time.perf_counter() - state.get("seconds", 0.0)
+
+    for stage_index in range(state["stage_index"], len(plan)):
+        stage, cfg = plan[stage_index]
+        start = state["step"] if stage_index == state["stage_index"] else 0
+        params = (
+            apply_lora(model, cfg, preset.seed + stage_index)
+            if cfg.trainable == "lora"
+            else [p for p in model.parameters()]
+        )
+        if cfg.trainable == "lora" and state.get("lora") is not None and start > 0:
+            model.load_state_dict(state["lora"])
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98), eps=1e-6)
+        if start > 0 and state["optimizer"] is not None:
+            opt.load_state_dict(state["optimizer"])
+        model.train()
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"{regime}/{stage}", disable=not progress, leave=False)
+        step, stopped = start, False
+        while step < cfg.steps and not stopped:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, step)
+            batches: dict[str, Batch] = {}
+            if cfg.batch_storage:
+                batches["storage"] = data.storage.index(
+                    batch_rows(len(data.storage), cfg.batch_storage, step, preset.seed, 2 * stage_index)
+                )
+            if cfg.batch_query:
+                batches["query"] = data.query.index(
+                    batch_rows(len(data.query), cfg.batch_query, step, preset.seed, 2 * stage_index + 1)
+                )
+            losses = {fmt: lm_loss(model, b) for fmt, b in batches.items()}
+            total = sum(losses[f] * (cfg.query_weight if f == "query" else 1.0) for f in losses)
+            total.backward()
+            event = StepEvent(regime, stage, step, state["global_step"], model, batches, {f: float(v.detach()) for f, v in losses.items()})
+            for cb in callbacks:
+                cb(event)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            state["global_step"] += 1
+            bar.update(1)
+            bar.set_postfix({f: f"{v:.3f}" for f, v in event.losses.items()})
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                splits = ("train",) if stage != "mixed" else ("train", "validation", "heldout")
+                m = evaluate(model, tokenizer, dataset, splits=splits if cfg.batch_query else (), storage=True)
+                entry = {"stage": stage, "step": step, "global_step": state["global_step"], "lr": lr_at(cfg, step - 1)}
+                entry.update({f"loss_{f}": v for f, v in event.losses.items()})
+                entry.update({k: v for k, v in m.items() if k != "per_attribute"})
+                state["history"].append(entry)
+                atomic_write_json(regime_dir / "history.json", state["history"])
+                stopped = cfg.stop_at_trained_qa is not None and m.get("trained_qa", 0.0) >= cfg.stop_at_trained_qa
+            stage_done = stopped or step == cfg.steps
+            if stop_after is not None and state["global_step"] >= stop_after and not stage_done:
+                bar.close()
+                _save_resumable(regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0)
+                return {"interrupted_at": state["global_step"]}
+            if state["global_step"] % preset.save_every == 0 and not stage_done:
+                _save_resumable(regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0)
+        bar.close()
+        if cfg.trainable == "lora":
+            merge_lora(model)
+        model.eval()
+        metrics = evaluate(model, tokenizer, dataset)
+        metrics["steps"] = step
+        metrics["stopped_early"] = stopped
+        state["metrics"][stage] = metrics
+        # the stage boundary is a resumable checkpoint too (next stage, step 0, fresh optimizer)
+        state.update(stage_index=stage_index + 1, step=0, optimizer=None, lora=None, seconds=time.perf_counter() - t0)
+        meta = _meta(preset, dataset, regime, stage, state["global_step"], metrics)
+        meta["train_seconds"] = state["seconds"]
+        name = "final" if stage_index == len(plan) - 1 else stage
+        save_checkpoint(regime_dir / name, model, tokenizer, meta)
+        if stage_index < len(plan) - 1:
+            save_checkpoint(regime_dir / "checkpoints" / f"step-{state['global_step']:06d}", model, tokenizer, meta, state)
+    atomic_write_json(regime_dir / "history.json", state["history"])
+    meta = read_meta(regime_dir / "final")
+    meta["stages"] = state["metrics"]
+    return meta
+
+
+def _save_resumable(regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0) -> None:
+    state.update(stage_index=stage_index, step=step, optimizer=opt.state_dict(), seconds=time.perf_counter() - t0)
+    state["lora"] = model.state_dict() if cfg.trainable == "lora" else None
+    meta = _meta(preset, dataset, regime_dir.name, stage, state["global_step"], {})
+    if cfg.trainable == "lora":  # the HF folder gets merged weights; the raw factors travel in trainer_state.pt
+        merged = merged_copy(model)
+        save_checkpoint(regime_dir / "checkpoints" / f"step-{state['global_step']:06d}", merged, tokenizer, meta, state)
+    else:
+        save_checkpoint(regime_dir / "checkpoints" / f"step-{state['global_step']:06d}", model, tokenizer, meta, state)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mechrecall.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--regime", required=True, help="two-stage or mixed")
+    ap.add_argument("--out", required=True, help="run folder (shared by both regimes of one preset and seed)")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    try:
+        overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+        preset = get_preset(args.preset, overrides)
+        meta = train(preset, args.regime, args.out, resume=not args.no_resume, progress=not args.quiet)
+    except (KeyError, ValueError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    m = meta["metrics"]
+    print(
+        f"{meta['regime']}: heldout_qa={m['heldout_qa']:.3f} trained_qa={m['trained_qa']:.3f} "
+        f"storage={m['storage']:.3f} ({meta.get('train_seconds', 0):.0f}s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

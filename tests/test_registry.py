@@ -1,0 +1,74 @@
+import pytest
+
+from mechrecall.registry import Entry, RegistryError, load_registry, register, resolve
+
+
+def _entry(name="a-mixed", path="runs/a", **kw):
+    return Entry(name=name, path=path, regime=kw.pop("regime", "mixed"), **kw)
+
+
+def test_register_adds_replaces_and_round_trips(tmp_path):
+    reg = tmp_path / "checkpoints.yaml"
+    register(_entry(metrics={"heldout_qa": 0.5}), reg)
+    register(_entry("b", regime="two_stage"), reg)
+    register(_entry(metrics={"heldout_qa": 0.7}), reg)  # same name: replaced, not duplicated
+    loaded = load_registry(reg)
+    assert [e.name for e in loaded.checkpoints] == ["b", "a-mixed"]
+    assert loaded.get("a-mixed").metrics == {"heldout_qa": 0.7}
+    assert not list(tmp_path.glob(".checkpoints.yaml.*.tmp"))  # atomic write leaves no temp file
+
+
+def test_refuses_overwrite_when_asked(tmp_path):
+    reg = tmp_path / "r.yaml"
+    register(_entry(), reg)
+    with pytest.raises(RegistryError, match="already registered"):
+        register(_entry(), reg, overwrite=False)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("version: 1\ncheckpoints: [\n", "not valid YAML"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("version: 2\ncheckpoints: []\n", "version"),
+        ("version: 1\ncheckpoints:\n- {name: x, path: p, regime: weird}\n", r"checkpoint #0 \('x'\) key regime"),
+        ("version: 1\ncheckpoints:\n- {name: x, path: p, regime: mixed, colour: red}\n", "colour"),
+        ("version: 1\ncheckpoints:\n- {name: x, path: p, regime: mixed}\n- {name: x, path: q, regime: mixed}\n", "duplicate"),
+        ("version: 1\ncheckpoints:\n- {name: 'bad name', path: p, regime: mixed}\n", "key name"),
+    ],
+)
+def test_malformed_registry_errors_name_file_and_key(tmp_path, text, match):
+    reg = tmp_path / "checkpoints.yaml"
+    reg.write_text(text)
+    with pytest.raises(RegistryError, match=match) as info:
+        load_registry(reg)
+    assert str(reg) in str(info.value)
+
+
+def test_malformed_registry_is_not_overwritten_by_register(tmp_path):
+    reg = tmp_path / "checkpoints.yaml"
+    reg.write_text("version: 1\ncheckpoints: [\n")
+    with pytest.raises(RegistryError):
+        register(_entry(), reg)
+    assert reg.read_text() == "version: 1\ncheckpoints: [\n"
+
+
+def test_resolve_names_paths_and_errors(tmp_path):
+    reg = tmp_path / "checkpoints.yaml"
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    register(_entry(), reg)
+    register(_entry("gone", path="runs/missing"), reg)
+    loc, entry = resolve("a-mixed", reg)
+    assert loc == str((tmp_path / "runs" / "a").resolve()) and entry.name == "a-mixed"
+    with pytest.raises(RegistryError, match="does not exist"):
+        resolve("gone", reg)
+    with pytest.raises(RegistryError, match="nope.*known: a-mixed, gone"):
+        resolve("nope", reg)
+    assert resolve(str(tmp_path), reg) == (str(tmp_path), None)
+
+
+def test_repository_registry_is_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    load_registry(root / "checkpoints.yaml", missing_ok=False)

@@ -1,0 +1,70 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mechrecall.config import get_preset
+from mechrecall.train import apply_lora, batch_rows, lr_at, merge_lora, train
+
+SHORT = [
+    "mixed.steps=24", "mixed.eval_every=8", "save_every=10",
+    "two_stage.stage1.steps=16", "two_stage.stage2.steps=16", "two_stage.stage2.eval_every=8",
+]
+
+
+def _weights(run, regime):
+    return load_file(run / regime / "final" / "model.safetensors")
+
+
+@pytest.mark.parametrize("regime, extra", [("mixed", []), ("two_stage", []), ("two_stage", ["two_stage.stage2.trainable=lora", "two_stage.stage2.lora_embedding_rank=4"])])
+def test_resume_after_interruption_gives_identical_weights(tmp_path, regime, extra):
+    preset = get_preset("micro", SHORT + extra)
+    full = train(preset, regime, tmp_path / "full", progress=False)
+    cut = 23 if regime == "two_stage" else 13  # mid stage 2 / mid run, past a saved checkpoint
+    assert train(preset, regime, tmp_path / "cut", progress=False, stop_after=cut) == {"interrupted_at": cut}
+    assert not (tmp_path / "cut" / regime / "final").exists()
+    resumed = train(preset, regime, tmp_path / "cut", progress=False)
+    a, b = _weights(tmp_path / "full", regime), _weights(tmp_path / "cut", regime)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["metrics"]["heldout_qa"] == full["metrics"]["heldout_qa"]
+
+
+def test_batches_are_a_function_of_seed_stage_step():
+    a = batch_rows(10, 4, 7, seed=0, stage=1)
+    assert torch.equal(a, batch_rows(10, 4, 7, seed=0, stage=1))
+    assert not torch.equal(batch_rows(10, 4, 7, seed=1, stage=1), a)
+    epoch = torch.cat([batch_rows(10, 5, s, 0, 0) for s in range(2)])
+    assert sorted(epoch.tolist()) == list(range(10))  # one epoch visits every row once
+
+
+def test_lr_schedule():
+    cfg = get_preset("micro").mixed.model_copy(update={"steps": 110, "warmup": 10, "lr": 1.0, "min_lr_ratio": 0.1})
+    assert lr_at(cfg, 0) == pytest.approx(0.1)
+    assert lr_at(cfg, 10) == pytest.approx(1.0)
+    assert lr_at(cfg, 110) == pytest.approx(0.1)
+
+
+def test_lora_merge_matches_parametrized_model(micro_tokenizer):
+    from mechrecall.models import build_model
+
+    preset = get_preset("micro")
+    model = build_model(preset.model, micro_tokenizer, 0)
+    cfg = preset.two_stage.stage2.model_copy(update={"trainable": "lora", "lora_embedding_rank": 4})
+    params = apply_lora(model, cfg, 0)
+    with torch.no_grad():
+        for p in params:
+            p.normal_()  # make the low-rank updates non-zero
+    x = torch.randint(4, len(micro_tokenizer), (2, 9))
+    before = model(input_ids=x).logits
+    merge_lora(model)
+    after = model(input_ids=x).logits
+    torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-4)
+    names = {n for n, _ in model.named_parameters()}
+    assert not any("parametrizations" in n for n in names) and all(p.requires_grad for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+
+
+def test_unknown_regime():
+    with pytest.raises(ValueError, match="unknown regime 'both'"):
+        train(get_preset("micro"), "both", "/nonexistent")
