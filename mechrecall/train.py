@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from mechrecall.config import Preset, StageConfig, get_preset
 from mechrecall.evaluate import evaluate
-from mechrecall.facts import FactDataset, generate
+from mechrecall.facts import SPLITS, FactDataset, generate
 from mechrecall.io import atomic_write_json
 from mechrecall.models import build_model, load_checkpoint, read_meta, save_checkpoint
 from mechrecall.tokenization import Batch, collate_documents, collate_examples, encode_example, train_tokenizer
@@ -293,8 +293,8 @@ def train(
             bar.update(1)
             bar.set_postfix({f: f"{v:.3f}" for f, v in event.losses.items()})
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                splits = ("train",) if stage != "mixed" else ("train", "validation", "heldout")
-                m = evaluate(model, tokenizer, dataset, splits=splits if cfg.batch_query else (), storage=True)
+                # held-out numbers are logged for trajectories only; the stop rule reads trained QA alone
+                m = evaluate(model, tokenizer, dataset, splits=SPLITS if cfg.batch_query else (), storage=True)
                 entry = {"stage": stage, "step": step, "global_step": state["global_step"], "lr": lr_at(cfg, step - 1)}
                 entry.update({f"loss_{f}": v for f, v in event.losses.items()})
                 entry.update({k: v for k, v in m.items() if k != "per_attribute"})

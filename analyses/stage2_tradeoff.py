@@ -1,0 +1,42 @@
+"""Two-stage, stage 2: the trade-off between trained QA and retained storage recall, per recipe.
+
+Starts every recipe in mechrecall.stage2.RECIPES from the same stage-1 checkpoint of a finished run and writes
+OUT/stage2_sweep.json and OUT/stage2_tradeoff.html. The chosen recipe (highest storage recall at the first
+evaluation where trained QA >= target) is selected without looking at validation or held-out people.
+
+    python analyses/stage2_tradeoff.py --run runs/default/seed0 --out runs/default/stage2_sweep
+"""
+
+import argparse
+import sys
+
+from mechrecall.config import get_preset
+from mechrecall.stage2 import RECIPES, figure, sweep
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="run folder of one seed (holds data/ and two_stage/)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--target", type=float, default=0.95)
+    args = ap.parse_args(argv)
+    preset = get_preset(args.preset, args.overrides)
+    result = sweep(preset, args.run, args.out, args.recipes, steps=args.steps, eval_every=args.eval_every, target=args.target)
+    figure(result).write_html(f"{args.out}/stage2_tradeoff.html", include_plotlyjs=True)
+    for name, point in result["reached"].items():
+        print(f"{name:20s} trained_qa>={args.target} at step {point['step']:4d}: storage={point['storage']:.3f} "
+              f"validation_qa={point.get('validation_qa', float('nan')):.3f}")
+    missing = set(args.recipes) - set(result["reached"])
+    for name in sorted(missing):
+        print(f"{name:20s} never reached trained_qa>={args.target} in {args.steps} steps")
+    print(f"chosen: {result['chosen']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
