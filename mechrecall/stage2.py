@@ -22,19 +22,20 @@ RECIPES: dict[str, dict] = {
     "full-lr1e-3": {"trainable": "all", "lr": 1e-3},
     "full-lr3e-4": {"trainable": "all", "lr": 3e-4},
     "full-lr1e-4": {"trainable": "all", "lr": 1e-4},
-    "lora-qv-r8": {"trainable": "lora", "lr": 1e-3, "lora_rank": 8, "lora_targets": ["q_proj", "v_proj"]},
+    "full-lr1e-3-wd0": {"trainable": "all", "lr": 1e-3, "weight_decay": 0.0},
+    "lora-qv-r8": {"trainable": "lora", "lr": 3e-3, "lora_rank": 8, "lora_targets": ["q_proj", "v_proj"]},
     "lora-qv-r8-emb32": {
-        "trainable": "lora", "lr": 1e-3, "lora_rank": 8, "lora_targets": ["q_proj", "v_proj"], "lora_embedding_rank": 32,
+        "trainable": "lora", "lr": 3e-3, "lora_rank": 8, "lora_targets": ["q_proj", "v_proj"], "lora_embedding_rank": 32,
     },
 }
 
 
-def _boundary(run_dir: Path) -> Path:
-    ckpts = sorted((run_dir / "two_stage" / "checkpoints").glob("step-*"))
-    for c in ckpts:
-        if json.loads((c / "mechrecall.json").read_text()).get("stage") == "stage1":
-            return c
-    raise FileNotFoundError(f"{run_dir}: no stage-1 boundary checkpoint under two_stage/checkpoints (run two-stage first)")
+def _boundary(run_dir: Path, stage1_steps: int) -> Path:
+    """The resumable checkpoint written when stage 1 ended (stage 1 always runs its full budget)."""
+    path = run_dir / "two_stage" / "checkpoints" / f"step-{stage1_steps:06d}"
+    if not (path / "trainer_state.pt").exists():
+        raise FileNotFoundError(f"{path}: no stage-1 boundary checkpoint (run the two-stage regime of this preset first)")
+    return path
 
 
 def sweep(
@@ -52,7 +53,7 @@ def sweep(
     from mechrecall.train import train
 
     run_dir, out = Path(run_dir), Path(out)
-    boundary = _boundary(run_dir)
+    boundary = _boundary(run_dir, preset.two_stage.stage1.steps)
     curves: dict[str, list[dict]] = {}
     for name in recipes:
         if name not in RECIPES:
