@@ -198,9 +198,19 @@ def to_transformer_lens(loaded: LoadedModel, *, check: bool = True):
     from transformer_lens.model_bridge import TransformerBridge
 
     hf = copy.deepcopy(loaded.model)
+    tokenizer = loaded.tokenizer
+    if "name_or_path" not in tokenizer.init_kwargs:
+        # TransformerLens re-loads the tokenizer from its name_or_path; give an in-memory one a folder to load from
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="mechrecall-tok-")
+        tokenizer.save_pretrained(folder)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     name = loaded.location if Path(loaded.location).exists() else loaded.source
     bridge = TransformerBridge.boot_transformers(
-        name, hf_model=hf, tokenizer=loaded.tokenizer, device="cpu", dtype=next(hf.parameters()).dtype
+        name, hf_model=hf, tokenizer=tokenizer, device="cpu", dtype=next(hf.parameters()).dtype
     )
     bridge.eval()
     if check:

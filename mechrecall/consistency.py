@@ -1,0 +1,194 @@
+"""Gradient and representation consistency between the storage and query formats of the same facts.
+
+- **Gradient consistency**: cosine between a fact's storage-format and query-format answer-loss gradients, over all
+  parameters and per parameter group (layer, module type), against a *mismatched* baseline (the storage gradient
+  of fact i vs the query gradient of fact i+1 in a fixed derangement), with bootstrap confidence intervals.
+- **Representation consistency**: cosine between the two formats' hidden states of the same fact per layer and
+  role, against the mismatched baseline; linear CKA; and a cross-format linear probe (fit on storage-format
+  states, test on query-format states) predicting the answer.
+
+All functions take tensors (or the caches of :mod:`mechrecall.cache` / :mod:`mechrecall.gradients`) and return
+small dataclasses that convert to DataFrames.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+def derangement(n: int, seed: int = 0) -> Int[Tensor, " n"]:
+    """A permutation with no fixed point (for mismatched-fact baselines); needs n >= 2."""
+    if n < 2:
+        raise ValueError("a mismatched baseline needs at least two facts")
+    g = torch.Generator().manual_seed(seed)
+    shift = int(torch.randint(1, n, (1,), generator=g))
+    perm = torch.randperm(n, generator=g)
+    out = torch.empty(n, dtype=torch.long)
+    out[perm] = perm.roll(shift)
+    return out
+
+
+def bootstrap_ci(values: Float[Tensor, " n"], n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(values), (n_boot, len(values)), generator=g)
+    means = values[idx].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2]))
+    return float(lo), float(hi)
+
+
+@dataclass
+class Consistency:
+    """Per-fact same-fact and mismatched cosines for one group (all parameters, a layer, a role at a layer...)."""
+
+    group: str
+    same: Float[Tensor, " fact"]
+    mismatched: Float[Tensor, " fact"]
+
+    def summary(self, n_boot: int = 1000, seed: int = 0) -> dict:
+        return {
+            "group": self.group,
+            "mean_cos": float(self.same.mean()),
+            "ci": bootstrap_ci(self.same, n_boot, seed=seed),
+            "baseline_mean_cos": float(self.mismatched.mean()),
+            "margin": float((self.same - self.mismatched).mean()),
+            "margin_ci": bootstrap_ci(self.same - self.mismatched, n_boot, seed=seed),
+            "n": len(self.same),
+        }
+
+
+def to_dataframe(results: Sequence[Consistency]) -> pd.DataFrame:
+    rows = []
+    for r in results:
+        for i, (s, m) in enumerate(zip(r.same.tolist(), r.mismatched.tolist())):
+            rows.append({"group": r.group, "fact": i, "same_cos": s, "mismatched_cos": m})
+    return pd.DataFrame(rows)
+
+
+def cosine_consistency(group: str, a: Float[Tensor, "fact d"], b: Float[Tensor, "fact d"], seed: int = 0) -> Consistency:
+    """Cosine of row i of ``a`` with row i of ``b`` (same fact) and with a deranged row (mismatched)."""
+    perm = derangement(a.shape[0], seed)
+    return Consistency(group, F.cosine_similarity(a, b, dim=-1), F.cosine_similarity(a, b[perm], dim=-1))
+
+
+def param_group(name: str, by: str = "layer") -> str:
+    """Group an HF parameter name: ``by="layer"`` -> ``layer.3`` / ``embed`` / ``final_norm``;
+    ``by="module"`` -> ``attn.q_proj``, ``mlp.down_proj``, ``norm`` ...; ``by="layer_module"`` -> both."""
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    layer = f"layer.{m.group(1)}" if m else ("embed" if "embed" in name else "final_norm" if "norm" in name else "head")
+    parts = name.split(".")
+    leaf = parts[-2] if len(parts) >= 2 else name
+    if "self_attn" in name:
+        module = f"attn.{leaf}"
+    elif ".mlp." in name:
+        module = f"mlp.{leaf}"
+    elif "norm" in leaf or "layernorm" in name:
+        module = "norm"
+    else:
+        module = layer
+    return {"layer": layer, "module": module, "layer_module": f"{layer}/{module}"}[by]
+
+
+def gradient_consistency(
+    storage: dict[str, Float[Tensor, "fact ..."]],
+    query: dict[str, Float[Tensor, "fact ..."]],
+    by: Sequence[str] = ("layer", "module"),
+    seed: int = 0,
+) -> list[Consistency]:
+    """Per-fact storage-vs-query gradient cosines: ``all`` parameters first, then each group of ``by``."""
+    if storage.keys() != query.keys():
+        raise ValueError("storage and query gradients must cover the same parameters")
+    flat_s = torch.cat([g.flatten(1) for g in storage.values()], 1)
+    flat_q = torch.cat([g.flatten(1) for g in query.values()], 1)
+    out = [cosine_consistency("all", flat_s, flat_q, seed)]
+    for kind in by:
+        groups: dict[str, list[str]] = {}
+        for n in storage:
+            groups.setdefault(param_group(n, kind), []).append(n)
+        for gname, names in groups.items():
+            s = torch.cat([storage[n].flatten(1) for n in names], 1)
+            q = torch.cat([query[n].flatten(1) for n in names], 1)
+            out.append(cosine_consistency(f"{kind}:{gname}", s, q, seed))
+    return out
+
+
+def representation_consistency(storage_cache, query_cache, site: str = "resid_post", seed: int = 0) -> list[Consistency]:
+    """Per layer and role: cosine of the two formats' states of the same fact vs mismatched facts."""
+    if storage_cache.roles != query_cache.roles:
+        raise ValueError(f"caches have different roles: {storage_cache.roles} vs {query_cache.roles}")
+    out = []
+    for layer in range(storage_cache.n_layers):
+        for role in storage_cache.roles:
+            out.append(
+                cosine_consistency(f"{site}.{layer}.{role}", storage_cache[site, layer, role], query_cache[site, layer, role], seed)
+            )
+    return out
+
+
+def linear_cka(x: Float[Tensor, "n d1"], y: Float[Tensor, "n d2"]) -> float:
+    """Linear centred kernel alignment (Kornblith et al. 2019) between two sets of states of the same n items."""
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    hsic = (x.T @ y).pow(2).sum()
+    return float(hsic / ((x.T @ x).pow(2).sum().sqrt() * (y.T @ y).pow(2).sum().sqrt()))
+
+
+def cross_format_probe(
+    train_x: Float[Tensor, "n d"],
+    train_y: Int[Tensor, " n"],
+    test_x: Float[Tensor, "m d"],
+    test_y: Int[Tensor, " m"],
+    *,
+    l2: float = 1e-2,
+    steps: int = 300,
+    lr: float = 0.1,
+    seed: int = 0,
+) -> dict:
+    """Multinomial logistic-regression probe: fit on ``train_x`` (e.g. storage-format states), score accuracy on
+    ``test_x`` (query-format states of other or the same facts). Features are standardised with train statistics."""
+    torch.manual_seed(seed)
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    a, b = (train_x - mu) / sd, (test_x - mu) / sd
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    w = torch.zeros(a.shape[1], n_classes, requires_grad=True)
+    bias = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, bias], lr=lr, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(a @ w + bias, train_y) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        train_acc = float(((a @ w + bias).argmax(1) == train_y).float().mean())
+        test_acc = float(((b @ w + bias).argmax(1) == test_y).float().mean())
+    return {"train_accuracy": train_acc, "test_accuracy": test_acc, "n_train": len(train_y), "n_test": len(test_y)}
+
+
+def summaries(results: Sequence[Consistency], n_boot: int = 1000) -> list[dict]:
+    return [r.summary(n_boot) for r in results]
+
+
+__all__ = [
+    "Consistency",
+    "bootstrap_ci",
+    "cosine_consistency",
+    "cross_format_probe",
+    "derangement",
+    "gradient_consistency",
+    "linear_cka",
+    "param_group",
+    "representation_consistency",
+    "summaries",
+    "to_dataframe",
+]

@@ -1,0 +1,157 @@
+"""Per-parameter gradients of a fact's answer loss, in either format, under Hugging Face parameter names.
+
+The *answer loss* of an example is the mean next-token cross-entropy on its answer tokens (plus end-of-text in the
+query format): for a storage example that is the value inside the biography prefix, for a query example the value
+after "Answer:". :func:`per_example_grads` computes one gradient per example in a batch with ``torch.func``
+(``vmap(grad(functional_call))``), optionally only for a subset of parameters, and optionally random-projects each
+flattened gradient to ``project_dim`` numbers (a fixed Gaussian projection, the same for every call with the same
+seed) so that per-fact gradients fit in memory at scale. :func:`gradient_stats` streams over many examples and
+keeps per-format aggregates (mean gradient, mean absolute gradient) per parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from safetensors.torch import save_file
+from torch import Tensor
+from torch.func import functional_call, grad, vmap
+
+from mechrecall.facts import Example
+from mechrecall.tokenization import collate_examples, encode_example
+
+ParamFilter = Callable[[str], bool]
+
+
+def select_params(model, include: ParamFilter | None = None) -> dict[str, Tensor]:
+    """Detached parameters by HF name (``include(name)`` filters; tied weights appear once, under their first name)."""
+    return {n: p.detach() for n, p in model.named_parameters() if include is None or include(n)}
+
+
+def answer_batch(tokenizer, examples: Sequence[Example]):
+    """Token batch whose labels mark each example's answer tokens (and end-of-text for queries)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return collate_examples([encode_example(tokenizer, ex) for ex in examples], pad)
+
+
+def _answer_loss(model, params, rest, ids: Int[Tensor, " pos"], labels: Int[Tensor, " pos"]):
+    # No attention mask: batches are right-padded and attention is causal, so padding (after the answer, label -100)
+    # cannot change any scored position; HF's mask construction is also not vmap-friendly.
+    logits = functional_call(model, {**rest, **params}, (ids[None],)).logits
+    return F.cross_entropy(logits[0, :-1], labels[1:], ignore_index=-100)
+
+
+def per_example_grads(
+    model,
+    batch,
+    params: dict[str, Tensor] | None = None,
+) -> dict[str, Float[Tensor, "batch ..."]]:
+    """One gradient of the answer loss per row of ``batch``, for ``params`` (default: all), keyed by HF name."""
+    params = select_params(model) if params is None else params
+    rest = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+    fn = vmap(grad(lambda p, i, y: _answer_loss(model, p, rest, i, y)), in_dims=(None, 0, 0))
+    return fn(params, batch.input_ids, batch.labels)
+
+
+def per_example_grads_loop(model, batch, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Reference implementation: one ordinary backward per example (for tests and benchmarks)."""
+    names = list((select_params(model) if params is None else params).keys())
+    named = dict(model.named_parameters())
+    out: dict[str, list[Tensor]] = {n: [] for n in names}
+    for i in range(len(batch)):
+        row = batch.index(torch.tensor([i]))
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=row.input_ids).logits
+        F.cross_entropy(logits[0, :-1], row.labels[0, 1:], ignore_index=-100).backward()
+        for n in names:
+            g = named[n].grad
+            out[n].append(torch.zeros_like(named[n]) if g is None else g.detach().clone())
+    model.zero_grad(set_to_none=True)
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+def flatten(grads: dict[str, Tensor]) -> Float[Tensor, "batch n_params"]:
+    return torch.cat([g.flatten(1) for g in grads.values()], dim=1)
+
+
+class Projection:
+    """A fixed Gaussian random projection R^n -> R^k (Johnson-Lindenstrauss), generated in chunks from a seed."""
+
+    def __init__(self, n: int, k: int, seed: int = 0, chunk: int = 1 << 16):
+        self.n, self.k, self.seed, self.chunk = n, k, seed, chunk
+
+    def __call__(self, x: Float[Tensor, "batch n"]) -> Float[Tensor, "batch k"]:
+        out = torch.zeros(x.shape[0], self.k)
+        for j, start in enumerate(range(0, self.n, self.chunk)):
+            stop = min(self.n, start + self.chunk)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
+            r = torch.randn(stop - start, self.k, generator=g) / self.k**0.5
+            out += x[:, start:stop] @ r
+        return out
+
+
+@dataclass
+class GradientStats:
+    """Per-format aggregates over examples: mean gradient and mean absolute gradient per HF parameter."""
+
+    format: str
+    n: int
+    mean: dict[str, Tensor]
+    mean_abs: dict[str, Tensor]
+    per_example: Tensor | None = None  # [n, k] projected (or flat) per-example gradients, if kept
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"mean.{k}": v.contiguous() for k, v in self.mean.items()}
+        tensors |= {f"mean_abs.{k}": v.contiguous() for k, v in self.mean_abs.items()}
+        if self.per_example is not None:
+            tensors["per_example"] = self.per_example.contiguous()
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"format": self.format, "n": str(self.n)})
+        tmp.replace(path)
+        return path
+
+
+def gradient_stats(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    params: dict[str, Tensor] | None = None,
+    batch_size: int = 16,
+    keep_per_example: bool = False,
+    project_dim: int | None = None,
+    seed: int = 0,
+) -> GradientStats:
+    """Stream per-example gradients over ``examples`` in batches and aggregate them (memory: one batch at a time)."""
+    params = select_params(model) if params is None else params
+    fmt = ",".join(sorted({e.format for e in examples}))
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    total_abs = {n: torch.zeros_like(p) for n, p in params.items()}
+    kept: list[Tensor] = []
+    proj = Projection(sum(p.numel() for p in params.values()), project_dim, seed) if project_dim else None
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(examples), batch_size):
+        grads = per_example_grads(model, answer_batch(tokenizer, examples[start : start + batch_size]), params)
+        for n, g in grads.items():
+            total[n] += g.sum(0)
+            total_abs[n] += g.abs().sum(0)
+        if keep_per_example:
+            flat = flatten(grads)
+            kept.append(proj(flat) if proj is not None else flat)
+    model.train(was_training)
+    n = len(examples)
+    return GradientStats(
+        fmt,
+        n,
+        {k: v / n for k, v in total.items()},
+        {k: v / n for k, v in total_abs.items()},
+        torch.cat(kept) if kept else None,
+    )

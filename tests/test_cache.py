@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from mechrecall.cache import ResidualCache, cache_residuals
+from mechrecall.config import get_preset
+from mechrecall.loading import LoadedModel, to_nnsight, to_transformer_lens
+from mechrecall.models import build_model
+
+
+@pytest.fixture(scope="module")
+def model_and_examples(micro_dataset, micro_tokenizer):
+    model = build_model(get_preset("micro").model, micro_tokenizer, seed=1)
+    pids = micro_dataset.pids("heldout")[:6]
+    return model, micro_dataset.storage_examples(pids), micro_dataset.query_examples(pids)
+
+
+@pytest.mark.parametrize("fmt", ["storage", "query"])
+def test_backends_give_the_same_residuals(model_and_examples, micro_tokenizer, fmt):
+    model, storage, query = model_and_examples
+    examples = storage if fmt == "storage" else query
+    loaded = LoadedModel(model, micro_tokenizer, "test", "test")
+    ref = cache_residuals(model, micro_tokenizer, examples, batch_size=8)
+    tl = cache_residuals(to_transformer_lens(loaded), micro_tokenizer, examples, backend="tl", batch_size=8)
+    nn = cache_residuals(to_nnsight(loaded), micro_tokenizer, examples, backend="nnsight", batch_size=8)
+    for site in ("resid_pre", "resid_mid", "resid_post"):
+        torch.testing.assert_close(tl.data[site], ref.data[site], rtol=0, atol=1e-5)
+        torch.testing.assert_close(nn.data[site], ref.data[site], rtol=0, atol=1e-5)
+    # resid_post of layer L is resid_pre of layer L+1
+    torch.testing.assert_close(ref["resid_post", 0], ref["resid_pre", 1])
+
+
+def test_states_match_an_unbatched_forward(model_and_examples, micro_tokenizer):
+    """Padding and batching do not change a fact's states: compare with HF hidden_states of a single prompt."""
+    from mechrecall.tokenization import encode_example
+
+    model, storage, _ = model_and_examples
+    cache = cache_residuals(model, micro_tokenizer, storage, batch_size=5)
+    for i in (0, 7, len(storage) - 1):
+        enc = encode_example(micro_tokenizer, storage[i], add_eos=False)
+        with torch.no_grad():
+            hs = model(input_ids=torch.tensor([enc.input_ids]), output_hidden_states=True).hidden_states
+        for j, role in enumerate(cache.roles):
+            torch.testing.assert_close(cache["resid_pre", 1][i, j], hs[1][0, enc.last(role)], rtol=0, atol=1e-5)
+
+
+def test_streamed_cache_round_trips_exactly(tmp_path, model_and_examples, micro_tokenizer):
+    model, storage, _ = model_and_examples
+    mem = cache_residuals(model, micro_tokenizer, storage, batch_size=4)
+    folder = cache_residuals(model, micro_tokenizer, storage, tmp_path / "c", batch_size=4, shard_size=8, meta={"checkpoint": "x"})
+    disk = ResidualCache.load(folder)
+    assert len(disk.meta["shards"]) == -(-len(storage) // 8)
+    assert disk.meta["checkpoint"] == "x" and len(disk.meta["fact_ids"]) == len(storage)
+    for site in mem.data:
+        assert torch.equal(mem.data[site], disk.data[site])
+    assert disk["resid_post", -1, "final"].shape == (len(storage), model.config.hidden_size)
+
+
+def test_streaming_holds_at_most_one_shard(monkeypatch, tmp_path, micro_dataset, micro_tokenizer):
+    """Memory stays flat: pending states never exceed one shard (+ one batch) whatever the number of facts."""
+    import mechrecall.cache as cache_mod
+
+    model = build_model(get_preset("micro").model, micro_tokenizer, seed=1)
+    examples = micro_dataset.storage_examples() * 2  # 2,400 facts
+    sizes = []
+    real_save = cache_mod.save_file
+
+    def spy(block, path, *a, **k):
+        sizes.append(next(iter(block.values())).shape[1])
+        return real_save(block, path, *a, **k)
+
+    monkeypatch.setattr(cache_mod, "save_file", spy)
+    cache_residuals(model, micro_tokenizer, examples, tmp_path / "big", batch_size=50, shard_size=200, sites=("resid_post",))
+    assert sum(sizes) == len(examples) and max(sizes) <= 200 + 50 and len(sizes) >= 10
+
+
+def test_unknown_backend(model_and_examples, micro_tokenizer):
+    model, storage, _ = model_and_examples
+    with pytest.raises(ValueError, match="unknown backend 'jax'"):
+        cache_residuals(model, micro_tokenizer, storage, backend="jax")
