@@ -23,7 +23,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{args.preset}"
     results = reproduce(
         args.preset, out, seeds=args.seeds, overrides=args.overrides, force=args.force,
-        registry=args.registry, progress=not args.quiet,
+        registry=args.registry, progress=not args.quiet, analyses=not args.no_analyses,
     )
     from mechrecall.reproduce import markdown_table
 
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--force", action="store_true", help="delete a finished run in --out and redo it")
     rp.add_argument("--registry", default=None, help="registry file (default $MECHRECALL_REGISTRY or ./checkpoints.yaml)")
     rp.add_argument("--quiet", action="store_true")
+    rp.add_argument("--no-analyses", action="store_true", help="train and evaluate only (no consistency analysis)")
     rp.set_defaults(func=_cmd_reproduce)
     ev = sub.add_parser("eval", help="exact-match recall of one checkpoint")
     ev.add_argument("checkpoint")

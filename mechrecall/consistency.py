@@ -192,3 +192,81 @@ __all__ = [
     "summaries",
     "to_dataframe",
 ]
+
+
+# ------------------------------------------------------------------------------------------- end-to-end measures
+def streamed_gradient_consistency(
+    model,
+    tokenizer,
+    storage: Sequence,
+    query: Sequence,
+    *,
+    by: Sequence[str] = ("layer", "module"),
+    batch_size: int = 16,
+    seed: int = 0,
+) -> list[Consistency]:
+    """:func:`gradient_consistency` over aligned (storage, query) example lists, one batch of facts at a time.
+
+    Per-example gradients are never stored for more than one batch; the mismatched baseline pairs facts inside each
+    batch (a derangement), so batches of at least two facts are needed.
+    """
+    from mechrecall.gradients import answer_batch, per_example_grads
+
+    if len(storage) != len(query):
+        raise ValueError("storage and query examples must be aligned fact by fact")
+    parts: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    for start in range(0, len(storage), batch_size):
+        s_ex, q_ex = storage[start : start + batch_size], query[start : start + batch_size]
+        if len(s_ex) < 2:
+            break
+        gs = per_example_grads(model, answer_batch(tokenizer, s_ex))
+        gq = per_example_grads(model, answer_batch(tokenizer, q_ex))
+        for r in gradient_consistency(gs, gq, by, seed=seed + start):
+            parts.setdefault(r.group, []).append((r.same, r.mismatched))
+    return [Consistency(g, torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for g, v in parts.items()]
+
+
+def measure(model, tokenizer, dataset, pids: Sequence[int], *, grad_facts: int = 240, seed: int = 0) -> dict:
+    """Gradient and representation consistency of one model on the facts of ``pids`` (query template 0).
+
+    Returns a JSON-able dict; ``gradient`` uses the first ``grad_facts`` facts (per-example gradients are costly).
+    """
+    from mechrecall.cache import cache_residuals
+
+    storage = dataset.storage_examples(pids)
+    query = dataset.query_examples(pids, templates=[0])
+    model.eval()
+    grads = streamed_gradient_consistency(model, tokenizer, storage[:grad_facts], query[:grad_facts], seed=seed)
+    gsum = {r.group: r.summary(seed=seed) for r in grads}
+    cs = cache_residuals(model, tokenizer, storage)
+    cq = cache_residuals(model, tokenizer, query)
+    reps = representation_consistency(cs, cq, "resid_post", seed=seed)
+    rsum = {r.group: r.summary(seed=seed) for r in reps}
+    n_layers = cs.n_layers
+    roles = cs.roles
+    per_layer = {role: [rsum[f"resid_post.{L}.{role}"]["mean_cos"] for L in range(n_layers)] for role in roles}
+    base = {role: [rsum[f"resid_post.{L}.{role}"]["baseline_mean_cos"] for L in range(n_layers)] for role in roles}
+    last = rsum[f"resid_post.{n_layers - 1}.subject"]
+    values = sorted({ex.answer for ex in storage})
+    y = torch.tensor([values.index(ex.answer) for ex in storage])
+    probe = cross_format_probe(cs["resid_post", n_layers - 1, "final"], y, cq["resid_post", n_layers - 1, "final"], y, seed=seed)
+    return {
+        "n_facts": len(storage),
+        "gradient": {
+            "heldout_mean_cos": gsum["all"]["mean_cos"],
+            "ci": gsum["all"]["ci"],
+            "baseline_mean_cos": gsum["all"]["baseline_mean_cos"],
+            "margin_ci": gsum["all"]["margin_ci"],
+            "n_facts": gsum["all"]["n"],
+            "groups": {k: v for k, v in gsum.items() if k != "all"},
+        },
+        "representation": {
+            "per_layer": per_layer,
+            "baseline_per_layer": base,
+            "subject_last_layer_margin": last["margin"],
+            "subject_last_layer_margin_ci": last["margin_ci"],
+            "final_last_layer_margin": rsum[f"resid_post.{n_layers - 1}.final"]["margin"],
+            "cka_final_per_layer": [linear_cka(cs["resid_post", L, "final"], cq["resid_post", L, "final"]) for L in range(n_layers)],
+            "probe_storage_to_query": probe,
+        },
+    }

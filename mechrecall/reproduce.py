@@ -140,6 +140,7 @@ def reproduce(
     force: bool = False,
     registry: str | Path | None = None,
     progress: bool = True,
+    analyses: bool = True,
 ) -> dict:
     """Run the whole pipeline and return the results dict that is also written to ``out/results.json``."""
     out = Path(out)
@@ -192,6 +193,15 @@ def reproduce(
             "machine": platform.machine(),
         },
     }
+    if analyses:
+        from mechrecall.consistency_report import run as consistency_run
+
+        first = per_seed[0]
+        names = [n for n in first["registered"] if n.endswith(("-two-stage", "-mixed"))]
+        t1 = time.perf_counter()
+        consistency_run(names, out, registry=registry, labels=["two_stage", "mixed"])
+        results["analysis_seconds"] = {"consistency": time.perf_counter() - t1}
+        results["wall_seconds"] = time.perf_counter() - t0
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", markdown_table(results))
     return results

@@ -1,0 +1,32 @@
+"""Gradient and representation consistency of registered checkpoints (the paper's findings 1 and 2).
+
+    python analyses/consistency.py --checkpoints default-s0-two-stage default-s0-mixed --out runs/default/consistency
+
+Writes OUT/consistency.json and OUT/consistency.html. Facts: the held-out people of the checkpoint's dataset.
+"""
+
+import argparse
+import sys
+
+from mechrecall.consistency_report import run
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoints", nargs="+", required=True, help="registry names or folders (one per regime)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--registry", default=None)
+    ap.add_argument("--people", type=int, default=200, help="held-out people to use")
+    ap.add_argument("--grad-facts", type=int, default=240)
+    args = ap.parse_args(argv)
+    result = run(args.checkpoints, args.out, registry=args.registry, n_people=args.people, grad_facts=args.grad_facts)
+    for name, g in result["gradient"].items():
+        rep = result["representation"][name]
+        print(f"{name}: grad cos {g['heldout_mean_cos']:.3f} [{g['ci'][0]:.3f}, {g['ci'][1]:.3f}] "
+              f"(mismatched {g['baseline_mean_cos']:.3f}); subject margin (last layer) {rep['subject_last_layer_margin']:.3f}; "
+              f"final margin {rep['final_last_layer_margin']:.3f}; probe {rep['probe_storage_to_query']['test_accuracy']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Run :func:`mechrecall.consistency.measure` on several checkpoints and write JSON + plotly figures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from mechrecall.consistency import measure
+from mechrecall.io import atomic_write_json, atomic_write_text
+from mechrecall.loading import lab_dataset, load_model
+
+
+def run(
+    checkpoints: Sequence[str],
+    out: str | Path,
+    *,
+    registry: str | Path | None = None,
+    n_people: int = 200,
+    grad_facts: int = 240,
+    labels: Sequence[str] | None = None,
+) -> dict:
+    out = Path(out)
+    models = {}
+    for i, source in enumerate(checkpoints):
+        loaded = load_model(source, registry=registry)
+        dataset = lab_dataset(loaded)
+        pids = dataset.pids("heldout")[:n_people]
+        label = labels[i] if labels else loaded.meta.get("regime", source)
+        models[label] = {"source": source, **measure(loaded.model, loaded.tokenizer, dataset, pids, grad_facts=grad_facts)}
+    result = {
+        "people": "heldout",
+        "n_people": n_people,
+        "gradient": {k: {"source": v["source"], **v["gradient"]} for k, v in models.items()},
+        "representation": {k: {"source": v["source"], **v["representation"]} for k, v in models.items()},
+    }
+    atomic_write_json(out / "consistency.json", result)
+    atomic_write_text(out / "consistency.html", figures_html(result))
+    return result
+
+
+def figures(result: dict) -> list:
+    import plotly.graph_objects as go
+
+    rep = go.Figure()
+    for name, r in result["representation"].items():
+        per_layer = r["per_layer"]
+        base = r["baseline_per_layer"]
+        for role in per_layer:
+            margin = [a - b for a, b in zip(per_layer[role], base[role])]
+            rep.add_trace(go.Scatter(x=list(range(len(margin))), y=margin, mode="lines+markers", name=f"{name} · {role}"))
+    rep.update_layout(
+        title="Representation consistency: cos(storage, query) of the same fact minus mismatched facts (resid_post)",
+        xaxis_title="layer", yaxis_title="cosine margin",
+    )
+    grad = go.Figure()
+    for name, g in result["gradient"].items():
+        groups = {k: v for k, v in g["groups"].items() if k.startswith("layer:")}
+        grad.add_trace(
+            go.Bar(
+                x=["all", *[k.removeprefix("layer:") for k in groups]],
+                y=[g["heldout_mean_cos"], *[v["mean_cos"] for v in groups.values()]],
+                error_y={
+                    "type": "data", "symmetric": False,
+                    "array": [g["ci"][1] - g["heldout_mean_cos"], *[v["ci"][1] - v["mean_cos"] for v in groups.values()]],
+                    "arrayminus": [g["heldout_mean_cos"] - g["ci"][0], *[v["mean_cos"] - v["ci"][0] for v in groups.values()]],
+                },
+                name=name,
+            )
+        )
+    grad.update_layout(
+        title="Gradient consistency: cos(∇ storage-format answer loss, ∇ query-format answer loss), held-out facts",
+        yaxis_title="cosine (95% bootstrap CI)", barmode="group",
+    )
+    return [grad, rep]
+
+
+def figures_html(result: dict) -> str:
+    figs = figures(result)
+    body = "".join(f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs))
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>mechrecall consistency</title></head><body>{body}</body></html>"
