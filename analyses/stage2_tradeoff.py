@@ -26,11 +26,15 @@ def main(argv=None) -> int:
     ap.add_argument("--target", type=float, default=0.95)
     args = ap.parse_args(argv)
     preset = get_preset(args.preset, args.overrides)
-    result = sweep(preset, args.run, args.out, args.recipes, steps=args.steps, eval_every=args.eval_every, target=args.target)
+    result = sweep(
+        preset, args.run, args.out, args.recipes, steps=args.steps, eval_every=args.eval_every, target=args.target
+    )
     figure(result).write_html(f"{args.out}/stage2_tradeoff.html", include_plotlyjs=True)
     for name, point in result["reached"].items():
-        print(f"{name:20s} trained_qa>={args.target} at step {point['step']:4d}: storage={point['storage']:.3f} "
-              f"validation_qa={point.get('validation_qa', float('nan')):.3f}")
+        print(
+            f"{name:20s} trained_qa>={args.target} at step {point['step']:4d}: storage={point['storage']:.3f} "
+            f"validation_qa={point.get('validation_qa', float('nan')):.3f}"
+        )
     missing = set(args.recipes) - set(result["reached"])
     for name in sorted(missing):
         print(f"{name:20s} never reached trained_qa>={args.target} in {args.steps} steps")

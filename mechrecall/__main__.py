@@ -22,8 +22,14 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     out = args.out or f"runs/{args.preset}"
     results = reproduce(
-        args.preset, out, seeds=args.seeds, overrides=args.overrides, force=args.force,
-        registry=args.registry, progress=not args.quiet, analyses=not args.no_analyses,
+        args.preset,
+        out,
+        seeds=args.seeds,
+        overrides=args.overrides,
+        force=args.force,
+        registry=args.registry,
+        progress=not args.quiet,
+        analyses=not args.no_analyses,
     )
     from mechrecall.reproduce import markdown_table
 
@@ -46,9 +52,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     preset = Preset.model_validate(meta["config"])
     dataset = generate(preset.data.spec(), preset.seed)
     if dataset.hash != meta.get("dataset_hash"):
-        raise CheckpointError(f"{location}: dataset hash {meta.get('dataset_hash')} does not match regenerated {dataset.hash}")
+        raise CheckpointError(
+            f"{location}: dataset hash {meta.get('dataset_hash')} does not match regenerated {dataset.hash}"
+        )
     metrics = evaluate(model, tokenizer, dataset)
-    print(json.dumps(metrics if args.per_attribute else {k: v for k, v in metrics.items() if k != "per_attribute"}, indent=2))
+    print(
+        json.dumps(
+            metrics if args.per_attribute else {k: v for k, v in metrics.items() if k != "per_attribute"}, indent=2
+        )
+    )
     return 0
 
 
@@ -71,7 +83,9 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m mechrecall", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m mechrecall", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     rp = sub.add_parser("reproduce", help="data, both regimes, evaluation, registry, results.json")
     rp.add_argument("--preset", default="default")
@@ -79,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--seeds", type=int, nargs="+", default=[0])
     rp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override")
     rp.add_argument("--force", action="store_true", help="delete a finished run in --out and redo it")
-    rp.add_argument("--registry", default=None, help="registry file (default $MECHRECALL_REGISTRY or ./checkpoints.yaml)")
+    rp.add_argument(
+        "--registry", default=None, help="registry file (default $MECHRECALL_REGISTRY or ./checkpoints.yaml)"
+    )
     rp.add_argument("--quiet", action="store_true")
     rp.add_argument("--no-analyses", action="store_true", help="train and evaluate only (no consistency analysis)")
     rp.set_defaults(func=_cmd_reproduce)

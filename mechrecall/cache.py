@@ -58,12 +58,27 @@ def residuals_hf(
     handles = []
     for i, layer in enumerate(layers):
         if "resid_pre" in sites:
-            handles.append(layer.register_forward_pre_hook(lambda m, a, kw, i=i: store["resid_pre"].__setitem__(i, (a[0] if a else kw["hidden_states"]).detach()), with_kwargs=True))
+            handles.append(
+                layer.register_forward_pre_hook(
+                    lambda m, a, kw, i=i: store["resid_pre"].__setitem__(
+                        i, (a[0] if a else kw["hidden_states"]).detach()
+                    ),
+                    with_kwargs=True,
+                )
+            )
         if "resid_mid" in sites:
             ln = layer.post_attention_layernorm
-            handles.append(ln.register_forward_pre_hook(lambda m, a, i=i: store["resid_mid"].__setitem__(i, a[0].detach())))
+            handles.append(
+                ln.register_forward_pre_hook(lambda m, a, i=i: store["resid_mid"].__setitem__(i, a[0].detach()))
+            )
         if "resid_post" in sites:
-            handles.append(layer.register_forward_hook(lambda m, a, out, i=i: store["resid_post"].__setitem__(i, (out[0] if isinstance(out, tuple) else out).detach())))
+            handles.append(
+                layer.register_forward_hook(
+                    lambda m, a, out, i=i: store["resid_post"].__setitem__(
+                        i, (out[0] if isinstance(out, tuple) else out).detach()
+                    )
+                )
+            )
     try:
         model(input_ids=input_ids, attention_mask=attention_mask)
     finally:
@@ -81,7 +96,9 @@ def residuals_tl(bridge, input_ids: Tensor, attention_mask: Tensor, sites: Seque
 
 
 @torch.no_grad()
-def residuals_nnsight(model, input_ids: Tensor, attention_mask: Tensor, sites: Sequence[str] = SITES) -> dict[str, Tensor]:
+def residuals_nnsight(
+    model, input_ids: Tensor, attention_mask: Tensor, sites: Sequence[str] = SITES
+) -> dict[str, Tensor]:
     """Same as :func:`residuals_hf` from an ``nnsight.TransformersModel``."""
     n_layers = len(model.model.layers)
     saved: dict[str, list] = {s: [] for s in sites}

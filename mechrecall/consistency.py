@@ -36,7 +36,9 @@ def derangement(n: int, seed: int = 0) -> Int[Tensor, " n"]:
     return out
 
 
-def bootstrap_ci(values: Float[Tensor, " n"], n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Float[Tensor, " n"], n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(values), (n_boot, len(values)), generator=g)
@@ -73,7 +75,9 @@ def to_dataframe(results: Sequence[Consistency]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def cosine_consistency(group: str, a: Float[Tensor, "fact d"], b: Float[Tensor, "fact d"], seed: int = 0) -> Consistency:
+def cosine_consistency(
+    group: str, a: Float[Tensor, "fact d"], b: Float[Tensor, "fact d"], seed: int = 0
+) -> Consistency:
     """Cosine of row i of ``a`` with row i of ``b`` (same fact) and with a deranged row (mismatched)."""
     perm = derangement(a.shape[0], seed)
     return Consistency(group, F.cosine_similarity(a, b, dim=-1), F.cosine_similarity(a, b[perm], dim=-1))
@@ -120,7 +124,9 @@ def gradient_consistency(
     return out
 
 
-def representation_consistency(storage_cache, query_cache, site: str = "resid_post", seed: int = 0) -> list[Consistency]:
+def representation_consistency(
+    storage_cache, query_cache, site: str = "resid_post", seed: int = 0
+) -> list[Consistency]:
     """Per layer and role: cosine of the two formats' states of the same fact vs mismatched facts."""
     if storage_cache.roles != query_cache.roles:
         raise ValueError(f"caches have different roles: {storage_cache.roles} vs {query_cache.roles}")
@@ -128,7 +134,9 @@ def representation_consistency(storage_cache, query_cache, site: str = "resid_po
     for layer in range(storage_cache.n_layers):
         for role in storage_cache.roles:
             out.append(
-                cosine_consistency(f"{site}.{layer}.{role}", storage_cache[site, layer, role], query_cache[site, layer, role], seed)
+                cosine_consistency(
+                    f"{site}.{layer}.{role}", storage_cache[site, layer, role], query_cache[site, layer, role], seed
+                )
             )
     return out
 
@@ -249,7 +257,9 @@ def measure(model, tokenizer, dataset, pids: Sequence[int], *, grad_facts: int =
     last = rsum[f"resid_post.{n_layers - 1}.subject"]
     values = sorted({ex.answer for ex in storage})
     y = torch.tensor([values.index(ex.answer) for ex in storage])
-    probe = cross_format_probe(cs["resid_post", n_layers - 1, "final"], y, cq["resid_post", n_layers - 1, "final"], y, seed=seed)
+    probe = cross_format_probe(
+        cs["resid_post", n_layers - 1, "final"], y, cq["resid_post", n_layers - 1, "final"], y, seed=seed
+    )
     return {
         "n_facts": len(storage),
         "gradient": {
@@ -266,7 +276,9 @@ def measure(model, tokenizer, dataset, pids: Sequence[int], *, grad_facts: int =
             "subject_last_layer_margin": last["margin"],
             "subject_last_layer_margin_ci": last["margin_ci"],
             "final_last_layer_margin": rsum[f"resid_post.{n_layers - 1}.final"]["margin"],
-            "cka_final_per_layer": [linear_cka(cs["resid_post", L, "final"], cq["resid_post", L, "final"]) for L in range(n_layers)],
+            "cka_final_per_layer": [
+                linear_cka(cs["resid_post", L, "final"], cq["resid_post", L, "final"]) for L in range(n_layers)
+            ],
             "probe_storage_to_query": probe,
         },
     }

@@ -26,7 +26,10 @@ def run(
         dataset = lab_dataset(loaded)
         pids = dataset.pids("heldout")[:n_people]
         label = labels[i] if labels else loaded.meta.get("regime", source)
-        models[label] = {"source": source, **measure(loaded.model, loaded.tokenizer, dataset, pids, grad_facts=grad_facts)}
+        models[label] = {
+            "source": source,
+            **measure(loaded.model, loaded.tokenizer, dataset, pids, grad_facts=grad_facts),
+        }
     result = {
         "people": "heldout",
         "n_people": n_people,
@@ -47,10 +50,13 @@ def figures(result: dict) -> list:
         base = r["baseline_per_layer"]
         for role in per_layer:
             margin = [a - b for a, b in zip(per_layer[role], base[role])]
-            rep.add_trace(go.Scatter(x=list(range(len(margin))), y=margin, mode="lines+markers", name=f"{name} · {role}"))
+            rep.add_trace(
+                go.Scatter(x=list(range(len(margin))), y=margin, mode="lines+markers", name=f"{name} · {role}")
+            )
     rep.update_layout(
         title="Representation consistency: cos(storage, query) of the same fact minus mismatched facts (resid_post)",
-        xaxis_title="layer", yaxis_title="cosine margin",
+        xaxis_title="layer",
+        yaxis_title="cosine margin",
     )
     grad = go.Figure()
     for name, g in result["gradient"].items():
@@ -60,16 +66,24 @@ def figures(result: dict) -> list:
                 x=["all", *[k.removeprefix("layer:") for k in groups]],
                 y=[g["heldout_mean_cos"], *[v["mean_cos"] for v in groups.values()]],
                 error_y={
-                    "type": "data", "symmetric": False,
-                    "array": [g["ci"][1] - g["heldout_mean_cos"], *[v["ci"][1] - v["mean_cos"] for v in groups.values()]],
-                    "arrayminus": [g["heldout_mean_cos"] - g["ci"][0], *[v["mean_cos"] - v["ci"][0] for v in groups.values()]],
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [
+                        g["ci"][1] - g["heldout_mean_cos"],
+                        *[v["ci"][1] - v["mean_cos"] for v in groups.values()],
+                    ],
+                    "arrayminus": [
+                        g["heldout_mean_cos"] - g["ci"][0],
+                        *[v["mean_cos"] - v["ci"][0] for v in groups.values()],
+                    ],
                 },
                 name=name,
             )
         )
     grad.update_layout(
         title="Gradient consistency: cos(∇ storage-format answer loss, ∇ query-format answer loss), held-out facts",
-        yaxis_title="cosine (95% bootstrap CI)", barmode="group",
+        yaxis_title="cosine (95% bootstrap CI)",
+        barmode="group",
     )
     return [grad, rep]
 

@@ -52,7 +52,10 @@ class Recall:
 
     def accuracy(self, split: Split | None = None, attribute: str | None = None) -> float:
         keep = torch.tensor(
-            [(split is None or s == split) and (attribute is None or a == attribute) for s, a in zip(self.splits, self.attributes)],
+            [
+                (split is None or s == split) and (attribute is None or a == attribute)
+                for s, a in zip(self.splits, self.attributes)
+            ],
             dtype=torch.bool,
         )
         return float(self.correct[keep].float().mean()) if keep.any() else float("nan")
@@ -96,7 +99,9 @@ def encode_biography(tokenizer, bio: Biography) -> tuple[list[int], dict[str, li
     return list(enc["input_ids"]), positions
 
 
-def storage_recall(model, tokenizer, dataset: FactDataset, pids: Sequence[int] | None = None, batch_size: int = 256) -> Recall:
+def storage_recall(
+    model, tokenizer, dataset: FactDataset, pids: Sequence[int] | None = None, batch_size: int = 256
+) -> Recall:
     """Exact match of every attribute value inside each person's first biography (teacher-forced)."""
     pids = list(range(len(dataset.people))) if pids is None else list(pids)
     encoded = [encode_biography(tokenizer, dataset.bios[p][0]) for p in pids]

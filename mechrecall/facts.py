@@ -156,7 +156,9 @@ def _word_spans(text: str, start: int, end: int) -> list[CharSpan]:
     return [(start, end)] if end > start else []
 
 
-def render(template: str, subject: str, value: str, poss: str, offset: int = 0) -> tuple[str, dict[str, list[CharSpan]]]:
+def render(
+    template: str, subject: str, value: str, poss: str, offset: int = 0
+) -> tuple[str, dict[str, list[CharSpan]]]:
     """Fill a template and return (text, role spans) with spans shifted by ``offset``.
 
     The relation is every template word outside the subject and value slots (punctuation and spaces excluded).
@@ -261,7 +263,9 @@ class FactDataset:
         pids = range(len(self.people)) if pids is None else pids
         return [self.bios[p][0].facts[a] for p in pids for a in ATTRIBUTES]
 
-    def query_examples(self, pids: Sequence[int] | None = None, templates: Sequence[int] | None = None) -> list[Example]:
+    def query_examples(
+        self, pids: Sequence[int] | None = None, templates: Sequence[int] | None = None
+    ) -> list[Example]:
         pids = range(len(self.people)) if pids is None else pids
         templates = range(self.spec.n_query_templates) if templates is None else templates
         return [query_example(self.people[p], a, t) for p in pids for a in ATTRIBUTES for t in templates]

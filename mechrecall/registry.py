@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -100,7 +100,9 @@ def load_registry(path: str | Path | None = None, *, missing_ok: bool = True) ->
             where = ".".join(str(x) for x in loc)
             if len(loc) >= 2 and loc[0] == "checkpoints" and isinstance(loc[1], int):
                 entries = raw.get("checkpoints") or []
-                name = entries[loc[1]].get("name") if loc[1] < len(entries) and isinstance(entries[loc[1]], dict) else None
+                name = (
+                    entries[loc[1]].get("name") if loc[1] < len(entries) and isinstance(entries[loc[1]], dict) else None
+                )
                 where = f"checkpoint #{loc[1]} ({name!r}) key {'.'.join(str(x) for x in loc[2:]) or '<entry>'}"
             problems.append(f"{where}: {err['msg']}")
         raise RegistryError(f"{path}: invalid registry:\n  " + "\n  ".join(problems)) from None
@@ -108,8 +110,9 @@ def load_registry(path: str | Path | None = None, *, missing_ok: bool = True) ->
 
 def _dump(reg: Registry) -> str:
     data = reg.model_dump(mode="json", exclude_none=True)
-    return "# mechrecall checkpoint registry (schema: mechrecall/registry.py). Written by training; edit with care.\n" + yaml.safe_dump(
-        data, sort_keys=False, width=120
+    return (
+        "# mechrecall checkpoint registry (schema: mechrecall/registry.py). Written by training; edit with care.\n"
+        + yaml.safe_dump(data, sort_keys=False, width=120)
     )
 
 
@@ -122,7 +125,7 @@ def register(entry: Entry, path: str | Path | None = None, *, overwrite: bool = 
         if old is not None and not overwrite:
             raise RegistryError(f"{path}: checkpoint {entry.name!r} already registered (pass overwrite=True)")
         if entry.created is None:
-            entry = entry.model_copy(update={"created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            entry = entry.model_copy(update={"created": datetime.now(UTC).isoformat(timespec="seconds")})
         entries = [e for e in reg.checkpoints if e.name != entry.name] + [entry]
         atomic_write_text(path, _dump(Registry(checkpoints=entries)))
     return path

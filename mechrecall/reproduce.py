@@ -106,28 +106,34 @@ def markdown_table(results: dict) -> str:
         "| regime | held-out QA | trained QA | validation QA | storage (end) | storage after stage 1 | train s |",
         "|---|---|---|---|---|---|---|",
     ]
+    multi = len(results["seeds"]) > 1
+
+    def cell(r: dict, sp: dict, k: str) -> str:
+        if k not in r:
+            return "–"
+        if k in sp and multi:
+            return f"{sp[k]['mean']:.3f} ± {sp[k]['std']:.3f}"
+        return f"{r[k]:.3f}" if k != "train_seconds" else f"{r[k]:.0f}"
+
     for regime in ("two_stage", "mixed"):
-        r = results["regimes"][regime]
-        sp = results.get("spread", {}).get(regime, {})
-
-        def cell(k: str) -> str:
-            if k not in r:
-                return "–"
-            if k in sp and len(results["seeds"]) > 1:
-                return f"{sp[k]['mean']:.3f} ± {sp[k]['std']:.3f}"
-            return f"{r[k]:.3f}" if k != "train_seconds" else f"{r[k]:.0f}"
-
-        lines.append(
-            f"| {regime} | {cell('heldout_qa')} | {cell('trained_qa')} | {cell('validation_qa')} | {cell('storage')} "
-            f"| {cell('storage_after_stage1')} | {cell('train_seconds')} |"
-        )
+        r, sp = results["regimes"][regime], results.get("spread", {}).get(regime, {})
+        cells = [
+            cell(r, sp, k)
+            for k in ("heldout_qa", "trained_qa", "validation_qa", "storage", "storage_after_stage1", "train_seconds")
+        ]
+        lines.append(f"| {regime} | " + " | ".join(cells) + " |")
     lines += ["", "Held-out QA per attribute (first seed):", "", "| attribute | two-stage | mixed |", "|---|---|---|"]
     first = results["per_seed"][0]["regimes"]
     for a in ATTRIBUTES:
         two = first["two_stage"]["per_attribute"]["heldout_qa"][a]
         mix = first["mixed"]["per_attribute"]["heldout_qa"][a]
         lines.append(f"| {a} | {two:.3f} | {mix:.3f} |")
-    lines += ["", f"Gap (mixed − two-stage held-out QA): {results['gap']['mean']:.3f}", f"Wall time: {results['wall_seconds']:.0f} s", ""]
+    lines += [
+        "",
+        f"Gap (mixed − two-stage held-out QA): {results['gap']['mean']:.3f}",
+        f"Wall time: {results['wall_seconds']:.0f} s",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -25,7 +25,11 @@ RECIPES: dict[str, dict] = {
     "full-lr1e-3-wd0": {"trainable": "all", "lr": 1e-3, "weight_decay": 0.0},
     "lora-qv-r8": {"trainable": "lora", "lr": 3e-3, "lora_rank": 8, "lora_targets": ["q_proj", "v_proj"]},
     "lora-qv-r8-emb32": {
-        "trainable": "lora", "lr": 3e-3, "lora_rank": 8, "lora_targets": ["q_proj", "v_proj"], "lora_embedding_rank": 32,
+        "trainable": "lora",
+        "lr": 3e-3,
+        "lora_rank": 8,
+        "lora_targets": ["q_proj", "v_proj"],
+        "lora_embedding_rank": 32,
     },
 }
 
@@ -34,7 +38,9 @@ def _boundary(run_dir: Path, stage1_steps: int) -> Path:
     """The resumable checkpoint written when stage 1 ended (stage 1 always runs its full budget)."""
     path = run_dir / "two_stage" / "checkpoints" / f"step-{stage1_steps:06d}"
     if not (path / "trainer_state.pt").exists():
-        raise FileNotFoundError(f"{path}: no stage-1 boundary checkpoint (run the two-stage regime of this preset first)")
+        raise FileNotFoundError(
+            f"{path}: no stage-1 boundary checkpoint (run the two-stage regime of this preset first)"
+        )
     return path
 
 
@@ -77,7 +83,13 @@ def sweep(
         history = json.loads((work / "two_stage" / "history.json").read_text())
         curves[name] = [h for h in history if h["stage"] == "stage2"]
     choice = choose(curves, target)
-    result = {"target_trained_qa": target, "steps": steps, "recipes": {n: RECIPES[n] for n in recipes}, "curves": curves, **choice}
+    result = {
+        "target_trained_qa": target,
+        "steps": steps,
+        "recipes": {n: RECIPES[n] for n in recipes},
+        "curves": curves,
+        **choice,
+    }
     atomic_write_json(out / "stage2_sweep.json", result)
     return result
 

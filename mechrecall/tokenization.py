@@ -82,9 +82,7 @@ def encode_example(tokenizer, example: Example, *, add_eos: bool | None = None) 
     roles: dict[str, tuple[int, ...]] = {}
     for role in ROLES:
         spans = example.spans.get(role, ())
-        pos = tuple(
-            i for i, (a, b) in enumerate(offsets) if b > a and any(a < e and b > s for s, e in spans)
-        )
+        pos = tuple(i for i, (a, b) in enumerate(offsets) if b > a and any(a < e and b > s for s, e in spans))
         if spans and not pos:
             raise RoleAlignmentError(f"role {role!r} of prompt {example.text!r} covers no token")
         roles[role] = pos
@@ -92,7 +90,7 @@ def encode_example(tokenizer, example: Example, *, add_eos: bool | None = None) 
     answer = roles["answer"]
     if offsets[answer[0]][0] < a0 and example.text[offsets[answer[0]][0] : a0].strip():
         raise RoleAlignmentError(
-            f"a token straddles the prompt/answer boundary in {example.text!r}: {example.text[offsets[answer[0]][0]:a1]!r}"
+            f"a token straddles the prompt/answer boundary in {example.text!r}: {example.text[offsets[answer[0]][0] : a1]!r}"
         )
     if answer[-1] != max(i for i, (a, b) in enumerate(offsets) if b > a):
         raise RoleAlignmentError(f"the answer of {example.text!r} is not the end of the text")

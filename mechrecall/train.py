@@ -117,7 +117,9 @@ def apply_lora(model, cfg: StageConfig, seed: int) -> list[nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in cfg.lora_targets]
+    targets = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in cfg.lora_targets
+    ]
     if not targets and cfg.lora_targets:
         raise ValueError(f"lora_targets {cfg.lora_targets} match no Linear layer of the model")
     for _, module in targets:
@@ -245,7 +247,15 @@ def train(
     data = TrainingData.build(dataset, tokenizer)
     model, _, _ = load_checkpoint(run_dir / "data" / "base")
     plan = stage_plan(preset, regime)
-    state = {"stage_index": 0, "step": 0, "global_step": 0, "history": [], "metrics": {}, "optimizer": None, "lora": None}
+    state = {
+        "stage_index": 0,
+        "step": 0,
+        "global_step": 0,
+        "history": [],
+        "metrics": {},
+        "optimizer": None,
+        "lora": None,
+    }
     latest = _latest_checkpoint(regime_dir) if resume else None
     if latest is not None:
         model, _, _ = load_checkpoint(latest)
@@ -283,7 +293,15 @@ def train(
             losses = {fmt: lm_loss(model, b) for fmt, b in batches.items()}
             total = sum(losses[f] * (cfg.query_weight if f == "query" else 1.0) for f in losses)
             total.backward()
-            event = StepEvent(regime, stage, step, state["global_step"], model, batches, {f: float(v.detach()) for f, v in losses.items()})
+            event = StepEvent(
+                regime,
+                stage,
+                step,
+                state["global_step"],
+                model,
+                batches,
+                {f: float(v.detach()) for f, v in losses.items()},
+            )
             for cb in callbacks:
                 cb(event)
             opt.step()
@@ -304,10 +322,14 @@ def train(
             stage_done = stopped or step == cfg.steps
             if stop_after is not None and state["global_step"] >= stop_after and not stage_done:
                 bar.close()
-                _save_resumable(regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0)
+                _save_resumable(
+                    regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0
+                )
                 return {"interrupted_at": state["global_step"]}
             if state["global_step"] % preset.save_every == 0 and not stage_done:
-                _save_resumable(regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0)
+                _save_resumable(
+                    regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0
+                )
         bar.close()
         if cfg.trainable == "lora":
             merge_lora(model)
@@ -323,14 +345,18 @@ def train(
         name = "final" if stage_index == len(plan) - 1 else stage
         save_checkpoint(regime_dir / name, model, tokenizer, meta)
         if stage_index < len(plan) - 1:
-            save_checkpoint(regime_dir / "checkpoints" / f"step-{state['global_step']:06d}", model, tokenizer, meta, state)
+            save_checkpoint(
+                regime_dir / "checkpoints" / f"step-{state['global_step']:06d}", model, tokenizer, meta, state
+            )
     atomic_write_json(regime_dir / "history.json", state["history"])
     meta = read_meta(regime_dir / "final")
     meta["stages"] = state["metrics"]
     return meta
 
 
-def _save_resumable(regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0) -> None:
+def _save_resumable(
+    regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0
+) -> None:
     state.update(stage_index=stage_index, step=step, optimizer=opt.state_dict(), seconds=time.perf_counter() - t0)
     state["lora"] = model.state_dict() if cfg.trainable == "lora" else None
     meta = _meta(preset, dataset, regime_dir.name, stage, state["global_step"], {})

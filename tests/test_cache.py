@@ -46,7 +46,9 @@ def test_states_match_an_unbatched_forward(model_and_examples, micro_tokenizer):
 def test_streamed_cache_round_trips_exactly(tmp_path, model_and_examples, micro_tokenizer):
     model, storage, _ = model_and_examples
     mem = cache_residuals(model, micro_tokenizer, storage, batch_size=4)
-    folder = cache_residuals(model, micro_tokenizer, storage, tmp_path / "c", batch_size=4, shard_size=8, meta={"checkpoint": "x"})
+    folder = cache_residuals(
+        model, micro_tokenizer, storage, tmp_path / "c", batch_size=4, shard_size=8, meta={"checkpoint": "x"}
+    )
     disk = ResidualCache.load(folder)
     assert len(disk.meta["shards"]) == -(-len(storage) // 8)
     assert disk.meta["checkpoint"] == "x" and len(disk.meta["fact_ids"]) == len(storage)
@@ -69,7 +71,9 @@ def test_streaming_holds_at_most_one_shard(monkeypatch, tmp_path, micro_dataset,
         return real_save(block, path, *a, **k)
 
     monkeypatch.setattr(cache_mod, "save_file", spy)
-    cache_residuals(model, micro_tokenizer, examples, tmp_path / "big", batch_size=50, shard_size=200, sites=("resid_post",))
+    cache_residuals(
+        model, micro_tokenizer, examples, tmp_path / "big", batch_size=50, shard_size=200, sites=("resid_post",)
+    )
     assert sum(sizes) == len(examples) and max(sizes) <= 200 + 50 and len(sizes) >= 10
 
 

@@ -29,14 +29,27 @@ def test_cosine_consistency_same_vs_mismatched():
 
 
 def test_gradient_consistency_groups_by_layer_and_module():
-    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight",
-             "model.layers.1.mlp.up_proj.weight", "model.norm.weight"]
+    names = [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+        "model.norm.weight",
+    ]
     torch.manual_seed(0)
     s = {n: torch.randn(8, 3, 4) for n in names}
     q = {n: v.clone() for n, v in s.items()}
     q["model.layers.1.mlp.up_proj.weight"] = -q["model.layers.1.mlp.up_proj.weight"]  # anti-aligned group
     res = {r.group: r for r in gradient_consistency(s, q)}
-    assert {"all", "layer:embed", "layer:layer.0", "layer:layer.1", "layer:final_norm", "module:attn.q_proj", "module:mlp.up_proj"} <= res.keys()
+    assert {
+        "all",
+        "layer:embed",
+        "layer:layer.0",
+        "layer:layer.1",
+        "layer:final_norm",
+        "module:attn.q_proj",
+        "module:mlp.up_proj",
+    } <= res.keys()
     assert torch.allclose(res["layer:layer.0"].same, torch.ones(8))
     assert torch.allclose(res["layer:layer.1"].same, -torch.ones(8))
     # hand computation for "all": cosine of the concatenated flattened vectors

@@ -82,4 +82,11 @@ def test_evaluate_reports_every_split_and_attribute(micro_dataset, micro_tokeniz
     m = evaluate(model, micro_tokenizer, micro_dataset)
     assert {"trained_qa", "validation_qa", "heldout_qa", "storage"} <= m.keys()
     assert all(0.0 <= m[k] <= 1.0 for k in ("trained_qa", "heldout_qa", "storage"))
-    assert set(m["per_attribute"]["heldout_qa"]) == {"birth_date", "birth_city", "university", "major", "company", "company_city"}
+    assert set(m["per_attribute"]["heldout_qa"]) == {
+        "birth_date",
+        "birth_city",
+        "university",
+        "major",
+        "company",
+        "company_city",
+    }

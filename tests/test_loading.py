@@ -44,9 +44,21 @@ def test_backends_match_hugging_face_and_keep_hf_names(lab_checkpoint):
         (lambda p: (p / "config.json").unlink(), "config.json is missing"),
         (lambda p: (p / "model.safetensors").unlink(), "no weights"),
         (lambda p: [(p / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")], "tokenizer is missing"),
-        (lambda p: (p / "config.json").write_text(json.dumps({**json.loads((p / "config.json").read_text()), "hidden_size": 32, "head_dim": 8})), "do not load"),
+        (
+            lambda p: (p / "config.json").write_text(
+                json.dumps({**json.loads((p / "config.json").read_text()), "hidden_size": 32, "head_dim": 8})
+            ),
+            "do not load",
+        ),
         (lambda p: (p / "model.safetensors").write_bytes(b"garbage" * 10), "do not load"),
-        (lambda p: (p / "config.json").write_text(json.dumps({**json.loads((p / "config.json").read_text()), "architectures": ["LlamaForSequenceClassification"]})), "not a causal language model"),
+        (
+            lambda p: (p / "config.json").write_text(
+                json.dumps(
+                    {**json.loads((p / "config.json").read_text()), "architectures": ["LlamaForSequenceClassification"]}
+                )
+            ),
+            "not a causal language model",
+        ),
     ],
 )
 def test_broken_checkpoints_give_clear_errors(tmp_path, lab_checkpoint, break_it, match):

@@ -33,7 +33,10 @@ def test_refuses_overwrite_when_asked(tmp_path):
         ("version: 2\ncheckpoints: []\n", "version"),
         ("version: 1\ncheckpoints:\n- {name: x, path: p, regime: weird}\n", r"checkpoint #0 \('x'\) key regime"),
         ("version: 1\ncheckpoints:\n- {name: x, path: p, regime: mixed, colour: red}\n", "colour"),
-        ("version: 1\ncheckpoints:\n- {name: x, path: p, regime: mixed}\n- {name: x, path: q, regime: mixed}\n", "duplicate"),
+        (
+            "version: 1\ncheckpoints:\n- {name: x, path: p, regime: mixed}\n- {name: x, path: q, regime: mixed}\n",
+            "duplicate",
+        ),
         ("version: 1\ncheckpoints:\n- {name: 'bad name', path: p, regime: mixed}\n", "key name"),
     ],
 )

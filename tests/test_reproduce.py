@@ -49,7 +49,10 @@ def test_mixed_aligns_query_and_storage_more_than_two_stage(micro_run):
     out, _ = micro_run
     c = json.loads((out / "consistency.json").read_text())
     assert c["gradient"]["mixed"]["heldout_mean_cos"] > c["gradient"]["two_stage"]["heldout_mean_cos"]
-    assert c["representation"]["mixed"]["final_last_layer_margin"] > c["representation"]["two_stage"]["final_last_layer_margin"]
+    assert (
+        c["representation"]["mixed"]["final_last_layer_margin"]
+        > c["representation"]["two_stage"]["final_last_layer_margin"]
+    )
 
 
 def test_micro_preset_shows_the_direction_of_the_gap(micro_run):

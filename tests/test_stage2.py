@@ -6,8 +6,11 @@ from mechrecall.stage2 import choose
 def test_choose_picks_most_storage_at_first_target_crossing():
     curves = {
         "fast": [{"step": 10, "trained_qa": 0.5, "storage": 0.9}, {"step": 20, "trained_qa": 0.96, "storage": 0.4}],
-        "slow": [{"step": 10, "trained_qa": 0.3, "storage": 0.99}, {"step": 40, "trained_qa": 0.95, "storage": 0.8},
-                 {"step": 60, "trained_qa": 1.0, "storage": 0.1}],
+        "slow": [
+            {"step": 10, "trained_qa": 0.3, "storage": 0.99},
+            {"step": 40, "trained_qa": 0.95, "storage": 0.8},
+            {"step": 60, "trained_qa": 1.0, "storage": 0.1},
+        ],
         "never": [{"step": 10, "trained_qa": 0.2, "storage": 1.0}],
     }
     out = choose(curves, 0.95)

@@ -6,8 +6,12 @@ from mechrecall.config import get_preset
 from mechrecall.train import apply_lora, batch_rows, lr_at, merge_lora, train
 
 SHORT = [
-    "mixed.steps=24", "mixed.eval_every=8", "save_every=10",
-    "two_stage.stage1.steps=16", "two_stage.stage2.steps=16", "two_stage.stage2.eval_every=8",
+    "mixed.steps=24",
+    "mixed.eval_every=8",
+    "save_every=10",
+    "two_stage.stage1.steps=16",
+    "two_stage.stage2.steps=16",
+    "two_stage.stage2.eval_every=8",
 ]
 
 
@@ -15,7 +19,14 @@ def _weights(run, regime):
     return load_file(run / regime / "final" / "model.safetensors")
 
 
-@pytest.mark.parametrize("regime, extra", [("mixed", []), ("two_stage", []), ("two_stage", ["two_stage.stage2.trainable=lora", "two_stage.stage2.lora_embedding_rank=4"])])
+@pytest.mark.parametrize(
+    "regime, extra",
+    [
+        ("mixed", []),
+        ("two_stage", []),
+        ("two_stage", ["two_stage.stage2.trainable=lora", "two_stage.stage2.lora_embedding_rank=4"]),
+    ],
+)
 def test_resume_after_interruption_gives_identical_weights(tmp_path, regime, extra):
     preset = get_preset("micro", SHORT + extra)
     full = train(preset, regime, tmp_path / "full", progress=False)
