@@ -159,16 +159,30 @@ def cache_residuals(
     backend: str = "hf",
     batch_size: int = 64,
     shard_size: int = 1024,
+    all_positions: bool = False,
     meta: dict | None = None,
 ) -> ResidualCache | Path:
     """Residual states at ``roles`` for every example; streamed to ``out_dir`` shards when given (returns the
-    folder), else kept in memory (returns the :class:`ResidualCache`). ``model`` is the backend's model object."""
+    folder), else kept in memory (returns the :class:`ResidualCache`). ``model`` is the backend's model object.
+
+    ``all_positions=True`` keeps every prompt position instead (the role axis becomes positions ``"0"``, ``"1"``,
+    ... up to the longest prompt, zero-padded; ``meta["prompt_lengths"]`` says how many are real). Either way
+    ``meta["role_positions"]`` records each example's role positions."""
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(_BACKENDS)}")
     fn = _BACKENDS[backend]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded_all = [encode_example(tokenizer, ex, add_eos=False) for ex in examples]
+    width = max(e.prompt_len for e in encoded_all)
+    axis = tuple(str(i) for i in range(width)) if all_positions else tuple(roles)
     info = {
-        "roles": list(roles),
+        "roles": list(axis),
+        "all_positions": all_positions,
+        "prompt_lengths": [e.prompt_len for e in encoded_all],
+        "role_positions": [
+            {r: e.last(r) for r in ("subject", "relation", "final") if r == "final" or e.roles.get(r)}
+            for e in encoded_all
+        ],
         "sites": list(sites),
         "backend": backend,
         "format": sorted({e.format for e in examples}),
@@ -196,21 +210,24 @@ def cache_residuals(
         n_pending = 0
 
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        encoded = [encode_example(tokenizer, ex, add_eos=False) for ex in chunk]
+        encoded = encoded_all[start : start + batch_size]
         batch = collate_examples(encoded, pad)
-        pos = role_positions(encoded, roles)  # [b, r]
         states = fn(model, batch.input_ids, batch.attention_mask, sites)
-        rows = torch.arange(len(chunk))[:, None]
+        rows = torch.arange(len(encoded))[:, None]
         for s, st in states.items():
-            picked = st[:, rows, pos]  # [layer, b, r, d]
+            if all_positions:  # [layer, b, width, d], zero past each prompt
+                picked = torch.zeros(st.shape[0], len(encoded), width, st.shape[-1], dtype=st.dtype)
+                for i, e in enumerate(encoded):
+                    picked[:, i, : e.prompt_len] = st[:, i, : e.prompt_len]
+            else:
+                picked = st[:, rows, role_positions(encoded, roles)]  # [layer, b, r, d]
             (pending if folder is not None else kept)[s].append(picked.float().cpu())
         if folder is not None:
-            n_pending += len(chunk)
+            n_pending += len(encoded)
             if n_pending >= shard_size:
                 flush()
     if folder is None:
-        return ResidualCache({s: torch.cat(v, dim=1) for s, v in kept.items()}, tuple(roles), info)
+        return ResidualCache({s: torch.cat(v, dim=1) for s, v in kept.items()}, axis, info)
     flush()
     atomic_write_json(folder / "meta.json", {**info, "shards": shards})
     return folder

@@ -92,3 +92,60 @@ def figures_html(result: dict) -> str:
     figs = figures(result)
     body = "".join(f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs))
     return f"<!doctype html><html><head><meta charset='utf-8'><title>mechrecall consistency</title></head><body>{body}</body></html>"
+
+
+def trajectory(run_dir: str | Path, out: str | Path, *, n_people: int = 50, grad_facts: int = 60) -> dict:
+    """Consistency measured on every checkpoint saved during training (both regimes of one run folder).
+
+    Points: ``<regime>/checkpoints/step-*`` and ``final`` (ordered by global step). Held-out people only; fewer
+    facts than the end-point analysis, since it runs once per checkpoint.
+    """
+    import json
+
+    import plotly.graph_objects as go
+
+    from mechrecall.models import read_meta
+
+    run_dir, out = Path(run_dir), Path(out)
+    curves: dict[str, list[dict]] = {}
+    for regime in ("two_stage", "mixed"):
+        points = sorted(
+            [*run_dir.glob(f"{regime}/checkpoints/step-*"), run_dir / regime / "final"],
+            key=lambda p: read_meta(p)["global_step"],
+        )
+        for folder in points:
+            loaded = load_model(str(folder))
+            dataset = lab_dataset(loaded)
+            m = measure(
+                loaded.model, loaded.tokenizer, dataset, dataset.pids("heldout")[:n_people], grad_facts=grad_facts
+            )
+            meta = read_meta(folder)
+            curves.setdefault(regime, []).append(
+                {
+                    "global_step": meta["global_step"],
+                    "stage": meta["stage"],
+                    "gradient_cos": m["gradient"]["heldout_mean_cos"],
+                    "gradient_ci": m["gradient"]["ci"],
+                    "final_margin": m["representation"]["final_last_layer_margin"],
+                    "subject_margin": m["representation"]["subject_last_layer_margin"],
+                }
+            )
+    result = {"run": str(run_dir), "n_people": n_people, "grad_facts": grad_facts, "curves": curves}
+    atomic_write_json(out / "consistency_trajectory.json", result)
+    fig = go.Figure()
+    for regime, pts in curves.items():
+        x = [p["global_step"] for p in pts]
+        fig.add_trace(
+            go.Scatter(x=x, y=[p["gradient_cos"] for p in pts], mode="lines+markers", name=f"{regime} · gradient cos")
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x, y=[p["final_margin"] for p in pts], mode="lines+markers", name=f"{regime} · final-token margin"
+            )
+        )
+    fig.update_layout(
+        title="Consistency over training (held-out facts)", xaxis_title="global step", yaxis_title="cosine"
+    )
+    atomic_write_text(out / "consistency_trajectory.html", fig.to_html(include_plotlyjs=True))
+    json.dumps(result)  # fail early on non-JSON values
+    return result

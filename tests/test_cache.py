@@ -81,3 +81,16 @@ def test_unknown_backend(model_and_examples, micro_tokenizer):
     model, storage, _ = model_and_examples
     with pytest.raises(ValueError, match="unknown backend 'jax'"):
         cache_residuals(model, micro_tokenizer, storage, backend="jax")
+
+
+def test_all_positions_option(model_and_examples, micro_tokenizer):
+    model, storage, _ = model_and_examples
+    roles = cache_residuals(model, micro_tokenizer, storage[:9], batch_size=4)
+    full = cache_residuals(model, micro_tokenizer, storage[:9], batch_size=4, all_positions=True)
+    lengths = full.meta["prompt_lengths"]
+    assert len(full.roles) == max(lengths)
+    for i in range(9):
+        for j, role in enumerate(roles.roles):
+            p = full.meta["role_positions"][i][role]
+            torch.testing.assert_close(full["resid_mid", 1][i, p], roles["resid_mid", 1][i, j])
+        assert not full["resid_mid", 1][i, lengths[i] :].any()  # zero padding past the prompt
