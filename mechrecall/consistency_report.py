@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mechrecall.consistency import measure
 from mechrecall.io import atomic_write_json, atomic_write_text
-from mechrecall.loading import lab_dataset, load_model
+from mechrecall.loading import lab_dataset, load_model, to_nnsight, to_transformer_lens
 
 
 def run(
@@ -26,13 +26,19 @@ def run(
         dataset = lab_dataset(loaded)
         pids = dataset.pids("heldout")[:n_people]
         label = labels[i] if labels else loaded.meta.get("regime", source)
+        parity = {
+            "transformer_lens": to_transformer_lens(loaded).cfg.parity_max_abs_diff,
+            "nnsight": to_nnsight(loaded).parity_max_abs_diff,
+        }
         models[label] = {
             "source": source,
+            "backend_parity_max_abs_logit_diff": parity,
             **measure(loaded.model, loaded.tokenizer, dataset, pids, grad_facts=grad_facts),
         }
     result = {
         "people": "heldout",
         "n_people": n_people,
+        "backend_parity": {k: v["backend_parity_max_abs_logit_diff"] for k, v in models.items()},
         "gradient": {k: {"source": v["source"], **v["gradient"]} for k, v in models.items()},
         "representation": {k: {"source": v["source"], **v["representation"]} for k, v in models.items()},
     }

@@ -112,7 +112,8 @@ def markdown_table(results: dict) -> str:
         if k not in r:
             return "–"
         if k in sp and multi:
-            return f"{sp[k]['mean']:.3f} ± {sp[k]['std']:.3f}"
+            digits = 0 if k == "train_seconds" else 3
+            return f"{sp[k]['mean']:.{digits}f} ± {sp[k]['std']:.{digits}f}"
         return f"{r[k]:.3f}" if k != "train_seconds" else f"{r[k]:.0f}"
 
     for regime in ("two_stage", "mixed"):

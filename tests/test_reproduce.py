@@ -42,6 +42,8 @@ def test_consistency_json_schema(micro_run):
         assert set(r["per_layer"]) == {"subject", "relation", "final"} and len(r["per_layer"]["final"]) == 2
         assert len(r["baseline_per_layer"]["subject"]) == 2 and isinstance(r["subject_last_layer_margin"], float)
     assert "plotly" in (out / "consistency.html").read_text()
+    for regime in ("two_stage", "mixed"):  # load-time check of both hooked backends, recorded
+        assert max(c["backend_parity"][regime].values()) <= 1e-4
 
 
 def test_mixed_aligns_query_and_storage_more_than_two_stage(micro_run):
