@@ -112,3 +112,14 @@ def test_malformed_registry_is_reported_by_the_cli(tmp_path, capsys):
 def test_missing_checkpoint_folder(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2  # exists, but is no checkpoint
     assert "incomplete" in capsys.readouterr().err
+
+
+def test_consistency_trajectory_over_saved_checkpoints(micro_run):
+    from mechrecall.consistency_report import trajectory
+
+    out, _ = micro_run
+    result = trajectory(out / "seed0", out / "traj", n_people=6, grad_facts=8)
+    steps = {r: [p["global_step"] for p in pts] for r, pts in result["curves"].items()}
+    assert steps["mixed"] == sorted(steps["mixed"]) and steps["mixed"][-1] == 500
+    assert "stage1" in {p["stage"] for p in result["curves"]["two_stage"]}
+    assert (out / "traj" / "consistency_trajectory.html").exists()
