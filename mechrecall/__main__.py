@@ -39,22 +39,12 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mechrecall.config import Preset
     from mechrecall.evaluate import evaluate
-    from mechrecall.facts import generate
-    from mechrecall.models import CheckpointError, load_checkpoint
-    from mechrecall.registry import resolve
+    from mechrecall.loading import lab_dataset, load_model
 
-    location, _ = resolve(args.checkpoint, args.registry)
-    model, tokenizer, meta = load_checkpoint(location)
-    if "config" not in meta:
-        raise CheckpointError(f"{location} has no mechrecall.json: cannot tell which dataset it was trained on")
-    preset = Preset.model_validate(meta["config"])
-    dataset = generate(preset.data.spec(), preset.seed)
-    if dataset.hash != meta.get("dataset_hash"):
-        raise CheckpointError(
-            f"{location}: dataset hash {meta.get('dataset_hash')} does not match regenerated {dataset.hash}"
-        )
+    loaded = load_model(args.checkpoint, registry=args.registry)
+    dataset = lab_dataset(loaded)
+    model, tokenizer = loaded.model, loaded.tokenizer
     metrics = evaluate(model, tokenizer, dataset)
     print(
         json.dumps(

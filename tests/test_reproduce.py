@@ -111,7 +111,7 @@ def test_malformed_registry_is_reported_by_the_cli(tmp_path, capsys):
 
 def test_missing_checkpoint_folder(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2  # exists, but is no checkpoint
-    assert "incomplete" in capsys.readouterr().err
+    assert "config.json is missing" in capsys.readouterr().err
 
 
 def test_consistency_trajectory_over_saved_checkpoints(micro_run):
