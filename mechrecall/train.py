@@ -276,7 +276,10 @@ def train(
         if start > 0 and state["optimizer"] is not None:
             opt.load_state_dict(state["optimizer"])
         model.train()
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"{regime}/{stage}", disable=not progress, leave=False)
+        # disable=None: bars only on a terminal (logs and CI get none)
+        bar = tqdm(
+            total=cfg.steps, initial=start, desc=f"{regime}/{stage}", disable=None if progress else True, leave=False
+        )
         step, stopped = start, False
         while step < cfg.steps and not stopped:
             for group in opt.param_groups:
