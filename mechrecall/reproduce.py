@@ -20,6 +20,7 @@ import torch
 from mechrecall.config import Preset, get_preset
 from mechrecall.facts import ATTRIBUTES
 from mechrecall.io import atomic_write_json, atomic_write_text
+from mechrecall.models import read_meta
 from mechrecall.registry import Entry, register, relative_path
 from mechrecall.train import train
 
@@ -68,8 +69,6 @@ def _register_seed(preset: Preset, run_dir: Path, registry: Path | None) -> list
         (f"{prefix}-two-stage", run_dir / "two_stage" / "final", "two_stage", "final"),
         (f"{prefix}-mixed", run_dir / "mixed" / "final", "mixed", "final"),
     ):
-        from mechrecall.models import read_meta
-
         meta = read_meta(folder)
         metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if isinstance(v, (int, float))}
         entry = Entry(
@@ -166,8 +165,6 @@ def reproduce(
         for regime in ("two_stage", "mixed"):
             meta = train(preset, regime, run_dir, progress=progress)
             if "stages" not in meta:  # finished earlier: stage metrics live in the stage checkpoints
-                from mechrecall.models import read_meta
-
                 stage1 = read_meta(run_dir / "two_stage" / "stage1") if regime == "two_stage" else None
                 meta["stages"] = {"stage1": stage1["metrics"]} if stage1 else {}
             regimes[regime] = _regime_summary(regime, meta)
