@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,19 +200,18 @@ def to_transformer_lens(loaded: LoadedModel, *, check: bool = True):
 
     hf = copy.deepcopy(loaded.model)
     tokenizer = loaded.tokenizer
-    if "name_or_path" not in tokenizer.init_kwargs:
-        # TransformerLens re-loads the tokenizer from its name_or_path; give an in-memory one a folder to load from
-        import tempfile
-
-        folder = tempfile.mkdtemp(prefix="mechrecall-tok-")
-        tokenizer.save_pretrained(folder)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folder)
     name = loaded.location if Path(loaded.location).exists() else loaded.source
-    bridge = TransformerBridge.boot_transformers(
-        name, hf_model=hf, tokenizer=tokenizer, device="cpu", dtype=next(hf.parameters()).dtype
-    )
+    with tempfile.TemporaryDirectory(prefix="mechrecall-tok-") as folder:
+        if "name_or_path" not in tokenizer.init_kwargs:
+            # TransformerLens re-loads the tokenizer from its name_or_path while booting; give an in-memory one a
+            # folder to load from (needed only until the bridge is built)
+            from transformers import AutoTokenizer
+
+            tokenizer.save_pretrained(folder)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        bridge = TransformerBridge.boot_transformers(
+            name, hf_model=hf, tokenizer=tokenizer, device="cpu", dtype=next(hf.parameters()).dtype
+        )
     bridge.eval()
     if check:
         diff = logit_parity(loaded.model, lambda ids: bridge(ids, return_type="logits"), _parity_ids(loaded))
