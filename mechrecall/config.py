@@ -87,6 +87,7 @@ class Preset(_Strict):
     mixed: StageConfig
     save_every: int = Field(500, ge=1)
     threads: int | None = Field(None, ge=1)
+    trace: bool = True  # per-format gradient trace during training (mechrecall.trace), saved with checkpoints
 
 
 def _stage(**kw: Any) -> StageConfig:

@@ -44,8 +44,18 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def save_checkpoint(path: str | Path, model: PreTrainedModel, tokenizer, meta: dict, extra: dict | None = None) -> Path:
-    """Write ``model`` + ``tokenizer`` + ``meta`` (and optional ``extra`` torch objects) to ``path`` atomically."""
+def save_checkpoint(
+    path: str | Path,
+    model: PreTrainedModel,
+    tokenizer,
+    meta: dict,
+    extra: dict | None = None,
+    writers: tuple = (),
+) -> Path:
+    """Write ``model`` + ``tokenizer`` + ``meta`` (and optional ``extra`` torch objects) to ``path`` atomically.
+
+    ``writers`` are callables ``f(folder)`` that add files (e.g. the gradient trace) inside the same atomic write.
+    """
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -53,6 +63,8 @@ def save_checkpoint(path: str | Path, model: PreTrainedModel, tokenizer, meta: d
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if extra is not None:
             torch.save(extra, tmp / "trainer_state.pt")
+        for write in writers:
+            write(tmp)
 
     return atomic_write_dir(path, fill)
 

@@ -8,6 +8,7 @@ refused unless ``force`` (which deletes it first).
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import shutil
 import statistics
@@ -137,6 +138,41 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def analyses_markdown(out: Path) -> str:
+    """The analyses' summary tables for results.md (those whose JSON exists in ``out``)."""
+    lines: list[str] = []
+    if (out / "masks.json").exists():
+        from mechrecall.masks_report import summary_rows
+
+        masks = json.loads((out / "masks.json").read_text())
+        lines += [
+            "",
+            f"## Shared-update masks (k = {masks['k']}, held-out QA drops in points)",
+            "",
+            *summary_rows(masks),
+        ]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def run_analyses(two_stage: str, mixed: str, out: Path, *, registry: str | Path | None = None) -> dict[str, float]:
+    """Every analysis on one checkpoint pair (seed 0), each writing its JSON and figures into ``out``; seconds each."""
+    from mechrecall.consistency_report import run as consistency_run
+    from mechrecall.masks_report import run as masks_run
+
+    steps = {
+        "consistency": lambda: consistency_run(
+            [two_stage, mixed], out, registry=registry, labels=["two_stage", "mixed"]
+        ),
+        "masks": lambda: masks_run(two_stage, mixed, out, registry=registry),
+    }
+    seconds = {}
+    for name, step in steps.items():
+        t = time.perf_counter()
+        step()
+        seconds[name] = time.perf_counter() - t
+    return seconds
+
+
 def reproduce(
     preset_name: str = "default",
     out: str | Path = "runs/default",
@@ -198,14 +234,11 @@ def reproduce(
         },
     }
     if analyses:
-        from mechrecall.consistency_report import run as consistency_run
-
         first = per_seed[0]
-        names = [n for n in first["registered"] if n.endswith(("-two-stage", "-mixed"))]
-        t1 = time.perf_counter()
-        consistency_run(names, out, registry=registry, labels=["two_stage", "mixed"])
-        results["analysis_seconds"] = {"consistency": time.perf_counter() - t1}
+        two_stage = next(n for n in first["registered"] if n.endswith("-two-stage"))
+        mixed = next(n for n in first["registered"] if n.endswith("-mixed"))
+        results["analysis_seconds"] = run_analyses(two_stage, mixed, out, registry=registry)
         results["wall_seconds"] = time.perf_counter() - t0
     atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "results.md", markdown_table(results))
+    atomic_write_text(out / "results.md", markdown_table(results) + analyses_markdown(out))
     return results

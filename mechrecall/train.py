@@ -36,6 +36,7 @@ from mechrecall.facts import SPLITS, FactDataset, generate
 from mechrecall.io import atomic_write_json
 from mechrecall.models import build_model, load_checkpoint, read_meta, save_checkpoint
 from mechrecall.tokenization import Batch, collate_documents, collate_examples, encode_example, train_tokenizer
+from mechrecall.trace import GradientTrace
 
 REGIMES = ("two_stage", "mixed")
 
@@ -261,6 +262,8 @@ def train(
         model, _, _ = load_checkpoint(latest)
         state = torch.load(latest / "trainer_state.pt", weights_only=False)
     t0 = time.perf_counter() - state.get("seconds", 0.0)
+    tracer = GradientTrace.from_state(state.get("trace")) if preset.trace else None
+    writers = (tracer.save,) if tracer is not None else ()
 
     for stage_index in range(state["stage_index"], len(plan)):
         stage, cfg = plan[stage_index]
@@ -294,8 +297,13 @@ def train(
                     batch_rows(len(data.query), cfg.batch_query, step, preset.seed, 2 * stage_index + 1)
                 )
             losses = {fmt: lm_loss(model, b) for fmt, b in batches.items()}
-            total = sum(losses[f] * (cfg.query_weight if f == "query" else 1.0) for f in losses)
-            total.backward()
+            weights = {f: cfg.query_weight if f == "query" else 1.0 for f in losses}
+            if tracer is None:
+                sum(losses[f] * weights[f] for f in losses).backward()
+            else:  # one backward per format so that each format's own gradient can be traced
+                for f in losses:
+                    (losses[f] * weights[f]).backward()
+                    tracer.capture(f, model)
             event = StepEvent(
                 regime,
                 stage,
@@ -307,7 +315,11 @@ def train(
             )
             for cb in callbacks:
                 cb(event)
+            if tracer is not None:
+                tracer.before_update(model)
             opt.step()
+            if tracer is not None:
+                tracer.record_update(model)
             opt.zero_grad(set_to_none=True)
             step += 1
             state["global_step"] += 1
@@ -326,12 +338,12 @@ def train(
             if stop_after is not None and state["global_step"] >= stop_after and not stage_done:
                 bar.close()
                 _save_resumable(
-                    regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0
+                    regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0, tracer
                 )
                 return {"interrupted_at": state["global_step"]}
             if state["global_step"] % preset.save_every == 0 and not stage_done:
                 _save_resumable(
-                    regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0
+                    regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0, tracer
                 )
         bar.close()
         if cfg.trainable == "lora":
@@ -343,13 +355,19 @@ def train(
         state["metrics"][stage] = metrics
         # the stage boundary is a resumable checkpoint too (next stage, step 0, fresh optimizer)
         state.update(stage_index=stage_index + 1, step=0, optimizer=None, lora=None, seconds=time.perf_counter() - t0)
+        state["trace"] = tracer.state() if tracer is not None else None
         meta = _meta(preset, dataset, regime, stage, state["global_step"], metrics)
         meta["train_seconds"] = state["seconds"]
         name = "final" if stage_index == len(plan) - 1 else stage
-        save_checkpoint(regime_dir / name, model, tokenizer, meta)
+        save_checkpoint(regime_dir / name, model, tokenizer, meta, writers=writers)
         if stage_index < len(plan) - 1:
             save_checkpoint(
-                regime_dir / "checkpoints" / f"step-{state['global_step']:06d}", model, tokenizer, meta, state
+                regime_dir / "checkpoints" / f"step-{state['global_step']:06d}",
+                model,
+                tokenizer,
+                meta,
+                state,
+                writers=writers,
             )
     atomic_write_json(regime_dir / "history.json", state["history"])
     meta = read_meta(regime_dir / "final")
@@ -358,16 +376,17 @@ def train(
 
 
 def _save_resumable(
-    regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0
+    regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0, tracer=None
 ) -> None:
     state.update(stage_index=stage_index, step=step, optimizer=opt.state_dict(), seconds=time.perf_counter() - t0)
     state["lora"] = model.state_dict() if cfg.trainable == "lora" else None
+    state["trace"] = tracer.state() if tracer is not None else None
     meta = _meta(preset, dataset, regime_dir.name, stage, state["global_step"], {})
-    if cfg.trainable == "lora":  # the HF folder gets merged weights; the raw factors travel in trainer_state.pt
-        merged = merged_copy(model)
-        save_checkpoint(regime_dir / "checkpoints" / f"step-{state['global_step']:06d}", merged, tokenizer, meta, state)
-    else:
-        save_checkpoint(regime_dir / "checkpoints" / f"step-{state['global_step']:06d}", model, tokenizer, meta, state)
+    # with LoRA the HF folder gets merged weights; the raw factors travel in trainer_state.pt
+    saved = merged_copy(model) if cfg.trainable == "lora" else model
+    writers = (tracer.save,) if tracer is not None else ()
+    path = regime_dir / "checkpoints" / f"step-{state['global_step']:06d}"
+    save_checkpoint(path, saved, tokenizer, meta, state, writers=writers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

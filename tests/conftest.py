@@ -22,3 +22,15 @@ def micro_tokenizer(micro_dataset):
     from mechrecall.tokenization import train_tokenizer
 
     return train_tokenizer(micro_dataset, "single_token")
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory):
+    """One full ``reproduce`` of the micro preset (both regimes, every analysis), shared by the end-to-end tests."""
+    from mechrecall.__main__ import main
+
+    out = tmp_path_factory.mktemp("repro") / "micro"
+    reg = out.parent / "checkpoints.yaml"
+    rc = main(["reproduce", "--preset", "micro", "--out", str(out), "--registry", str(reg), "--quiet"])
+    assert rc == 0
+    return out, reg

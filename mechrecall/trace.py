@@ -1,0 +1,123 @@
+"""Cross-format gradient trace: per-parameter importance of each training format, accumulated during training.
+
+The trainer back-propagates the storage-format and the query-format losses of a step one after the other and hands
+each format's own gradient to :meth:`GradientTrace.capture` (the gradient of format ``f`` is what ``p.grad`` gained
+in its backward pass, so the optimizer still sees their sum). After the optimizer step,
+:meth:`GradientTrace.record_update` credits each format with ``|g_f * delta|``, where ``delta`` is the parameter
+change of that step: an update-weighted importance that ignores gradients the optimizer did not act on.
+
+Per format and HF parameter name the trace keeps ``sum |g|`` and ``sum |g * delta|`` and the number of steps in which
+the format took part; :meth:`mean_abs_grad` divides. In two-stage training the storage format is traced in stage 1
+and the query format in stage 2; in mixed training both are traced at every step. The trace is written as
+``trace.safetensors`` into every checkpoint and restored on resume, so a resumed run has the same trace.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+TRACE_FILE = "trace.safetensors"
+KINDS = ("abs_grad", "grad_x_update")
+
+
+@dataclass
+class GradientTrace:
+    """Accumulated per-format importances, keyed ``[kind][format][hf_name]``; ``steps[format]`` counts steps."""
+
+    sums: dict[str, dict[str, dict[str, Tensor]]] = field(default_factory=lambda: {k: {} for k in KINDS})
+    steps: dict[str, int] = field(default_factory=dict)
+    _seen: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _step_grads: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+    _before: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ during training
+    def capture(self, fmt: str, model) -> None:
+        """Call right after ``loss_fmt.backward()``: record what this backward added to every ``.grad``."""
+        grads = {}
+        for name, p in model.named_parameters():
+            if p.grad is None:
+                continue
+            g = p.grad.detach()
+            own = g - self._seen[name] if name in self._seen else g.clone()
+            self._seen[name] = g.clone()
+            grads[name] = own
+            acc = self.sums["abs_grad"].setdefault(fmt, {})
+            acc[name] = acc[name] + own.abs() if name in acc else own.abs()
+        self._step_grads[fmt] = grads
+        self.steps[fmt] = self.steps.get(fmt, 0) + 1
+
+    def before_update(self, model) -> None:
+        """Call before ``optimizer.step()``: remember the parameters to measure this step's update."""
+        self._before = {n: p.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def record_update(self, model) -> None:
+        """Call after ``optimizer.step()``: credit ``|g_f * delta|`` to every format of the step, then reset."""
+        params = dict(model.named_parameters())
+        for fmt, grads in self._step_grads.items():
+            acc = self.sums["grad_x_update"].setdefault(fmt, {})
+            for name, g in grads.items():
+                contrib = (g * (params[name].detach() - self._before[name])).abs()
+                acc[name] = acc[name] + contrib if name in acc else contrib
+        self._seen, self._step_grads, self._before = {}, {}, {}
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def formats(self) -> list[str]:
+        return sorted(self.steps)
+
+    def mean_abs_grad(self, fmt: str) -> dict[str, Tensor]:
+        """Mean |gradient| per parameter over the steps in which ``fmt`` was trained."""
+        return {n: v / self.steps[fmt] for n, v in self.sums["abs_grad"][fmt].items()}
+
+    def grad_x_update(self, fmt: str) -> dict[str, Tensor]:
+        """Total ``|g_fmt * delta|`` per parameter (how much of the actual update this format's gradient drove)."""
+        return dict(self.sums["grad_x_update"][fmt])
+
+    def importance(self, fmt: str, kind: str = "abs_grad") -> dict[str, Tensor]:
+        if fmt not in self.steps:
+            raise KeyError(f"the trace has no {fmt!r} steps (it has {self.formats})")
+        if kind not in KINDS:
+            raise ValueError(f"unknown importance kind {kind!r}; expected one of {KINDS}")
+        return self.mean_abs_grad(fmt) if kind == "abs_grad" else self.grad_x_update(fmt)
+
+    # ------------------------------------------------------------------ persistence
+    def state(self) -> dict:
+        return {"sums": self.sums, "steps": dict(self.steps)}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> GradientTrace:
+        if not state:
+            return cls()
+        return cls(sums={k: {f: dict(v) for f, v in state["sums"][k].items()} for k in KINDS}, steps=state["steps"])
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``folder/trace.safetensors`` (the caller makes the folder write atomic)."""
+        path = Path(folder) / TRACE_FILE
+        tensors = {
+            f"{kind}/{fmt}/{name}": t.contiguous()
+            for kind in KINDS
+            for fmt, d in self.sums[kind].items()
+            for name, t in d.items()
+        }
+        save_file(tensors, str(path), metadata={"steps": json.dumps(self.steps)})
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> GradientTrace:
+        path = Path(folder)
+        path = path / TRACE_FILE if path.is_dir() else path
+        if not path.exists():
+            raise FileNotFoundError(f"{str(path)!r} does not exist: train with trace=true (the default) to record it")
+        sums: dict[str, dict[str, dict[str, Tensor]]] = {k: {} for k in KINDS}
+        with safe_open(str(path), "pt") as f:
+            steps = json.loads(f.metadata()["steps"])
+            for key in f.keys():
+                kind, fmt, name = key.split("/", 2)
+                sums[kind].setdefault(fmt, {})[name] = f.get_tensor(key)
+        return cls(sums=sums, steps=steps)

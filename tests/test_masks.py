@@ -1,0 +1,137 @@
+"""Masks from hand-built importances, their statistics, and localization against slicing by hand (Llama + GQA)."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from mechrecall.masks import (
+    block_matrices,
+    gini,
+    jaccard,
+    localize,
+    mask_and,
+    mask_count,
+    mask_fraction,
+    mask_minus,
+    masked_cosines,
+    random_mask_like,
+    random_overlap,
+    top_share,
+    topk_mask,
+)
+
+A = "model.layers.0.self_attn.q_proj.weight"
+B = "model.layers.1.mlp.down_proj.weight"
+
+
+def _imp():
+    return {
+        A: torch.tensor([[9.0, 1.0], [3.0, 7.0]]),
+        B: torch.tensor([[0.5, 8.0, 2.0, 6.0]]),
+        "model.embed_tokens.weight": torch.full((3, 2), 100.0),  # not a block matrix: never ranked
+    }
+
+
+def test_topk_per_matrix_and_global_by_hand():
+    per = topk_mask(_imp(), 0.5)
+    assert set(per) == {A, B}
+    assert per[A].tolist() == [[True, False], [False, True]]
+    assert per[B].tolist() == [[False, True, False, True]]
+    glob = topk_mask(_imp(), 0.5, scope="global")  # 8 values, top 4 = 9, 8, 7, 6
+    assert glob[A].tolist() == [[True, False], [False, True]]
+    assert glob[B].tolist() == [[False, True, False, True]]
+    glob = topk_mask(_imp(), 0.25, scope="global")  # top 2 = 9, 8
+    assert glob[A].tolist() == [[True, False], [False, False]] and glob[B].tolist() == [[False, True, False, False]]
+
+
+def test_shared_mask_and_statistics_by_hand():
+    s = {A: torch.tensor([[True, True], [False, False]])}
+    q = {A: torch.tensor([[True, False], [True, False]])}
+    shared = mask_and(s, q)
+    assert shared[A].tolist() == [[True, False], [False, False]]
+    assert mask_count(shared) == 1 and mask_fraction(shared) == 0.25
+    assert jaccard(s, q) == pytest.approx(1 / 3)
+    assert mask_minus(s, q)[A].tolist() == [[False, True], [False, False]]
+    exp = random_overlap(0.5, 0.5)
+    assert exp["shared_fraction"] == 0.25 and exp["jaccard"] == pytest.approx(1 / 3)
+
+
+def test_ties_are_broken_deterministically():
+    flat = {A: torch.ones(2, 2)}
+    assert topk_mask(flat, 0.5)[A].tolist() == [[True, True], [False, False]]
+
+
+def test_random_mask_keeps_per_matrix_counts():
+    m = topk_mask(_imp(), 0.5)
+    r = random_mask_like(m, seed=3)
+    assert {n: int(v.sum()) for n, v in r.items()} == {n: int(v.sum()) for n, v in m.items()}
+    assert all(torch.equal(a, b) for a, b in zip(r.values(), random_mask_like(m, seed=3).values()))
+
+
+def test_bad_k_and_scope():
+    with pytest.raises(ValueError, match="fraction"):
+        topk_mask(_imp(), 5.0)
+    with pytest.raises(ValueError, match="scope"):
+        topk_mask(_imp(), 0.1, scope="per_layer")
+
+
+def test_block_matrix_filter():
+    assert block_matrices("model.layers.3.mlp.gate_proj.weight")
+    assert not block_matrices("model.layers.3.input_layernorm.weight")
+    assert not block_matrices("model.embed_tokens.weight")
+
+
+def test_localization_matches_hand_slicing_with_grouped_query_attention():
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=10)  # fmt: skip
+    hd, H, KV = 4, 4, 2
+    g = torch.Generator().manual_seed(0)
+    shapes = {
+        "q_proj": (H * hd, 16), "k_proj": (KV * hd, 16), "v_proj": (KV * hd, 16), "o_proj": (16, H * hd),
+        "gate_proj": (24, 16), "up_proj": (24, 16), "down_proj": (16, 24),
+    }  # fmt: skip
+    mask = {}
+    for L in range(2):
+        for m, shp in shapes.items():
+            part = "self_attn" if m.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            mask[f"model.layers.{L}.{part}.{m}.weight"] = torch.rand(shp, generator=g) < 0.3
+    loc = localize(mask, cfg)
+    for L in range(2):
+        w = {
+            m: mask[f"model.layers.{L}.{'self_attn' if 'proj' in m and m[0] in 'qkvo' else 'mlp'}.{m}.weight"]
+            for m in shapes
+        }
+        for h in range(H):
+            by_hand = int(w["q_proj"][h * hd : (h + 1) * hd].sum() + w["o_proj"][:, h * hd : (h + 1) * hd].sum())
+            assert loc["q_heads"][L, h] == by_hand
+            j = h // (H // KV)
+            kv = int(w["k_proj"][j * hd : (j + 1) * hd].sum() + w["v_proj"][j * hd : (j + 1) * hd].sum())
+            assert loc["heads"][L, h] == pytest.approx(by_hand + kv / (H // KV))
+        for j in range(KV):
+            assert loc["kv_heads"][L, j] == int(
+                w["k_proj"][j * hd : (j + 1) * hd].sum() + w["v_proj"][j * hd : (j + 1) * hd].sum()
+            )
+        for i in range(24):
+            assert loc["neurons"][L, i] == int(
+                w["gate_proj"][i].sum() + w["up_proj"][i].sum() + w["down_proj"][:, i].sum()
+            )
+        assert loc["per_layer"][L] == sum(int(v.sum()) for v in w.values())
+        # the units partition the layer: heads + neurons account for every selected entry
+        assert loc["heads"][L].sum() + loc["neurons"][L].sum() == pytest.approx(loc["per_layer"][L])
+        assert loc["heads_total"][L, 0] == 2 * hd * 16 + 2 * hd * 16 / 2
+
+
+def test_concentration_measures():
+    assert gini(np.ones(10)) == pytest.approx(0.0)
+    assert gini(np.array([0, 0, 0, 10.0])) == pytest.approx(0.75)
+    assert top_share(np.array([5.0, 1, 1, 1, 1, 1, 0, 0, 0, 0]), 0.1) == pytest.approx(0.5)
+
+
+def test_masked_cosines_inside_and_outside():
+    ga = {A: torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])}
+    gb = {A: torch.tensor([[[1.0, 0.0], [0.0, -1.0]]])}
+    m = {A: torch.tensor([[True, False], [False, False]])}
+    cos = masked_cosines(ga, gb, m)
+    assert cos["inside"].tolist() == [1.0]
+    assert cos["outside"].item() == pytest.approx(-1.0)
