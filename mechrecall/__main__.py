@@ -5,6 +5,8 @@
     python -m mechrecall eval CHECKPOINT                             (registry name or folder)
     python -m mechrecall registry                                    (list checkpoints.yaml)
     python -m mechrecall presets                                     (list presets and their settings)
+    python -m mechrecall report runs/default                         (rebuild runs/default/report.html)
+    python -m mechrecall.patching --help                             (activation patching CLI)
 
 Errors (unknown preset, malformed registry, missing checkpoint, finished output folder) print one line and exit 2.
 """
@@ -64,6 +66,13 @@ def _cmd_registry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mechrecall.report import build
+
+    print(f"wrote {build(args.run)}")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from mechrecall.config import PRESETS
 
@@ -87,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--registry", default=None, help="registry file (default $MECHRECALL_REGISTRY or ./checkpoints.yaml)"
     )
     rp.add_argument("--quiet", action="store_true")
-    rp.add_argument("--no-analyses", action="store_true", help="train and evaluate only (no consistency analysis)")
+    rp.add_argument("--no-analyses", action="store_true", help="train and evaluate only (no analyses, no report)")
     rp.set_defaults(func=_cmd_reproduce)
     ev = sub.add_parser("eval", help="exact-match recall of one checkpoint")
     ev.add_argument("checkpoint")
@@ -97,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     rg = sub.add_parser("registry", help="list registered checkpoints")
     rg.add_argument("--registry", default=None)
     rg.set_defaults(func=_cmd_registry)
+    rpt = sub.add_parser("report", help="(re)build DIR/report.html from a reproduce folder")
+    rpt.add_argument("run", help="a reproduce output folder (holds results.json)")
+    rpt.set_defaults(func=_cmd_report)
     ps = sub.add_parser("presets", help="list presets")
     ps.set_defaults(func=_cmd_presets)
     tr = sub.add_parser("train", help="train one regime (see python -m mechrecall.train --help)", add_help=False)
@@ -118,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (RunExistsError, RegistryError, CheckpointError, KeyError, ValueError) as e:
+    except (RunExistsError, RegistryError, CheckpointError, KeyError, ValueError, FileNotFoundError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
 

@@ -241,4 +241,8 @@ def reproduce(
         results["wall_seconds"] = time.perf_counter() - t0
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", markdown_table(results) + analyses_markdown(out))
+    if analyses:
+        from mechrecall.report import build
+
+        build(out)
     return results

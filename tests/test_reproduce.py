@@ -132,3 +132,49 @@ def test_masks_json_schema_and_finding_3_on_micro(micro_run):
     assert m["mixed"]["ablation"]["shared_drop"] > m["mixed"]["ablation"]["random_drop_mean"]
     assert "plotly" in (out / "masks.html").read_text()
     assert "Shared-update masks" in (out / "results.md").read_text()
+
+
+def test_patching_and_attribution_json(micro_run):
+    """Findings 4 and 5 on the micro preset: schema, and mixed's storage-format states drive held-out query answers
+    more often than two-stage's when patched across formats."""
+    out, _ = micro_run
+    p = json.loads((out / "patching.json").read_text())
+    hit = {r: max(max(row) for row in p[r]["sites"]["resid_pre"]["hit_rate"]) for r in ("two_stage", "mixed")}
+    assert hit["mixed"] > hit["two_stage"]
+    a = json.loads((out / "attribution.json").read_text())
+    for r in ("two_stage", "mixed"):
+        assert 0 <= a[r]["subject_relation_share"] <= 1 and set(a[r]["per_role"]) >= {"subject", "relation"}
+        assert a[r]["ig_convergence"]["converged"]
+    assert "Cross-format patching" in (out / "results.md").read_text()
+
+
+def test_patching_cli_on_registered_checkpoints(micro_run, tmp_path, capsys):
+    import pandas as pd
+
+    from mechrecall.patching.__main__ import main as patching_main
+
+    _, reg = micro_run
+    rc = patching_main(["--checkpoint", "micro-s0-mixed", "micro-s0-two-stage", "--registry", str(reg), "--count", "12",
+                        "--sites", "resid_pre", "head", "--metric", "hit", "--out", str(tmp_path / "p")])  # fmt: skip
+    assert rc == 0
+    df = pd.read_parquet(tmp_path / "p" / "patching.parquet")
+    assert set(df["checkpoint"]) == {"micro-s0-mixed", "micro-s0-two-stage"}
+    assert len(df) == 2 * (2 * 3 * 12 + 2 * 4 * 3 * 12)  # resid_pre: layer x role x example; head: x 4 heads
+    assert "plotly" in (tmp_path / "p" / "patching.html").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--checkpoint", "no-such-model"], "no-such-model"),
+        (["--checkpoint", "micro-s0-mixed", "--granularity", "position"], "--corruption noise"),
+        (["--checkpoint", "micro-s0-mixed", "--corruption", "noise", "--backend", "nnsight"], "backend hf"),
+    ],
+)
+def test_patching_cli_errors(micro_run, tmp_path, capsys, argv, message):
+    from mechrecall.patching.__main__ import main as patching_main
+
+    _, reg = micro_run
+    assert patching_main([*argv, "--registry", str(reg), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err

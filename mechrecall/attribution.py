@@ -1,0 +1,204 @@
+"""Token-role attribution: which input tokens a model uses to produce a fact's value, grouped by role.
+
+For a storage-format prompt (the biography up to a fact's value, earlier sentences included) the target is the
+log-probability of the value's first token at the last prompt token. Three attributions per token:
+
+- :func:`integrated_gradients` on the input embeddings (Gauss-Legendre quadrature as Captum's default), with a
+  completeness check: the attributions of a prompt sum to f(input) - f(baseline) up to the returned ``delta``; steps
+  double until ``|delta|`` is small. Baseline: the mean token embedding at every attributed position (``<bos>``
+  stays as it is). Not zero: the first RMSNorm maps every non-zero multiple of a vector to the same point, so on a
+  path from zero the whole change happens near zero and quadrature does not converge;
+- :func:`gradient_x_input` (one backward; input minus the same baseline);
+- :func:`occlusion_by_role`: set a whole role's embeddings to the baseline and measure the drop of the target.
+
+Roles partition the prompt (``<bos>`` and padding excluded): ``subject`` (this sentence's subject mention),
+``relation`` (the relation words before the last prompt token), ``answer_preceding`` (the last prompt token, which
+predicts the value), ``subject_elsewhere`` (the subject's tokens in earlier sentences: with the full name in every
+sentence the name recurs), ``other_context`` (everything else: the rest of earlier sentences, punctuation).
+:func:`role_shares` turns token attributions into each role's share of the total absolute attribution per example;
+the paper's signature is ``subject_relation_share`` = subject + relation + answer_preceding (this sentence's subject
+and relation; higher when the model reads the fact from them rather than from the whole context).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from mechrecall.facts import Example
+from mechrecall.patching.prompts import fact_inputs
+
+ROLES = ("subject", "relation", "answer_preceding", "subject_elsewhere", "other_context")
+
+
+@dataclass
+class RoleInputs:
+    """Prompts (right-padded), readout, answer token and a boolean mask per role over positions."""
+
+    input_ids: Tensor
+    readout: Tensor
+    answer: Tensor
+    roles: dict[str, Bool[Tensor, "batch pos"]]
+    fixed: Bool[Tensor, "batch pos"]  # positions kept at their input value (bos, padding)
+
+
+def role_inputs(tokenizer, examples: Sequence[Example]) -> RoleInputs:
+    from mechrecall.tokenization import encode_example
+
+    base = fact_inputs(tokenizer, examples, roles=("final",))
+    B, T = base.input_ids.shape
+    masks = {r: torch.zeros(B, T, dtype=torch.bool) for r in ROLES}
+    fixed = torch.ones(B, T, dtype=torch.bool)
+    bos = tokenizer.bos_token_id
+    for i, ex in enumerate(examples):
+        enc = encode_example(tokenizer, ex)
+        n = enc.prompt_len
+        fixed[i, :n] = False
+        if bos is not None and enc.input_ids[0] == bos:
+            fixed[i, 0] = True
+        final = n - 1
+        masks["answer_preceding"][i, final] = True
+        masks["subject"][i, [p for p in enc.roles.get("subject", ()) if p != final]] = True
+        masks["relation"][i, [p for p in enc.roles.get("relation", ()) if p != final]] = True
+        subject_ids = {enc.input_ids[p] for p in enc.roles.get("subject", ())}
+        for p in range(n):
+            if enc.input_ids[p] in subject_ids:
+                masks["subject_elsewhere"][i, p] = True
+    taken = masks["subject"] | masks["relation"] | masks["answer_preceding"]
+    masks["subject_elsewhere"] &= ~taken & ~fixed
+    masks["other_context"] = ~taken & ~fixed & ~masks["subject_elsewhere"]
+    return RoleInputs(base.input_ids, base.readout, base.answer, masks, fixed)
+
+
+def _target(model, embeds: Tensor, readout: Tensor, answer: Tensor) -> Float[Tensor, " batch"]:
+    logits = model(inputs_embeds=embeds).logits
+    rows = torch.arange(embeds.shape[0])
+    return logits[rows, readout].log_softmax(-1).gather(1, answer[:, None])[:, 0]
+
+
+def _embeds(model, ids: Tensor) -> Tensor:
+    return model.get_input_embeddings()(ids).detach()
+
+
+def baseline_embeds(model, inputs: RoleInputs) -> Tensor:
+    """The mean token embedding at attributed positions, the input itself at fixed ones (bos, padding)."""
+    x = _embeds(model, inputs.input_ids)
+    mean = model.get_input_embeddings().weight.detach().mean(0)
+    return torch.where(inputs.fixed[..., None], x, mean.expand_as(x))
+
+
+@dataclass
+class IGResult:
+    attributions: Float[Tensor, "batch pos"]  # summed over the embedding dimension
+    delta: Float[Tensor, " batch"]  # sum(attributions) - (f(x) - f(baseline))
+    gap: Float[Tensor, " batch"]  # f(x) - f(baseline)
+    steps: int
+    converged: bool
+
+
+def _ig_once(model, x: Tensor, baseline: Tensor, readout, answer, steps: int, batch_size: int) -> Tensor:
+    nodes, weights = np.polynomial.legendre.leggauss(steps)
+    alphas, step_sizes = 0.5 * (nodes + 1), 0.5 * weights  # Captum's "gausslegendre" on [0, 1]
+    total = torch.zeros_like(x)
+    for a, w in zip(alphas.tolist(), step_sizes.tolist()):
+        for s in range(0, x.shape[0], batch_size):
+            sl = slice(s, s + batch_size)
+            point = (baseline[sl] + a * (x[sl] - baseline[sl])).requires_grad_(True)
+            out = _target(model, point, readout[sl], answer[sl]).sum()
+            (g,) = torch.autograd.grad(out, point)
+            total[sl] += w * g
+    return (x - baseline) * total
+
+
+def integrated_gradients(
+    model,
+    inputs: RoleInputs,
+    *,
+    steps: int = 32,
+    max_steps: int = 256,
+    rtol: float = 0.05,
+    batch_size: int = 64,
+) -> IGResult:
+    """Integrated gradients of the answer log-prob w.r.t. input embeddings; doubles ``steps`` (up to ``max_steps``)
+    until every example's completeness gap ``|delta| <= rtol * |f(x) - f(baseline)| + 1e-3``."""
+    x = _embeds(model, inputs.input_ids)
+    baseline = baseline_embeds(model, inputs)
+    with torch.no_grad():
+        gap = _target(model, x, inputs.readout, inputs.answer) - _target(model, baseline, inputs.readout, inputs.answer)
+    while True:
+        attr = _ig_once(model, x, baseline, inputs.readout, inputs.answer, steps, batch_size).sum(-1)
+        delta = attr.sum(-1) - gap
+        converged = bool((delta.abs() <= rtol * gap.abs() + 1e-3).all())
+        if converged or steps * 2 > max_steps:
+            return IGResult(attr.detach(), delta.detach(), gap, steps, converged)
+        steps *= 2
+
+
+def gradient_x_input(model, inputs: RoleInputs) -> Float[Tensor, "batch pos"]:
+    x = _embeds(model, inputs.input_ids).requires_grad_(True)
+    out = _target(model, x, inputs.readout, inputs.answer).sum()
+    (g,) = torch.autograd.grad(out, x)
+    return (g * (x - baseline_embeds(model, inputs))).sum(-1).detach().masked_fill(inputs.fixed, 0.0)
+
+
+@torch.no_grad()
+def occlusion_by_role(model, inputs: RoleInputs) -> dict[str, Float[Tensor, " batch"]]:
+    """Drop of the answer log-prob when a role's token embeddings are set to the baseline (one forward per role)."""
+    x = _embeds(model, inputs.input_ids)
+    base = baseline_embeds(model, inputs)
+    clean = _target(model, x, inputs.readout, inputs.answer)
+    out = {}
+    for role, m in inputs.roles.items():
+        out[role] = clean - _target(model, torch.where(m[..., None], base, x), inputs.readout, inputs.answer)
+    return out
+
+
+def role_shares(attr: Float[Tensor, "batch pos"], inputs: RoleInputs) -> dict[str, Float[Tensor, " batch"]]:
+    """Each role's share of the example's total absolute token attribution."""
+    a = attr.abs().masked_fill(inputs.fixed, 0.0)
+    total = a.sum(-1).clamp_min(1e-12)
+    return {r: (a * m).sum(-1) / total for r, m in inputs.roles.items()}
+
+
+def attribute(model, tokenizer, examples: Sequence[Example], *, steps: int = 32, max_steps: int = 128) -> dict:
+    """All three attributions for ``examples``; per-example role shares (IG, grad x input) and occlusion drops."""
+    inputs = role_inputs(tokenizer, examples)
+    was = model.training
+    model.eval()
+    ig = integrated_gradients(model, inputs, steps=steps, max_steps=max_steps)
+    gxi = gradient_x_input(model, inputs)
+    occ = occlusion_by_role(model, inputs)
+    model.train(was)
+    shares = role_shares(ig.attributions, inputs)
+    gxi_shares = role_shares(gxi, inputs)
+    sr = shares["subject"] + shares["relation"] + shares["answer_preceding"]
+    return {
+        "n": len(examples),
+        "subject_relation_share": float(sr.mean()),
+        "subject_relation_share_per_fact": sr.tolist(),
+        "per_role": {r: float(v.mean()) for r, v in shares.items()},
+        "per_role_grad_x_input": {r: float(v.mean()) for r, v in gxi_shares.items()},
+        "occlusion_drop": {r: float(v.mean()) for r, v in occ.items()},
+        "ig_convergence": {
+            "steps": ig.steps,
+            "converged": ig.converged,
+            "max_abs_delta": float(ig.delta.abs().max()),
+            "mean_abs_gap": float(ig.gap.abs().mean()),
+        },
+    }
+
+
+def to_dataframe(result: dict, label: str = "") -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "model": label,
+            "fact": range(result["n"]),
+            "subject_relation_share": result["subject_relation_share_per_fact"],
+        }
+    )
