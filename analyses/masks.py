@@ -17,8 +17,8 @@ from mechrecall.masks_report import run, summary_rows
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--two-stage", required=True, help="registry name or folder")
-    ap.add_argument("--mixed", required=True, help="registry name or folder")
+    ap.add_argument("--two-stage", default="default-s0-two-stage", help="registry name or folder")
+    ap.add_argument("--mixed", default="default-s0-mixed", help="registry name or folder")
     ap.add_argument("--base", default=None, help="base checkpoint (default: the registry entry's base_model)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--registry", default=None)
