@@ -2,35 +2,14 @@
 
     python analyses/gradient_consistency.py --two-stage default-s0-two-stage --mixed default-s0-mixed --out runs/default
 
-Runs mechrecall.consistency_report (gradient and representation measures, backend parity), then writes the
-gradient part as OUT/gradient_consistency.json and its figure as OUT/gradient_consistency.html.
+Runs mechrecall.consistency_report (gradient and representation measures, backend parity; also writes
+consistency.json / .html), then writes the gradient part as OUT/gradient_consistency.json and its figure as
+OUT/gradient_consistency.html.
 """
 
 import sys
-from pathlib import Path
 
-from _common import pair_parser
-
-from mechrecall.consistency_report import figures, run
-from mechrecall.io import atomic_write_json, atomic_write_text
-
-
-def main(argv=None) -> int:
-    args = pair_parser(__doc__).parse_args(argv)
-    result = run([args.two_stage, args.mixed], args.out, registry=args.registry, labels=["two_stage", "mixed"])
-    out = Path(args.out)
-    atomic_write_json(out / "gradient_consistency.json", result["gradient"])
-    fig = figures(result)[0 if "gradient" == "gradient" else 1]
-    atomic_write_text(out / "gradient_consistency.html", fig.to_html(include_plotlyjs=True))
-    for regime, r in result["gradient"].items():
-        keys = (
-            ("heldout_mean_cos", "baseline_mean_cos")
-            if "gradient" == "gradient"
-            else ("subject_last_layer_margin", "final_last_layer_margin")
-        )
-        print(regime, {k: round(r[k], 3) for k in keys})
-    return 0
-
+from _common import consistency_part
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(consistency_part("gradient", __doc__))

@@ -95,9 +95,9 @@ def figures(result: dict) -> list:
 
 
 def figures_html(result: dict) -> str:
-    figs = figures(result)
-    body = "".join(f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs))
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>mechrecall consistency</title></head><body>{body}</body></html>"
+    from mechrecall.plotting import page
+
+    return page(figures(result), "mechrecall consistency")
 
 
 def trajectory(run_dir: str | Path, out: str | Path, *, n_people: int = 50, grad_facts: int = 60) -> dict:

@@ -253,11 +253,9 @@ def figures(result: dict, config=None) -> list:
 
 
 def figures_html(result: dict, config=None) -> str:
-    figs = figures(result, config)
-    body = "\n".join(
-        f.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False) for i, f in enumerate(figs)
-    )
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>mechrecall masks</title></head><body>{body}</body></html>"
+    from mechrecall.plotting import page
+
+    return page(figures(result, config), "mechrecall masks")
 
 
 def summary_rows(result: dict) -> list[str]:

@@ -21,6 +21,7 @@ from mechrecall.io import atomic_write_json, atomic_write_text
 from mechrecall.loading import lab_dataset, load_model
 from mechrecall.patching import GaussianNoise, activation_patch, fact_inputs, fact_pairs
 from mechrecall.patching.atp import attribution_patch, check_attribution
+from mechrecall.plotting import page as html
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 
@@ -146,13 +147,6 @@ def attribution_figures(result: dict) -> list:
         box.add_trace(go.Box(y=result[r]["subject_relation_share_per_fact"], name=r, boxpoints="all"))
     box.update_layout(title="Subject + relation share per fact", yaxis_title="share")
     return [fig, box]
-
-
-def html(figs: list, title: str) -> str:
-    body = "\n".join(
-        f.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False) for i, f in enumerate(figs)
-    )
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>{body}</body></html>"
 
 
 def summary_rows(patching: dict | None, attribution: dict | None) -> list[str]:

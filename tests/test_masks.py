@@ -135,3 +135,22 @@ def test_masked_cosines_inside_and_outside():
     cos = masked_cosines(ga, gb, m)
     assert cos["inside"].tolist() == [1.0]
     assert cos["outside"].item() == pytest.approx(-1.0)
+
+
+def test_update_and_posthoc_importance(micro_dataset, micro_tokenizer):
+    from mechrecall.config import get_preset
+    from mechrecall.gradients import answer_batch, per_example_grads
+    from mechrecall.masks import posthoc_importance, update_importance
+    from mechrecall.models import build_model
+
+    before = {A: torch.tensor([[1.0, 2.0], [3.0, 4.0]])}
+    after = {A: torch.tensor([[1.5, 2.0], [1.0, 4.0]])}
+    assert update_importance(before, after)[A].tolist() == [[0.5, 0.0], [2.0, 0.0]]
+    with pytest.raises(ValueError, match="differ"):
+        update_importance(before, {B: torch.zeros(1, 4)})
+    model = build_model(get_preset("micro").model, micro_tokenizer, seed=0)
+    ex = micro_dataset.query_examples(micro_dataset.pids("heldout")[:2], templates=[0])[:5]
+    imp = posthoc_importance(model, micro_tokenizer, ex, batch_size=2)
+    grads = per_example_grads(model, answer_batch(micro_tokenizer, ex))
+    for n in (A, B):
+        assert torch.allclose(imp[n], grads[n].abs().mean(0), atol=1e-6)

@@ -142,7 +142,7 @@ def run(args) -> dict:
 def _html(result: dict) -> str:
     import plotly.graph_objects as go
 
-    from mechrecall.patching_report import html
+    from mechrecall.plotting import page as html
 
     figs = []
     metric = result["settings"]["metric"]
