@@ -151,6 +151,14 @@ def analyses_markdown(out: Path) -> str:
             "",
             *summary_rows(masks),
         ]
+    if (out / "patching.json").exists() or (out / "attribution.json").exists():
+        from mechrecall.patching_report import summary_rows as patch_rows
+
+        def load(name):
+            return json.loads((out / name).read_text()) if (out / name).exists() else None
+
+        lines += ["", "## Cross-format patching (storage of A -> query of B, held-out) and token-role attribution", ""]
+        lines += patch_rows(load("patching.json"), load("attribution.json"))
     return "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -158,12 +166,15 @@ def run_analyses(two_stage: str, mixed: str, out: Path, *, registry: str | Path 
     """Every analysis on one checkpoint pair (seed 0), each writing its JSON and figures into ``out``; seconds each."""
     from mechrecall.consistency_report import run as consistency_run
     from mechrecall.masks_report import run as masks_run
+    from mechrecall.patching_report import run_attribution, run_patching
 
     steps = {
         "consistency": lambda: consistency_run(
             [two_stage, mixed], out, registry=registry, labels=["two_stage", "mixed"]
         ),
         "masks": lambda: masks_run(two_stage, mixed, out, registry=registry),
+        "patching": lambda: run_patching(two_stage, mixed, out, registry=registry),
+        "attribution": lambda: run_attribution(two_stage, mixed, out, registry=registry),
     }
     seconds = {}
     for name, step in steps.items():
