@@ -5,7 +5,8 @@
 
 Sweep: resid_pre at every layer x every position of equal-length prompts (the shape get_act_patch_resid_pre
 sweeps), metric = logit difference at the last position. Both get the same clean cache and corrupted tokens; the
-script checks they agree and prints median seconds and the ratio TL / mechrecall. TL runs under torch.no_grad().
+script checks they agree and prints median seconds and the ratio TL / mechrecall, for the batched sweep with and
+without prefix reuse (``prefix_groups``). TL runs under torch.no_grad().
 """
 
 import argparse
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--pos", type=int, default=16, help="prompt length (tokens)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prefix-groups", type=int, default=4, help="for the prefix-reuse variant")
     args = ap.parse_args()
     from transformer_lens.patching import get_act_patch_resid_pre
 
@@ -67,14 +69,17 @@ def main() -> None:
         last = logits[b, -1]
         return last[b, answer] - last[b, foil]
 
-    t_ours, t_tl = [], []
+    t_ours, t_prefix, t_tl = [], [], []
     for _ in range(args.repeats):
         t = time.perf_counter()
         ours = activation_patch(model, base, source, site="resid_pre", metric="logit_diff").values
         t_ours.append(time.perf_counter() - t)
         t = time.perf_counter()
+        reused = activation_patch(model, base, source, site="resid_pre", prefix_groups=args.prefix_groups).values
+        t_prefix.append(time.perf_counter() - t)
+        t = time.perf_counter()
         with torch.no_grad():
-            theirs = get_act_patch_resid_pre(bridge, corrupt, cache, metric, reduce="none")
+            theirs = get_act_patch_resid_pre(bridge, corrupt, cache, metric, reduce="none").values  # PatchingResult
         t_tl.append(time.perf_counter() - t)
     print(
         json.dumps(
@@ -86,9 +91,12 @@ def main() -> None:
                 "cells": model.config.num_hidden_layers * args.pos,
                 "threads": torch.get_num_threads(),
                 "mechrecall_s": statistics.median(t_ours),
+                "mechrecall_prefix_reuse_s": statistics.median(t_prefix),
                 "transformer_lens_s": statistics.median(t_tl),
                 "ratio_tl_over_mechrecall": statistics.median(t_tl) / statistics.median(t_ours),
+                "ratio_tl_over_mechrecall_prefix_reuse": statistics.median(t_tl) / statistics.median(t_prefix),
                 "max_abs_diff": float((ours - theirs).abs().max()),
+                "max_abs_diff_prefix_reuse": float((reused - theirs).abs().max()),
             },
             indent=2,
         )

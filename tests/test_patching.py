@@ -119,6 +119,22 @@ def test_backends_agree(lab, pairs, site):
     assert torch.allclose(hf.source, nn.source, atol=1e-5)
 
 
+@pytest.mark.parametrize("site", SITES)
+def test_prefix_reuse_gives_the_same_values(lab, site):
+    model, tok, ds = lab
+    pids = ds.pids("heldout")[:6]
+    ex = [ds.query_examples([p], templates=[0])[3] for p in pids]
+    base = _all_positions(fact_inputs(tok, ex))
+    source = _all_positions(fact_inputs(tok, ex[1:] + ex[:1]))
+    plain = activation_patch(model, base, source, site=site)
+    reused = activation_patch(model, base, source, site=site, prefix_groups=4, max_rows=40)
+    assert torch.allclose(plain.values, reused.values, atol=1e-5)
+    pairs_base, pairs_source, _ = fact_pairs(ds, tok, ds.pids("heldout")[:8], n=12)  # role positions differ by row
+    a = activation_patch(model, pairs_base, pairs_source, site=site)
+    b = activation_patch(model, pairs_base, pairs_source, site=site, prefix_groups=3)
+    assert torch.allclose(a.values, b.values, atol=1e-5)
+
+
 @pytest.mark.parametrize("site", ["resid_mid", "head"])
 def test_batching_matches_one_example_at_a_time(lab, pairs, site):
     model = lab[0]

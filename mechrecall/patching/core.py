@@ -198,9 +198,20 @@ def _first(x):
 
 @torch.no_grad()
 def capture(
-    model, input_ids: Tensor, site: str, *, embed_noise: Tensor | None = None
+    model,
+    input_ids: Tensor,
+    site: str,
+    *,
+    embed_noise: Tensor | None = None,
+    readout: Tensor | None = None,
+    kv: list | None = None,
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """(site activation per layer, resid_pre per layer, final logits) of one plain-HF forward."""
+    """(site activation per layer, resid_pre per layer, logits) of one plain-HF forward.
+
+    Logits are ``[batch, pos, vocab]``, or ``[batch, vocab]`` at one ``readout`` position per row if given (the
+    unembedding of the other positions is skipped: with a large vocabulary it costs as much as several layers).
+    A list passed as ``kv`` receives every layer's (keys, values), for forwards that reuse the prefix.
+    """
     acts: list = [None] * len(_layers(model))
     pre: list = [None] * len(_layers(model))
     handles = []
@@ -221,7 +232,14 @@ def capture(
                 module.register_forward_hook(lambda m, a, out, i=i: acts.__setitem__(i, _first(out).detach()))
             )
     try:
-        logits = model(input_ids=input_ids).logits
+        if readout is None:
+            logits = model(input_ids=input_ids).logits
+        else:
+            res = model.model(input_ids=input_ids, use_cache=kv is not None)
+            hidden = res.last_hidden_state  # after the final norm
+            logits = model.lm_head(hidden[torch.arange(hidden.shape[0]), readout])
+            if kv is not None:
+                kv.extend((layer.keys, layer.values) for layer in res.past_key_values.layers)
     finally:
         for h in handles:
             h.remove()
@@ -259,15 +277,29 @@ def _variants(n_pos: int, n_heads: int | None) -> tuple[Tensor, Tensor | None]:
 
 
 @torch.no_grad()
-def _run_from_layer(model, hidden: Tensor, start: int, site: str, patch: Callable | None, readout: Tensor) -> Tensor:
-    """Run layers ``start..`` from ``hidden`` (resid_pre of ``start``), applying ``patch`` at the site of ``start``;
-    return logits at ``readout`` (one position per row)."""
+def _run_from_layer(
+    model,
+    hidden: Tensor,
+    start: int,
+    site: str,
+    patch: Callable | None,
+    readout: Tensor,
+    offset: int = 0,
+    past: list | None = None,
+) -> Tensor:
+    """Run layers ``start..`` from ``hidden`` (resid_pre of ``start`` at positions ``offset..``), applying ``patch``
+    at the site of ``start``; return logits at ``readout`` (one position per row, relative to ``offset``).
+
+    ``past``: per layer (keys, values) of positions ``< offset`` (unchanged by a patch at or after ``offset``, since
+    attention is causal), so the forward computes only the suffix."""
+    from transformers import DynamicCache
     from transformers.masking_utils import create_causal_mask
 
     rows, n_pos = hidden.shape[:2]
-    pos_ids = torch.arange(n_pos)[None].expand(rows, -1)
+    pos_ids = torch.arange(offset, offset + n_pos)[None].expand(rows, -1)
+    cache = DynamicCache(ddp_cache_data=past, config=model.config) if past is not None else None
     mask = create_causal_mask(
-        config=model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=pos_ids
+        config=model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=cache, position_ids=pos_ids
     )
     pe = model.model.rotary_emb(hidden, pos_ids)
     layers = _layers(model)
@@ -294,15 +326,39 @@ def _run_from_layer(model, hidden: Tensor, start: int, site: str, patch: Callabl
             )
     elif patch is not None:
         hidden = patch(hidden)
+    # the last layer only matters at the readout positions: its MLP runs there alone (unless it holds the patch)
+    fast_last = start < len(layers) - 1 or site == "resid_pre"
     try:
         h = hidden
-        for layer in layers[start:]:
-            h = _first(layer(h, attention_mask=mask, position_ids=pos_ids, position_embeddings=pe))
+        for i, layer in enumerate(layers[start:], start):
+            if fast_last and i == len(layers) - 1:
+                last = _last_layer_at(layer, h, readout, mask, pos_ids, pe, cache)
+                break
+            h = _first(
+                layer(h, attention_mask=mask, position_ids=pos_ids, position_embeddings=pe, past_key_values=cache)
+            )
+        else:
+            last = h[torch.arange(rows), readout]
     finally:
         if handle is not None:
             handle.remove()
-    last = h[torch.arange(rows), readout]
     return model.lm_head(model.model.norm(last))
+
+
+def _last_layer_at(layer, h: Tensor, readout: Tensor, mask, pos_ids, pe, cache=None) -> Tensor:
+    """A Llama decoder layer's output at one position per row: attention over the whole prefix, MLP at the readout."""
+    attn = _first(
+        layer.self_attn(
+            hidden_states=layer.input_layernorm(h),
+            attention_mask=mask,
+            position_ids=pos_ids,
+            position_embeddings=pe,
+            past_key_values=cache,
+        )
+    )
+    rows = torch.arange(h.shape[0])
+    mid = h[rows, readout] + attn[rows, readout]
+    return mid + layer.mlp(layer.post_attention_layernorm(mid))
 
 
 def activation_patch(
@@ -316,12 +372,17 @@ def activation_patch(
     corruption: GaussianNoise | None = None,
     backend: str = "hf",
     max_rows: int = 2048,
+    prefix_groups: int = 1,
 ) -> PatchResult:
     """Patch ``source``'s ``site`` activation into ``base`` at every (layer, named position) [x head], batched.
 
     Row ``b`` of ``source`` patches row ``b`` of ``base``: position ``base.positions[b, j]`` receives the source
     activation at ``source.positions[b, j]`` (role alignment). ``corruption`` adds noise to the base's subject
-    embeddings first (ROME tracing: then ``source`` is usually the same prompts, clean). ``model`` is a plain HF
+    embeddings first (ROME tracing: then ``source`` is usually the same prompts, clean). ``max_rows`` bounds the rows
+    of one forward. ``prefix_groups > 1`` also reuses the base run's keys and values: variants are split into that
+    many groups by target position and each group's forward computes only the positions from its earliest target
+    on (attention is causal, so earlier positions are unchanged by the patch); worth it for deep models and long
+    prompts, where compute dominates. ``model`` is a plain HF
     model for ``backend="hf"``, a ``TransformerBridge`` for ``"transformer_lens"``, an nnsight model for ``"nnsight"``.
     """
     if site not in SITES:
@@ -341,19 +402,26 @@ def activation_patch(
     n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
     layers = list(range(n_layers)) if layers is None else [range(n_layers)[L] for L in layers]
     noise = corruption.noise(model, base) if corruption is not None else None
-    _, base_pre, base_logits = capture(model, base.input_ids, "resid_pre", embed_noise=noise)
-    src_acts, _, src_logits = capture(model, source.input_ids, site)
-    rows_b = torch.arange(len(base))
-    base_val = fn(base_logits[rows_b, base.readout], base.answer, base.foil)
-    src_val = fn(src_logits[rows_b, source.readout], source.answer, source.foil)
+    kv: list | None = [] if prefix_groups > 1 else None
+    _, base_pre, base_logits = capture(
+        model, base.input_ids, "resid_pre", embed_noise=noise, readout=base.readout, kv=kv
+    )
+    src_acts, _, src_logits = capture(model, source.input_ids, site, readout=source.readout)
+    base_val = fn(base_logits, base.answer, base.foil)
+    src_val = fn(src_logits, source.answer, source.foil)
     pos_idx, head_idx = _variants(base.positions.shape[1], n_heads if site == "head" else None)
     n_var, B = len(pos_idx), len(base)
     out = torch.empty(len(layers), n_var, B)
+    # chunks of variants; with prefix reuse, variants sorted by their earliest target position and split into
+    # ``prefix_groups`` chunks, each starting its forward at its own earliest target position
+    order = torch.argsort(base.positions.min(0).values[pos_idx], stable=True)
     per_chunk = max(1, max_rows // B)
+    if prefix_groups > 1:
+        per_chunk = min(per_chunk, -(-n_var // prefix_groups))
+    chunks = [order[v0 : v0 + per_chunk] for v0 in range(0, n_var, per_chunk)]
     for li, L in enumerate(layers):
         values = _gather_source(src_acts[L], source.positions, site, n_heads)  # [B, n_pos, ...]
-        for v0 in range(0, n_var, per_chunk):
-            vs = torch.arange(v0, min(n_var, v0 + per_chunk))
+        for vs in chunks:
             # rows are variant-major: row = v * B + b
             rows = torch.arange(len(vs) * B)
             b_of = rows % B
@@ -365,11 +433,15 @@ def activation_patch(
             else:
                 h_of, val = None, values[b_of, p_of]
 
-            def patch(act, rows=rows, tgt_pos=tgt_pos, val=val, h_of=h_of):
+            p0 = int(tgt_pos.min()) if kv is not None else 0
+            past = [(k[b_of, :, :p0], v[b_of, :, :p0]) for k, v in kv] if kv is not None and p0 > 0 else None
+            p0 = p0 if past is not None else 0
+
+            def patch(act, rows=rows, tgt_pos=tgt_pos - p0, val=val, h_of=h_of):
                 return SETTERS[site](act, rows, tgt_pos, val, h_of)
 
-            hidden = base_pre[L].repeat(len(vs), 1, 1)
-            logits = _run_from_layer(model, hidden, L, site, patch, base.readout[b_of])
+            hidden = base_pre[L][b_of, p0:]
+            logits = _run_from_layer(model, hidden, L, site, patch, base.readout[b_of] - p0, p0, past)
             out[li, vs] = fn(logits, base.answer[b_of], base.foil[b_of]).view(len(vs), B)
     if site == "head":
         values = out.view(len(layers), n_heads, base.positions.shape[1], B)
