@@ -72,7 +72,7 @@ def main() -> None:
     t_ours, t_prefix, t_tl = [], [], []
     for _ in range(args.repeats):
         t = time.perf_counter()
-        ours = activation_patch(model, base, source, site="resid_pre", metric="logit_diff").values
+        ours = activation_patch(model, base, source, site="resid_pre", metric="logit_diff", prefix_groups=1).values
         t_ours.append(time.perf_counter() - t)
         t = time.perf_counter()
         reused = activation_patch(model, base, source, site="resid_pre", prefix_groups=args.prefix_groups).values
