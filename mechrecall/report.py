@@ -82,10 +82,16 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _versus(mixed: float, two_stage: float, claim: str) -> str:
-    """The paper's claim, and whether this run agrees with its direction."""
-    agree = mixed > two_stage
-    return f"The paper: {claim}. This run {'agrees' if agree else 'does not agree'} in direction."
+def _versus(value: float, reference: float, claim: str, margin: float = 0.0) -> str:
+    """The paper's claim, and whether this run agrees: ``value`` must exceed ``reference`` by more than ``margin``
+    (e.g. twice the spread of random controls); within the margin the run shows no clear difference."""
+    if value - reference > margin:
+        verdict = "agrees in direction"
+    elif reference - value > margin:
+        verdict = "does not agree"
+    else:
+        verdict = "shows no clear difference (within twice the spread of the random controls)"
+    return f"The paper: {claim}. This run {verdict}."
 
 
 def _recall_figures(results: dict, run: Path) -> list[tuple]:
@@ -201,17 +207,19 @@ def _captioned(consistency, masks, patching, attribution) -> list[tuple]:
                     m["ablation"]["shared_drop"],
                     m["ablation"]["random_drop_mean"],
                     "ablating the shared set breaks held-out recall (more than random masks)",
+                    2 * m["ablation"]["random_drop_std"],
                 ),
             ),
             (
                 gr,
                 f"Grafting mixed's shared parameters into the two-stage model: held-out QA "
                 f"{m['grafting']['heldout_before']:.3f} -> {m['grafting']['heldout_after']:.3f} (random masks "
-                f"{m['grafting']['random_heldout_mean']:.3f}). "
+                f"{m['grafting']['random_heldout_mean']:.3f} ± {m['grafting']['random_heldout_std']:.3f}). "
                 + _versus(
                     m["grafting"]["heldout_after"],
                     m["grafting"]["random_heldout_mean"],
                     "grafting the shared set transfers held-out recall",
+                    2 * m["grafting"]["random_heldout_std"],
                 ),
             ),
         ]

@@ -59,3 +59,11 @@ def test_the_browser_check_catches_errors_and_empty_figures(micro_run, tmp_path)
     check = check_page(tmp_path / "bad.html")
     assert any("boom" in e for e in check["errors"])
     assert check["empty"] == [check["figures"] - 1]
+
+
+def test_captions_say_agree_disagree_or_no_clear_difference():
+    from mechrecall.report import _versus
+
+    assert "agrees in direction" in _versus(0.5, 0.2, "x")
+    assert "does not agree" in _versus(0.1, 0.2, "x")
+    assert "no clear difference" in _versus(0.192, 0.189, "x", margin=2 * 0.008)
