@@ -25,6 +25,15 @@ def micro_tokenizer(micro_dataset):
 
 
 @pytest.fixture(scope="session")
+def micro_model(micro_tokenizer):
+    """A randomly initialised micro-preset model (read-only: tests that change weights build their own)."""
+    from mechrecall.config import get_preset
+    from mechrecall.models import build_model
+
+    return build_model(get_preset("micro").model, micro_tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
 def micro_run(tmp_path_factory):
     """One full ``reproduce`` of the micro preset (both regimes, every analysis), shared by the end-to-end tests."""
     from mechrecall.__main__ import main

@@ -8,13 +8,9 @@ from mechrecall.patching.atp import attribution_patch, check_attribution, valida
 
 
 @pytest.fixture(scope="module")
-def setup(micro_dataset, micro_tokenizer):
-    from mechrecall.config import get_preset
-    from mechrecall.models import build_model
-
-    model = build_model(get_preset("micro").model, micro_tokenizer, seed=0)
+def setup(micro_dataset, micro_tokenizer, micro_model):
     base, source, _ = fact_pairs(micro_dataset, micro_tokenizer, micro_dataset.pids("heldout")[:10], n=16)
-    return model, base, source
+    return micro_model, base, source
 
 
 @pytest.mark.parametrize("site", ["resid_pre", "resid_mid", "attn_out", "mlp_out"])

@@ -16,13 +16,8 @@ from mechrecall.attribution import (
 
 
 @pytest.fixture(scope="module")
-def setup(micro_dataset, micro_tokenizer):
-    from mechrecall.config import get_preset
-    from mechrecall.models import build_model
-
-    model = build_model(get_preset("micro").model, micro_tokenizer, seed=0)
-    examples = micro_dataset.storage_examples(micro_dataset.pids("heldout")[:2])
-    return model, micro_tokenizer, examples
+def setup(micro_dataset, micro_tokenizer, micro_model):
+    return micro_model, micro_tokenizer, micro_dataset.storage_examples(micro_dataset.pids("heldout")[:2])
 
 
 def test_integrated_gradients_match_captum(setup):

@@ -18,14 +18,9 @@ from mechrecall.patching.core import SITES, capture
 
 
 @pytest.fixture(scope="module")
-def lab(micro_dataset, micro_tokenizer):
-    """A micro model trained for a few mixed steps (enough for non-trivial logits), plus data."""
-    from mechrecall.config import get_preset
-    from mechrecall.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model(get_preset("micro").model, micro_tokenizer, seed=0)
-    return model, micro_tokenizer, micro_dataset
+def lab(micro_dataset, micro_tokenizer, micro_model):
+    """A randomly initialised micro model and its data."""
+    return micro_model, micro_tokenizer, micro_dataset
 
 
 @pytest.fixture(scope="module")

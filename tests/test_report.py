@@ -67,3 +67,15 @@ def test_captions_say_agree_disagree_or_no_clear_difference():
     assert "agrees in direction" in _versus(0.5, 0.2, "x")
     assert "does not agree" in _versus(0.1, 0.2, "x")
     assert "no clear difference" in _versus(0.192, 0.189, "x", margin=2 * 0.008)
+
+
+def test_report_cli_rebuilds_and_errors_cleanly(micro_run, tmp_path, capsys):
+    from mechrecall.__main__ import main
+
+    out, _ = micro_run
+    before = (out / "report.html").read_text()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.html").read_text().count("class='caption'") == before.count("class='caption'")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "results.json" in err and "\n" not in err
