@@ -155,17 +155,19 @@ def run(
         }
         entry["consistency"] = _consistency_split(loaded, dataset, shared, consistency_facts)
         entry["sweep"] = _sweep(models, regime, recipient, traces[regime], states, base_sd, dataset, ks, kind, scope,
-                                sweep_draws, seed)  # fmt: skip
+                                sweep_draws, seed, intact["heldout"])  # fmt: skip
         result[regime] = entry
     atomic_write_json(out / "masks.json", result)
     atomic_write_text(out / "masks.html", figures_html(result, config))
     return result
 
 
-def _sweep(models, regime, recipient, trace, states, base_sd, dataset, ks, kind, scope, draws, seed) -> list[dict]:
+def _sweep(
+    models, regime, recipient, trace, states, base_sd, dataset, ks, kind, scope, draws, seed, intact: float
+) -> list[dict]:
+    """Shared-set size, ablation and grafting over mask sizes ``ks``; ``intact`` = the model's own held-out QA."""
     model, tok = models[regime].model, models[regime].tokenizer
     rows = []
-    intact = recall_under(model, tok, dataset, states[regime], ("heldout",))["heldout"]
     for kk in ks:
         comp = comparison(trace, kk, kind=kind, scope=scope)
         shared = comp.shared
