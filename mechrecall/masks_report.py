@@ -17,7 +17,7 @@ from pathlib import Path
 from mechrecall.interventions import ablate, graft, recall_under, state_of, with_random_controls
 from mechrecall.io import atomic_write_json, atomic_write_text
 from mechrecall.loading import LoadedModel, lab_dataset, load_model
-from mechrecall.masks import MaskComparison, localize, mask_minus, masked_cosines, random_overlap, topk_mask
+from mechrecall.masks import MaskComparison, localize, mask_count, mask_minus, masked_cosines, random_overlap, topk_mask
 from mechrecall.models import CheckpointError
 from mechrecall.trace import GradientTrace
 
@@ -87,7 +87,7 @@ def run(
     out = Path(out)
     models = {"two_stage": load_model(two_stage, registry=registry), "mixed": load_model(mixed, registry=registry)}
     dataset = lab_dataset(models["mixed"])
-    if lab_dataset(models["two_stage"]).hash != dataset.hash:
+    if models["two_stage"].meta.get("dataset_hash") != dataset.hash:
         raise CheckpointError(f"{two_stage!r} and {mixed!r} were trained on different datasets")
     base_loaded = load_model(base or base_source(models["mixed"], registry), registry=registry)
     base_sd = state_of(base_loaded.model)
@@ -111,12 +111,13 @@ def run(
             model, tok, dataset, shared, lambda m, r=regime: ablate(states[r], m, "base", base_sd),
             draws=draws, seed=seed, splits=SPLITS,
         )  # fmt: skip
+        only = {
+            "storage_only": mask_minus(comp.storage, comp.query),
+            "query_only": mask_minus(comp.query, comp.storage),
+        }
         fmt_only = {
             name: recall_under(model, tok, dataset, ablate(states[regime], m, "base", base_sd), SPLITS)
-            for name, m in (
-                ("storage_only", mask_minus(comp.storage, comp.query)),
-                ("query_only", mask_minus(comp.query, comp.storage)),
-            )
+            for name, m in only.items()
         }
         entry["recall"] = intact
         entry["ablation"] = {
@@ -128,10 +129,7 @@ def run(
             "trained_shared_drop": _drop(intact, abl["mask"])["train"],
             "trained_random_drop_mean": POINTS * (intact["train"] - abl["random_mean"]["train"]),
             "format_only_drops": {name: _drop(intact, r) for name, r in fmt_only.items()},
-            "format_only_counts": {
-                "storage_only": int(sum(int(v.sum()) for v in mask_minus(comp.storage, comp.query).values())),
-                "query_only": int(sum(int(v.sum()) for v in mask_minus(comp.query, comp.storage).values())),
-            },
+            "format_only_counts": {name: mask_count(m) for name, m in only.items()},
             "n_masked": abl["n"],
         }
         # grafting: the other regime's model receives this regime's shared parameters

@@ -73,6 +73,12 @@ def _sha256(path: Path) -> str | None:
     return h.hexdigest()
 
 
+def _seed_dir(results: dict, run: Path) -> Path:
+    """The first seed's folder: as recorded, or beside results.json when the run folder was moved."""
+    recorded = Path(results["per_seed"][0]["run_dir"])
+    return recorded if recorded.exists() else run / recorded.name
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, float) else _html.escape(str(v))
@@ -116,8 +122,7 @@ def _recall_figures(results: dict, run: Path) -> list[tuple]:
         )
     ]
     curves = go.Figure()
-    seed_dir = Path(results["per_seed"][0]["run_dir"])
-    seed_dir = seed_dir if seed_dir.is_absolute() or seed_dir.exists() else run / seed_dir.name
+    seed_dir = _seed_dir(results, run)
     for regime in ("two_stage", "mixed"):
         hist = _load(seed_dir / regime / "history.json") or []
         pts = [h for h in hist if "heldout_qa" in h]
@@ -309,8 +314,7 @@ def build(run: str | Path) -> Path:
     prov = dict(results.get("provenance", {}))
     prov["wall_seconds"] = results.get("wall_seconds")
     prov["analysis_seconds"] = results.get("analysis_seconds")
-    seed_dir = Path(results["per_seed"][0]["run_dir"])
-    seed_dir = seed_dir if seed_dir.exists() else run / seed_dir.name
+    seed_dir = _seed_dir(results, run)
     prov["checkpoints_sha256"] = {
         name: _sha256(seed_dir / sub / "model.safetensors")
         for name, sub in (("base", "data/base"), ("two_stage_stage1", "two_stage/stage1"),

@@ -63,14 +63,6 @@ def test_resid_pre_layer0_at_single_token_subject_moves_the_whole_fact(lab, pair
     assert torch.allclose(r.values[0, 0], expected, atol=1e-4)
 
 
-def _all_positions(inputs: PatchInputs) -> PatchInputs:
-    T = inputs.input_ids.shape[1]
-    return PatchInputs(
-        inputs.input_ids, torch.arange(T).expand(len(inputs), -1), inputs.readout, inputs.answer, inputs.foil,
-        [str(i) for i in range(T)], inputs.subject_positions,
-    )  # fmt: skip
-
-
 def test_batched_sweep_equals_transformer_lens_get_act_patch_resid_pre(lab):
     from transformer_lens.patching import get_act_patch_resid_pre
 
@@ -79,9 +71,9 @@ def test_batched_sweep_equals_transformer_lens_get_act_patch_resid_pre(lab):
     model, tok, ds = lab
     pids = ds.pids("heldout")[:6]
     attr = 2
-    base = _all_positions(fact_inputs(tok, [ds.query_examples([p], templates=[0])[attr] for p in pids]))
+    base = fact_inputs(tok, [ds.query_examples([p], templates=[0])[attr] for p in pids]).all_positions()
     src_ex = [ds.query_examples([p], templates=[0])[attr] for p in pids[1:] + pids[:1]]
-    source = _all_positions(fact_inputs(tok, src_ex))
+    source = fact_inputs(tok, src_ex).all_positions()
     base.answer = source.answer.clone()
     ours = activation_patch(model, base, source, site="resid_pre", metric="logit_diff", max_rows=7)
     bridge = to_transformer_lens(LoadedModel(model, tok, "micro", "micro"))
@@ -119,8 +111,8 @@ def test_prefix_reuse_gives_the_same_values(lab, site):
     model, tok, ds = lab
     pids = ds.pids("heldout")[:6]
     ex = [ds.query_examples([p], templates=[0])[3] for p in pids]
-    base = _all_positions(fact_inputs(tok, ex))
-    source = _all_positions(fact_inputs(tok, ex[1:] + ex[:1]))
+    base = fact_inputs(tok, ex).all_positions()
+    source = fact_inputs(tok, ex[1:] + ex[:1]).all_positions()
     plain = activation_patch(model, base, source, site=site)
     reused = activation_patch(model, base, source, site=site, prefix_groups=4, max_rows=40)
     assert torch.allclose(plain.values, reused.values, atol=1e-5)

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from mechrecall.io import atomic_write_json, atomic_write_text
-from mechrecall.patching.core import METRICS, SITES, GaussianNoise, PatchInputs, activation_patch
+from mechrecall.patching.core import METRICS, SITES, GaussianNoise, activation_patch
 from mechrecall.patching.prompts import FORMATS, fact_inputs, fact_pairs
 
 BACKENDS = ("hf", "transformer_lens", "nnsight")
@@ -59,12 +59,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="output folder")
     return ap
-
-
-def _all_positions(x: PatchInputs) -> PatchInputs:
-    T = x.input_ids.shape[1]
-    return PatchInputs(x.input_ids, torch.arange(T).expand(len(x), -1).clone(), x.readout, x.answer, x.foil,
-                       [str(i) for i in range(T)], x.subject_positions)  # fmt: skip
 
 
 def _wrap(loaded, backend: str):
@@ -105,7 +99,7 @@ def run(args) -> dict:
                 readout = base.readout.tolist()
                 common = max(set(readout), key=readout.count)
                 kept = [ex for ex, r in zip(examples[: args.count], readout) if r == common]
-                base = source = _all_positions(fact_inputs(loaded.tokenizer, kept))
+                base = source = fact_inputs(loaded.tokenizer, kept).all_positions()
         else:
             base, source, _ = fact_pairs(
                 dataset, loaded.tokenizer, pids, source_format=args.source_format, base_format=args.base_format,

@@ -38,9 +38,8 @@ def attribution_patch(
     acts: list = [None] * len(_layers(model))
     handles = []
     for i, layer in enumerate(_layers(model)):
-        module, kind = _site_module(layer, "resid_mid" if site == "resid_mid" else site)
-        if site == "resid_mid":
-            module, kind = layer.post_attention_layernorm, "pre"  # its input is the resid_mid tensor itself
+        # resid_mid: the post-attention norm's input is the resid_mid tensor itself (the residual path too)
+        module, kind = (layer.post_attention_layernorm, "pre") if site == "resid_mid" else _site_module(layer, site)
 
         def keep(t, i=i):
             t.retain_grad()

@@ -112,6 +112,12 @@ class PatchInputs:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def all_positions(self) -> PatchInputs:
+        """The same prompts with every token position as a named position (for equal-length prompts)."""
+        T = self.input_ids.shape[1]
+        return PatchInputs(self.input_ids, torch.arange(T).expand(len(self), -1).clone(), self.readout, self.answer,
+                           self.foil, [str(i) for i in range(T)], self.subject_positions)  # fmt: skip
+
 
 @dataclass
 class GaussianNoise:
@@ -480,20 +486,3 @@ def full_patch_logits(model, base: PatchInputs, source: PatchInputs, site: str =
         for h in handles:
             h.remove()
     return logits[torch.arange(len(base)), base.readout]
-
-
-__all__ = [
-    "METRICS",
-    "SETTERS",
-    "SITES",
-    "GaussianNoise",
-    "PatchInputs",
-    "PatchResult",
-    "activation_patch",
-    "capture",
-    "full_patch_logits",
-    "get_metric",
-    "register_metric",
-    "set_head",
-    "set_resid",
-]
