@@ -5,8 +5,13 @@
 
 Sweep: resid_pre at every layer x every position of equal-length prompts (the shape get_act_patch_resid_pre
 sweeps), metric = logit difference at the last position. Both get the same clean cache and corrupted tokens; the
-script checks they agree and prints median seconds and the ratio TL / mechrecall, for the batched sweep with and
-without prefix reuse (``prefix_groups``). TL runs under torch.no_grad().
+script checks they agree and prints median seconds and the ratio TL / mechrecall for two input pairs:
+
+- ``shared_prefix``: the corrupted prompt differs from the clean one in one token at a third of its length (the
+  usual clean/corrupted pair; the patches before that token are exact no-ops, which mechrecall detects and skips);
+- ``no_shared_prefix``: the differing token is the first one, so nothing can be skipped and every patch runs.
+
+TL runs under torch.no_grad().
 """
 
 import argparse
@@ -38,69 +43,67 @@ def lab_model():
     return LoadedModel(build_model(preset.model, tok, 0), tok, "default (random init)", "-")
 
 
+def sweep(model, bridge, clean, corrupt, answer, foil, repeats: int) -> dict:
+    base, source = _inputs(corrupt, answer, foil), _inputs(clean, answer, foil)
+    from transformer_lens.patching import get_act_patch_resid_pre
+
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(clean)
+    b = torch.arange(len(clean))
+
+    def metric(logits):
+        last = logits[b, -1]
+        return last[b, answer] - last[b, foil]
+
+    t_ours, t_tl = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        ours = activation_patch(model, base, source, site="resid_pre", metric="logit_diff").values
+        t_ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        with torch.no_grad():
+            theirs = get_act_patch_resid_pre(bridge, corrupt, cache, metric, reduce="none").values  # PatchingResult
+        t_tl.append(time.perf_counter() - t)
+    return {
+        "mechrecall_s": statistics.median(t_ours),
+        "transformer_lens_s": statistics.median(t_tl),
+        "ratio_tl_over_mechrecall": statistics.median(t_tl) / statistics.median(t_ours),
+        "max_abs_diff": float((ours - theirs).abs().max()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["lab", "smollm2"], default="lab")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--pos", type=int, default=16, help="prompt length (tokens)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--prefix-groups", type=int, default=4, help="for the prefix-reuse variant")
     args = ap.parse_args()
-    from transformer_lens.patching import get_act_patch_resid_pre
-
     from mechrecall.loading import load_model, to_transformer_lens
 
     loaded = load_model("smollm2-135m-instruct") if args.model == "smollm2" else lab_model()
     model = loaded.model
+    bridge = to_transformer_lens(loaded)
     g = torch.Generator().manual_seed(0)
     V = model.config.vocab_size
     clean = torch.randint(5, V, (args.batch, args.pos), generator=g)
-    corrupt = clean.clone()
-    corrupt[:, args.pos // 3] = torch.randint(5, V, (args.batch,), generator=g)  # a "subject" swap
     answer = torch.randint(5, V, (args.batch,), generator=g)
     foil = torch.randint(5, V, (args.batch,), generator=g)
-    base, source = _inputs(corrupt, answer, foil), _inputs(clean, answer, foil)
-    bridge = to_transformer_lens(loaded)
-    with torch.no_grad():
-        _, cache = bridge.run_with_cache(clean)
-    b = torch.arange(args.batch)
-
-    def metric(logits):
-        last = logits[b, -1]
-        return last[b, answer] - last[b, foil]
-
-    t_ours, t_prefix, t_tl = [], [], []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        ours = activation_patch(model, base, source, site="resid_pre", metric="logit_diff", prefix_groups=1).values
-        t_ours.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        reused = activation_patch(model, base, source, site="resid_pre", prefix_groups=args.prefix_groups).values
-        t_prefix.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        with torch.no_grad():
-            theirs = get_act_patch_resid_pre(bridge, corrupt, cache, metric, reduce="none").values  # PatchingResult
-        t_tl.append(time.perf_counter() - t)
-    print(
-        json.dumps(
-            {
-                "model": loaded.source,
-                "layers": model.config.num_hidden_layers,
-                "batch": args.batch,
-                "positions": args.pos,
-                "cells": model.config.num_hidden_layers * args.pos,
-                "threads": torch.get_num_threads(),
-                "mechrecall_s": statistics.median(t_ours),
-                "mechrecall_prefix_reuse_s": statistics.median(t_prefix),
-                "transformer_lens_s": statistics.median(t_tl),
-                "ratio_tl_over_mechrecall": statistics.median(t_tl) / statistics.median(t_ours),
-                "ratio_tl_over_mechrecall_prefix_reuse": statistics.median(t_tl) / statistics.median(t_prefix),
-                "max_abs_diff": float((ours - theirs).abs().max()),
-                "max_abs_diff_prefix_reuse": float((reused - theirs).abs().max()),
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "model": loaded.source,
+        "layers": model.config.num_hidden_layers,
+        "batch": args.batch,
+        "positions": args.pos,
+        "cells": model.config.num_hidden_layers * args.pos,
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+    for name, at in (("shared_prefix", args.pos // 3), ("no_shared_prefix", 0)):
+        corrupt = clean.clone()
+        shift = 1 + torch.randint(0, V - 6, (args.batch,), generator=g)  # a different token, never the same
+        corrupt[:, at] = 5 + (clean[:, at] - 5 + shift) % (V - 5)
+        result[name] = {"corrupted_position": at, **sweep(model, bridge, clean, corrupt, answer, foil, args.repeats)}
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def pairs(lab):
 def test_patching_a_run_with_its_own_activations_changes_nothing(lab, pairs, site):
     model = lab[0]
     base, _, _ = pairs
-    r = activation_patch(model, base, base, site=site)
+    r = activation_patch(model, base, base, site=site, skip_identical=False)  # run every patch, no shortcut
     assert torch.allclose(r.values, r.base.expand_as(r.values), atol=1e-5)
 
 
@@ -106,20 +106,99 @@ def test_backends_agree(lab, pairs, site):
     assert torch.allclose(hf.source, nn.source, atol=1e-5)
 
 
+def _reference_patch(model, base, source, site, L, j, head=None):
+    """One patch by a plain hooked HF forward of the whole prompt (no shortcut): the metric per example."""
+    from mechrecall.patching.core import _site_module
+
+    acts, pre, _ = capture(model, source.input_ids, site)
+    b = torch.arange(len(base))
+    val = acts[L][b, source.positions[:, j]]
+    tgt = base.positions[:, j]
+    layer = model.model.layers[L]
+    if site == "head":
+        d = model.config.hidden_size // model.config.num_attention_heads
+
+        def hook(m, a):
+            z = a[0].clone()
+            z[b, tgt, head * d : (head + 1) * d] = val[:, head * d : (head + 1) * d]
+            return (z,)
+
+        handle = layer.self_attn.o_proj.register_forward_pre_hook(hook)
+    elif site == "resid_mid":  # attention output := target - resid_pre at the patched token
+
+        def hook(m, a, kw, out):
+            o = out[0].clone()
+            o[b, tgt] = val - layer_in[0][b, tgt]
+            return (o, *out[1:])
+
+        layer_in = []
+        h0 = layer.register_forward_pre_hook(
+            lambda m, a, kw: layer_in.append(a[0] if a else kw["hidden_states"]), with_kwargs=True
+        )
+        handle = layer.self_attn.register_forward_hook(hook, with_kwargs=True)
+    else:
+        module, kind = _site_module(layer, site)
+        if kind == "pre":
+
+            def hook(m, a, kw):
+                h = (a[0] if a else kw["hidden_states"]).clone()
+                h[b, tgt] = val
+                return ((h, *a[1:]), kw) if a else (a, {**kw, "hidden_states": h})
+
+            handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        else:
+
+            def hook(m, a, out):
+                o = (out[0] if isinstance(out, tuple) else out).clone()
+                o[b, tgt] = val
+                return (o, *out[1:]) if isinstance(out, tuple) else o
+
+            handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=base.input_ids).logits[b, base.readout]
+    finally:
+        handle.remove()
+        if site == "resid_mid":
+            h0.remove()
+    return logits.gather(1, base.answer[:, None])[:, 0] - logits.gather(1, base.foil[:, None])[:, 0]
+
+
 @pytest.mark.parametrize("site", SITES)
-def test_prefix_reuse_gives_the_same_values(lab, site):
+def test_ragged_sweep_equals_plain_hooked_forwards_one_patch_at_a_time(lab, pairs, site):
+    """The ragged forward (suffix tokens only, cached prefix keys/values, readout-only last layer) against whole-prompt
+    hooked HF forwards, for every layer and role; the pairs' role positions and lengths differ by row."""
+    model = lab[0]
+    base, source, _ = pairs
+    r = activation_patch(model, base, source, site=site, metric="logit_diff", max_rows=17, max_tokens=64)
+    n_layers = model.config.num_hidden_layers
+    for L in range(n_layers):
+        for j in range(base.positions.shape[1]):
+            if site == "head":
+                for hd in (0, model.config.num_attention_heads - 1):
+                    ref = _reference_patch(model, base, source, site, L, j, hd)
+                    assert torch.allclose(r.values[L, hd, j], ref, atol=1e-5), (L, hd, j)
+            else:
+                ref = _reference_patch(model, base, source, site, L, j)
+                assert torch.allclose(r.values[L, j], ref, atol=1e-5), (L, j)
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_skipping_identical_patches_gives_the_same_values(lab, site):
+    """Clean and corrupted prompts that share a prefix: patches there are bitwise no-ops and skipped."""
     model, tok, ds = lab
     pids = ds.pids("heldout")[:6]
     ex = [ds.query_examples([p], templates=[0])[3] for p in pids]
     base = fact_inputs(tok, ex).all_positions()
     source = fact_inputs(tok, ex[1:] + ex[:1]).all_positions()
-    plain = activation_patch(model, base, source, site=site)
-    reused = activation_patch(model, base, source, site=site, prefix_groups=4, max_rows=40)
-    assert torch.allclose(plain.values, reused.values, atol=1e-5)
-    pairs_base, pairs_source, _ = fact_pairs(ds, tok, ds.pids("heldout")[:8], n=12)  # role positions differ by row
-    a = activation_patch(model, pairs_base, pairs_source, site=site)
-    b = activation_patch(model, pairs_base, pairs_source, site=site, prefix_groups=3)
-    assert torch.allclose(a.values, b.values, atol=1e-5)
+    ran = activation_patch(model, base, source, site=site, skip_identical=False)
+    skipped = activation_patch(model, base, source, site=site, max_rows=40)
+    assert torch.allclose(ran.values, skipped.values, atol=1e-5)
+    # the shared question prefix ("What is the ... of") really is skipped: its values are the base value exactly
+    shared = int((base.input_ids == source.input_ids).all(0).long().argmin())
+    assert shared > 0
+    v = skipped.values[..., :shared, :]
+    assert torch.equal(v, skipped.base.expand_as(v))
 
 
 @pytest.mark.parametrize("site", ["resid_mid", "head"])
@@ -137,9 +216,9 @@ def test_batching_matches_one_example_at_a_time(lab, pairs, site):
 
 
 def test_set_head_writes_one_head_slice():
-    act = torch.zeros(2, 3, 8)  # 4 heads of width 2
-    out = set_head(act, torch.tensor([1]), torch.tensor([2]), torch.tensor([[5.0, 6.0]]), torch.tensor([3]))
-    assert out[1, 2].tolist() == [0, 0, 0, 0, 0, 0, 5, 6] and out.sum() == 11
+    act = torch.zeros(3, 8)  # 3 packed tokens, 4 heads of width 2
+    out = set_head(act, torch.tensor([2]), torch.tensor([[5.0, 6.0]]), torch.tensor([3]))
+    assert out[2].tolist() == [0, 0, 0, 0, 0, 0, 5, 6] and out.sum() == 11 and act.sum() == 0
 
 
 def test_noise_corruption_and_clean_restore_at_the_subject(lab):

@@ -175,19 +175,19 @@ class PatchResult:
 
 
 # ------------------------------------------------------------------------------------------------ setters
-def set_resid(act: Tensor, rows: Tensor, pos: Tensor, value: Tensor, head: Tensor | None = None) -> Tensor:
-    """``act[rows[i], pos[i]] = value[i]`` on a ``[rows, pos, d]`` activation (residual, attn_out, mlp_out)."""
+def set_resid(act: Tensor, tok: Tensor, value: Tensor, head: Tensor | None = None) -> Tensor:
+    """``act[tok[i]] = value[i]`` on a packed ``[tokens, d]`` activation (residual, attn_out, mlp_out)."""
     act = act.clone()
-    act[rows, pos] = value.to(act.dtype)
+    act[tok] = value.to(act.dtype)
     return act
 
 
-def set_head(act: Tensor, rows: Tensor, pos: Tensor, value: Tensor, head: Tensor | None = None) -> Tensor:
-    """``z[rows[i], pos[i], head[i]] = value[i]`` on ``o_proj``'s input viewed as ``[rows, pos, head, d_head]``."""
-    n_rows, n_pos, width = act.shape
-    z = act.clone().view(n_rows, n_pos, -1, value.shape[-1])
-    z[rows, pos, head] = value.to(act.dtype)
-    return z.view(n_rows, n_pos, width)
+def set_head(act: Tensor, tok: Tensor, value: Tensor, head: Tensor | None = None) -> Tensor:
+    """``z[tok[i], head[i]] = value[i]`` on ``o_proj``'s packed input ``[tokens, head * d_head]``."""
+    n_tok, width = act.shape
+    z = act.clone().view(n_tok, -1, value.shape[-1])
+    z[tok, head] = value.to(act.dtype)
+    return z.view(n_tok, width)
 
 
 SETTERS = {s: set_resid for s in RESID_SITES} | {"head": set_head}
@@ -282,89 +282,111 @@ def _variants(n_pos: int, n_heads: int | None) -> tuple[Tensor, Tensor | None]:
     return grid[:, 1], grid[:, 0]
 
 
-@torch.no_grad()
-def _run_from_layer(
-    model,
-    hidden: Tensor,
-    start: int,
-    site: str,
-    patch: Callable | None,
-    readout: Tensor,
-    offset: int = 0,
-    past: list | None = None,
-) -> Tensor:
-    """Run layers ``start..`` from ``hidden`` (resid_pre of ``start`` at positions ``offset..``), applying ``patch``
-    at the site of ``start``; return logits at ``readout`` (one position per row, relative to ``offset``).
-
-    ``past``: per layer (keys, values) of positions ``< offset`` (unchanged by a patch at or after ``offset``, since
-    attention is causal), so the forward computes only the suffix."""
-    from transformers import DynamicCache
-    from transformers.masking_utils import create_causal_mask
-
-    rows, n_pos = hidden.shape[:2]
-    pos_ids = torch.arange(offset, offset + n_pos)[None].expand(rows, -1)
-    cache = DynamicCache(ddp_cache_data=past, config=model.config) if past is not None else None
-    mask = create_causal_mask(
-        config=model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=cache, position_ids=pos_ids
-    )
-    pe = model.model.rotary_emb(hidden, pos_ids)
-    layers = _layers(model)
-    handle = None
-    if patch is not None and site != "resid_pre":
-        layer = layers[start]
-        module, kind = _site_module(layer, site)
-        if site == "resid_post":
-            handle = module.register_forward_hook(lambda m, a, out: patch(_first(out)))
-        elif site == "resid_mid":  # write attn_out := target - resid_pre so that resid_mid = target
-            base_pre = hidden
-
-            def hook(m, a, out):
-                attn = _first(out)
-                new = patch(base_pre + attn) - base_pre
-                return (new, *out[1:]) if isinstance(out, tuple) else new
-
-            handle = module.register_forward_hook(hook)
-        elif kind == "pre":
-            handle = module.register_forward_pre_hook(lambda m, a: (patch(a[0]), *a[1:]))
-        else:
-            handle = module.register_forward_hook(
-                lambda m, a, out: (patch(_first(out)), *out[1:]) if isinstance(out, tuple) else patch(out)
-            )
-    elif patch is not None:
-        hidden = patch(hidden)
-    # the last layer only matters at the readout positions: its MLP runs there alone (unless it holds the patch)
-    fast_last = start < len(layers) - 1 or site == "resid_pre"
-    try:
-        h = hidden
-        for i, layer in enumerate(layers[start:], start):
-            if fast_last and i == len(layers) - 1:
-                last = _last_layer_at(layer, h, readout, mask, pos_ids, pe, cache)
-                break
-            h = _first(
-                layer(h, attention_mask=mask, position_ids=pos_ids, position_embeddings=pe, past_key_values=cache)
-            )
-        else:
-            last = h[torch.arange(rows), readout]
-    finally:
-        if handle is not None:
-            handle.remove()
-    return model.lm_head(model.model.norm(last))
-
-
-def _last_layer_at(layer, h: Tensor, readout: Tensor, mask, pos_ids, pe, cache=None) -> Tensor:
-    """A Llama decoder layer's output at one position per row: attention over the whole prefix, MLP at the readout."""
-    attn = _first(
-        layer.self_attn(
-            hidden_states=layer.input_layernorm(h),
-            attention_mask=mask,
-            position_ids=pos_ids,
-            position_embeddings=pe,
-            past_key_values=cache,
+def _check_llama(model) -> None:
+    layer = _layers(model)[0]
+    if type(layer).__name__ != "LlamaDecoderLayer":
+        raise ValueError(
+            f"the hf backend's ragged forward implements Llama decoder layers, not {type(layer).__name__}; "
+            "use backend='transformer_lens' or backend='nnsight'"
         )
-    )
-    rows = torch.arange(h.shape[0])
-    mid = h[rows, readout] + attn[rows, readout]
-    return mid + layer.mlp(layer.post_attention_layernorm(mid))
+
+
+@dataclass
+class _Rows:
+    """Patch rows of one ragged forward, sorted by layer: example, layer, target position, (head,) value."""
+
+    b: Tensor
+    layer: Tensor
+    pos: Tensor
+    head: Tensor | None
+    value: Tensor
+
+
+@torch.no_grad()
+def _ragged_forward(model, rows: _Rows, site: str, base_pre: list[Tensor], base_kv: list, readout: Tensor) -> Tensor:
+    """Logits ``[rows, vocab]`` at each row's readout after its patch, computing only what the patch can change.
+
+    A patch at (layer ``l``, position ``p``) leaves every position ``< p`` and every layer ``< l`` as in the base run
+    (attention is causal), and positions after the readout cannot reach the metric. So each row contributes the
+    tokens ``p..readout`` and enters the stack at layer ``l``; all rows' tokens are packed into one ``[tokens, d]``
+    tensor (rows sorted by layer, so the tokens active at a layer are a prefix) and every layer runs one set of
+    matrix products over the active tokens. Attention reads the base run's cached keys and values for the unchanged
+    prefix. At the last layer only the readout token's query, output and MLP are computed.
+    """
+    layers = _layers(model)
+    n_layers, R = len(layers), len(rows.b)
+    end = readout[rows.b]
+    n_tok = end - rows.pos + 1
+    offsets = torch.cumsum(n_tok, 0) - n_tok
+    N = int(n_tok.sum())
+    row_of = torch.repeat_interleave(torch.arange(R), n_tok)
+    tok_pos = rows.pos[row_of] + torch.arange(N) - offsets[row_of]
+    tok_b = rows.b[row_of]
+    read_tok = offsets + n_tok - 1
+    T = int(end.max()) + 1
+    dtype = base_pre[0].dtype
+    cos, sin = model.model.rotary_emb(base_pre[0][:1, :T], torch.arange(T)[None])
+    cos, sin = cos[0], sin[0]  # [T, d_head]
+    mask = torch.full((T, T), torch.finfo(dtype).min, dtype=dtype).triu(1)
+    # rows (and tokens) active at each layer: those whose patch layer is <= it
+    first = int(rows.layer[0])
+    counts = torch.bincount(rows.layer - first, minlength=n_layers - first).cumsum(0).tolist()
+    tok_counts = [int(offsets[c]) if c < R else N for c in counts]
+    setter = SETTERS[site]
+    h = torch.empty(N, base_pre[0].shape[-1], dtype=dtype)
+    r0 = n0 = 0
+    for li in range(first, n_layers):
+        layer, attn = layers[li], layers[li].self_attn
+        last = li == n_layers - 1
+        r1, n1 = counts[li - first], tok_counts[li - first]
+        join = torch.arange(r0, r1)  # rows whose patch sits in this layer; their first token is the patched one
+
+        def patch(act: Tensor, here: str, tok: Tensor, join: Tensor = join) -> Tensor:
+            if site != here or len(join) == 0:
+                return act
+            return setter(act, tok, rows.value[join], None if rows.head is None else rows.head[join])
+
+        h[n0:n1] = base_pre[li][tok_b[n0:n1], tok_pos[n0:n1]]
+        hh, rr, pos = patch(h[:n1], "resid_pre", offsets[join]), row_of[:n1], tok_pos[:n1]
+        x = layer.input_layernorm(hh)
+        k = attn.k_proj(x).view(n1, -1, attn.head_dim)
+        v = attn.v_proj(x).view(n1, -1, attn.head_dim)
+        c, s = cos[pos][:, None], sin[pos][:, None]
+        K = base_kv[li][0][rows.b[:r1], :, :T]  # advanced indexing copies: the cache stays intact
+        V = base_kv[li][1][rows.b[:r1], :, :T]
+        K[rr, :, pos], V[rr, :, pos] = k * c + _rotate_half(k) * s, v
+        if last:  # one query per row, at its readout; patches after attention here sit at the readout (see caller)
+            qt = read_tok[:r1]
+            q = attn.q_proj(x[qt]).view(r1, -1, attn.head_dim)
+            c, s = cos[end[:r1]][:, None], sin[end[:r1]][:, None]
+            q = (q * c + _rotate_half(q) * s)[:, :, None]  # [rows, heads, 1, d_head]
+            z, _ = _eager_attention(attn, q, K, V, mask[end[:r1]][:, None, None], attn.scaling)
+            z, hh, tok = z.reshape(r1, -1), hh[qt], join  # row layout: token i of these tensors is row i's readout
+        else:
+            q = attn.q_proj(x).view(n1, -1, attn.head_dim)
+            Q = torch.zeros(r1, q.shape[1], T, attn.head_dim, dtype=dtype)
+            Q[rr, :, pos] = q * c + _rotate_half(q) * s
+            z, _ = _eager_attention(attn, Q, K, V, mask[None, None], attn.scaling)  # [rows, T, heads, d_head]
+            z, tok = z[rr, pos].reshape(n1, -1), offsets[join]
+        a = patch(attn.o_proj(patch(z, "head", tok)), "attn_out", tok)
+        mid = patch(hh + a, "resid_mid", tok)
+        out = patch(mid + patch(layer.mlp(layer.post_attention_layernorm(mid)), "mlp_out", tok), "resid_post", tok)
+        if last:
+            return model.lm_head(model.model.norm(out))
+        h[:n1] = out
+        r0, n0 = r1, n1
+    raise AssertionError("unreachable: the loop returns at the last layer")
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _eager_attention(module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scaling: float):
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward(module, q, k, v, mask, scaling=scaling)
 
 
 def activation_patch(
@@ -378,20 +400,24 @@ def activation_patch(
     corruption: GaussianNoise | None = None,
     backend: str = "hf",
     max_rows: int = 2048,
-    prefix_groups: int | None = None,
+    max_tokens: int = 65536,
+    skip_identical: bool = True,
 ) -> PatchResult:
     """Patch ``source``'s ``site`` activation into ``base`` at every (layer, named position) [x head], batched.
 
     Row ``b`` of ``source`` patches row ``b`` of ``base``: position ``base.positions[b, j]`` receives the source
     activation at ``source.positions[b, j]`` (role alignment). ``corruption`` adds noise to the base's subject
-    embeddings first (ROME tracing: then ``source`` is usually the same prompts, clean). ``max_rows`` bounds the rows
-    of one forward. ``prefix_groups > 1`` also reuses the base run's keys and values: variants are split into that
-    many groups by target position and each group's forward computes only the positions from its earliest target
-    on (attention is causal, so earlier positions are unchanged by the patch); worth it for deep models and long
-    prompts, where compute dominates. ``None`` (default) picks 4 for models of 8+ layers, else 1 (measured in
-    ``benchmarks/patching_sweep.py``: SmolLM2-135M 1.4x faster with 4 groups, slower with 8 or 16; a 2-layer model
-    gains nothing). ``model`` is a plain HF
-    model for ``backend="hf"``, a ``TransformerBridge`` for ``"transformer_lens"``, an nnsight model for ``"nnsight"``.
+    embeddings first (ROME tracing: then ``source`` is usually the same prompts, clean).
+
+    How it is fast (``backend="hf"``, exact): one base and one source forward cache every layer; then all patches of
+    the sweep run as rows of one ragged forward (:func:`_ragged_forward`) that computes, per patch, only the tokens
+    from the patched position to the readout and only the layers from the patched one on, reusing the base run's
+    keys and values for the rest. A patch whose source value equals the base value bit for bit (e.g. positions
+    before the first token where clean and corrupted prompts differ), or that cannot reach the readout (after it;
+    after attention in the last layer at another token), changes nothing and gets the base value without a forward
+    (``skip_identical=False`` runs those too). ``max_rows`` / ``max_tokens`` bound one forward's patches / packed
+    tokens (memory). ``model`` is a plain HF Llama-family model for ``backend="hf"``, a ``TransformerBridge`` for
+    ``"transformer_lens"``, an nnsight model for ``"nnsight"``.
     """
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
@@ -406,59 +432,59 @@ def activation_patch(
             model, base, source, site=site, layers=layers, metric=fn, metric_name=metric_name, backend=backend,
             corruption=corruption,
         )  # fmt: skip
+    _check_llama(model)
     cfg = model.config
     n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
     layers = list(range(n_layers)) if layers is None else [range(n_layers)[L] for L in layers]
     noise = corruption.noise(model, base) if corruption is not None else None
-    if prefix_groups is None:
-        prefix_groups = 4 if n_layers >= 8 else 1
-    kv: list | None = [] if prefix_groups > 1 else None
-    _, base_pre, base_logits = capture(
-        model, base.input_ids, "resid_pre", embed_noise=noise, readout=base.readout, kv=kv
+    kv: list = []
+    base_acts, base_pre, base_logits = capture(
+        model, base.input_ids, site, embed_noise=noise, readout=base.readout, kv=kv
     )
     src_acts, _, src_logits = capture(model, source.input_ids, site, readout=source.readout)
     base_val = fn(base_logits, base.answer, base.foil)
     src_val = fn(src_logits, source.answer, source.foil)
+
+    # every patch of the sweep, layer-major then variant then example: flat index = (layer * n_var + var) * B + b
     pos_idx, head_idx = _variants(base.positions.shape[1], n_heads if site == "head" else None)
     n_var, B = len(pos_idx), len(base)
-    out = torch.empty(len(layers), n_var, B)
-    # chunks of variants; with prefix reuse, variants sorted by their earliest target position and split into
-    # ``prefix_groups`` chunks, each starting its forward at its own earliest target position
-    order = torch.argsort(base.positions.min(0).values[pos_idx], stable=True)
-    per_chunk = max(1, max_rows // B)
-    if prefix_groups > 1:
-        per_chunk = min(per_chunk, -(-n_var // prefix_groups))
-    chunks = [order[v0 : v0 + per_chunk] for v0 in range(0, n_var, per_chunk)]
-    for li, L in enumerate(layers):
-        values = _gather_source(src_acts[L], source.positions, site, n_heads)  # [B, n_pos, ...]
-        for vs in chunks:
-            # rows are variant-major: row = v * B + b
-            rows = torch.arange(len(vs) * B)
-            b_of = rows % B
-            p_of = pos_idx[vs].repeat_interleave(B)
-            tgt_pos = base.positions[b_of, p_of]
-            if site == "head":
-                h_of = head_idx[vs].repeat_interleave(B)
-                val = values[b_of, p_of, h_of]
-            else:
-                h_of, val = None, values[b_of, p_of]
-
-            p0 = int(tgt_pos.min()) if kv is not None else 0
-            past = [(k[b_of, :, :p0], v[b_of, :, :p0]) for k, v in kv] if kv is not None and p0 > 0 else None
-            p0 = p0 if past is not None else 0
-
-            def patch(act, rows=rows, tgt_pos=tgt_pos - p0, val=val, h_of=h_of):
-                return SETTERS[site](act, rows, tgt_pos, val, h_of)
-
-            hidden = base_pre[L][b_of, p0:]
-            logits = _run_from_layer(model, hidden, L, site, patch, base.readout[b_of] - p0, p0, past)
-            out[li, vs] = fn(logits, base.answer[b_of], base.foil[b_of]).view(len(vs), B)
+    li, var, b = torch.cartesian_prod(torch.arange(len(layers)), torch.arange(n_var), torch.arange(B)).unbind(1)
+    L = torch.tensor(layers)[li]
+    j = pos_idx[var]
+    tgt, spos = base.positions[b, j], source.positions[b, j]
+    value = torch.stack(src_acts)[L, b, spos]
+    current = torch.stack(base_acts)[L, b, tgt]
+    head = None
+    if site == "head":
+        head = head_idx[var]
+        r = torch.arange(len(b))
+        value, current = value.view(len(b), n_heads, -1)[r, head], current.view(len(b), n_heads, -1)[r, head]
+    live = tgt <= base.readout[b]
+    if site != "resid_pre":  # after attention in the last layer, only the readout token reaches the metric
+        live &= (L < n_layers - 1) | (tgt == base.readout[b])
+    if skip_identical:
+        live &= ~(value == current).all(-1)
+    out = base_val[b].clone()
+    idx = torch.nonzero(live)[:, 0]
+    idx = idx[torch.argsort(L[idx] * base.input_ids.shape[1] + tgt[idx], stable=True)]
+    n_tok = (base.readout[b[idx]] - tgt[idx] + 1).tolist()
+    start, n_rows, n_toks = 0, 0, 0
+    for i, t in enumerate([*n_tok, None]):  # chunks of at most max_rows rows and max_tokens tokens
+        if t is not None and n_rows < max_rows and (n_toks + t <= max_tokens or n_rows == 0):
+            n_rows, n_toks = n_rows + 1, n_toks + t
+            continue
+        if n_rows:
+            c = idx[start:i]
+            rows = _Rows(b[c], L[c], tgt[c], None if head is None else head[c], value[c])
+            logits = _ragged_forward(model, rows, site, base_pre, kv, base.readout)
+            out[c] = fn(logits, base.answer[b[c]], base.foil[b[c]])
+        start, n_rows, n_toks = i, 1, t or 0
     if site == "head":
         values = out.view(len(layers), n_heads, base.positions.shape[1], B)
         axes = ("layer", "head", "pos", "example")
         labels = {"layer": layers, "head": list(range(n_heads)), "pos": base.pos_labels, "example": list(range(B))}
     else:
-        values, axes = out, ("layer", "pos", "example")
+        values, axes = out.view(len(layers), n_var, B), ("layer", "pos", "example")
         labels = {"layer": layers, "pos": base.pos_labels, "example": list(range(B))}
     return PatchResult(values, axes, labels, base_val, src_val, site, metric_name)
 
