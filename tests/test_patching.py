@@ -268,3 +268,13 @@ def test_bad_site_metric_and_unpaired_inputs(lab, pairs):
         activation_patch(model, base, source, metric="accuracy")
     with pytest.raises(ValueError, match="rows"):
         activation_patch(model, base, fact_inputs(lab[1], lab[2].query_examples([0])[:2]))
+
+
+def test_several_metrics_from_the_same_forwards_equal_separate_sweeps(lab, pairs):
+    model = lab[0]
+    base, source, _ = pairs
+    both = activation_patch(model, base, source, site="mlp_out", metric=["logit_diff", "hit"])
+    for name in ("logit_diff", "hit"):
+        one = activation_patch(model, base, source, site="mlp_out", metric=name)
+        assert both[name].metric == name and torch.equal(both[name].values, one.values)
+        assert torch.equal(both[name].base, one.base)

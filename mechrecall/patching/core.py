@@ -396,13 +396,13 @@ def activation_patch(
     *,
     site: str = "resid_pre",
     layers: Sequence[int] | None = None,
-    metric: str | Metric = "logit_diff",
+    metric: str | Metric | Sequence[str | Metric] = "logit_diff",
     corruption: GaussianNoise | None = None,
     backend: str = "hf",
     max_rows: int = 2048,
     max_tokens: int = 65536,
     skip_identical: bool = True,
-) -> PatchResult:
+) -> PatchResult | dict[str, PatchResult]:
     """Patch ``source``'s ``site`` activation into ``base`` at every (layer, named position) [x head], batched.
 
     Row ``b`` of ``source`` patches row ``b`` of ``base``: position ``base.positions[b, j]`` receives the source
@@ -416,16 +416,21 @@ def activation_patch(
     before the first token where clean and corrupted prompts differ), or that cannot reach the readout (after it;
     after attention in the last layer at another token), changes nothing and gets the base value without a forward
     (``skip_identical=False`` runs those too). ``max_rows`` / ``max_tokens`` bound one forward's patches / packed
-    tokens (memory). ``model`` is a plain HF Llama-family model for ``backend="hf"``, a ``TransformerBridge`` for
+    tokens (memory). A list of metrics returns ``{name: PatchResult}`` from the same forwards. ``model`` is a plain HF Llama-family model for ``backend="hf"``, a ``TransformerBridge`` for
     ``"transformer_lens"``, an nnsight model for ``"nnsight"``.
     """
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
     if len(base) != len(source) or base.positions.shape != source.positions.shape:
         raise ValueError("base and source need the same number of rows and named positions (pair them row by row)")
-    fn = get_metric(metric)
-    metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
+    several = isinstance(metric, list | tuple)
+    fns = [get_metric(m) for m in (metric if several else [metric])]
+    names = [m if isinstance(m, str) else getattr(m, "__name__", "custom") for m in (metric if several else [metric])]
     if backend != "hf":
+        if several:
+            return {n: activation_patch(model, base, source, site=site, layers=layers, metric=m, backend=backend,
+                                        corruption=corruption) for n, m in zip(names, metric)}  # fmt: skip
+        fn, metric_name = fns[0], names[0]
         from mechrecall.patching.backends import activation_patch_backend
 
         return activation_patch_backend(
@@ -442,8 +447,8 @@ def activation_patch(
         model, base.input_ids, site, embed_noise=noise, readout=base.readout, kv=kv
     )
     src_acts, _, src_logits = capture(model, source.input_ids, site, readout=source.readout)
-    base_val = fn(base_logits, base.answer, base.foil)
-    src_val = fn(src_logits, source.answer, source.foil)
+    base_vals = [fn(base_logits, base.answer, base.foil) for fn in fns]
+    src_vals = [fn(src_logits, source.answer, source.foil) for fn in fns]
 
     # every patch of the sweep, layer-major then variant then example: flat index = (layer * n_var + var) * B + b
     pos_idx, head_idx = _variants(base.positions.shape[1], n_heads if site == "head" else None)
@@ -464,7 +469,7 @@ def activation_patch(
         live &= (L < n_layers - 1) | (tgt == base.readout[b])
     if skip_identical:
         live &= ~(value == current).all(-1)
-    out = base_val[b].clone()
+    outs = [v[b].clone() for v in base_vals]
     idx = torch.nonzero(live)[:, 0]
     idx = idx[torch.argsort(L[idx] * base.input_ids.shape[1] + tgt[idx], stable=True)]
     n_tok = (base.readout[b[idx]] - tgt[idx] + 1).tolist()
@@ -477,16 +482,20 @@ def activation_patch(
             c = idx[start:i]
             rows = _Rows(b[c], L[c], tgt[c], None if head is None else head[c], value[c])
             logits = _ragged_forward(model, rows, site, base_pre, kv, base.readout)
-            out[c] = fn(logits, base.answer[b[c]], base.foil[b[c]])
+            for out, fn in zip(outs, fns):
+                out[c] = fn(logits, base.answer[b[c]], base.foil[b[c]])
         start, n_rows, n_toks = i, 1, t or 0
     if site == "head":
-        values = out.view(len(layers), n_heads, base.positions.shape[1], B)
-        axes = ("layer", "head", "pos", "example")
+        shape, axes = (len(layers), n_heads, base.positions.shape[1], B), ("layer", "head", "pos", "example")
         labels = {"layer": layers, "head": list(range(n_heads)), "pos": base.pos_labels, "example": list(range(B))}
     else:
-        values, axes = out.view(len(layers), n_var, B), ("layer", "pos", "example")
+        shape, axes = (len(layers), n_var, B), ("layer", "pos", "example")
         labels = {"layer": layers, "pos": base.pos_labels, "example": list(range(B))}
-    return PatchResult(values, axes, labels, base_val, src_val, site, metric_name)
+    results = {
+        n: PatchResult(out.view(shape), axes, labels, bv, sv, site, n)
+        for n, out, bv, sv in zip(names, outs, base_vals, src_vals)
+    }
+    return results if several else results[names[0]]
 
 
 def full_patch_logits(model, base: PatchInputs, source: PatchInputs, site: str = "resid_pre") -> Tensor:
