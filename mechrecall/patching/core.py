@@ -20,9 +20,10 @@ B?\\nAnswer:"), the source the storage prompt of person A ("A was born in"); pos
   any ``f(logits [rows, vocab], answer [rows], foil [rows]) -> [rows]``, read at each base row's ``readout`` position.
 
 The generic function is :func:`activation_patch`; a setter (:data:`SETTERS`) writes the source value for one site.
-Sweeps are batched: for a layer, the base batch is repeated once per patch variant (position, or head x position),
-each copy gets its own patch, and the forward starts at that layer from the base run's cached residual stream (the
-layers before it are identical for every variant). Metrics stay tensors (no per-patch ``.item()``). Results keep
+Sweeps are batched: every (layer, variant, example) patch of a sweep is one row of a single ragged forward that
+enters the stack at the patched layer and computes only the tokens from the patched position to the readout, on the
+base run's cached residual stream, keys and values (everything else is unchanged by the patch: attention is causal).
+Metrics stay tensors (no per-patch ``.item()``). Results keep
 every example: :class:`PatchResult` ``.values`` is ``[layer, (head,) pos, batch]`` with named axes and
 ``.to_dataframe()``.
 
@@ -416,8 +417,9 @@ def activation_patch(
     before the first token where clean and corrupted prompts differ), or that cannot reach the readout (after it;
     after attention in the last layer at another token), changes nothing and gets the base value without a forward
     (``skip_identical=False`` runs those too). ``max_rows`` / ``max_tokens`` bound one forward's patches / packed
-    tokens (memory). A list of metrics returns ``{name: PatchResult}`` from the same forwards. ``model`` is a plain HF Llama-family model for ``backend="hf"``, a ``TransformerBridge`` for
-    ``"transformer_lens"``, an nnsight model for ``"nnsight"``.
+    tokens (memory). A list of metrics returns ``{name: PatchResult}`` from the same forwards. ``model`` is a plain
+    HF Llama-family model for ``backend="hf"``, a ``TransformerBridge`` for ``"transformer_lens"``, an nnsight model
+    for ``"nnsight"``.
     """
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
