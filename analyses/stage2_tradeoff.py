@@ -21,11 +21,12 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="default")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=None, help="stage-2 budget (default: the preset's)")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--target", type=float, default=0.95)
     args = ap.parse_args(argv)
     preset = get_preset(args.preset, args.overrides)
+    args.steps = args.steps or preset.two_stage.stage2.steps
     result = sweep(
         preset, args.run, args.out, args.recipes, steps=args.steps, eval_every=args.eval_every, target=args.target
     )
