@@ -35,11 +35,10 @@ def patching_one(model, tokenizer, dataset, *, n_people: int = 40, n_pairs: int 
     base, source, rows = fact_pairs(dataset, tokenizer, pids, source_format="storage", base_format="query", n=n_pairs,
                                     seed=seed)  # fmt: skip
     out: dict = {"n_pairs": len(rows), "pairs": rows, "sites": {}}
+    sweeps: dict = {}
     for site in SITES:
-        res = activation_patch(model, base, source, site=site, metric=["logit_diff", "hit"])  # same forwards
-        ld, hit = res["logit_diff"], res["hit"]
-        if site == "attn_out":
-            exact = ld
+        sweeps[site] = activation_patch(model, base, source, site=site, metric=["logit_diff", "hit"])  # same forwards
+        ld, hit = sweeps[site]["logit_diff"], sweeps[site]["hit"]
         out["sites"][site] = {
             "logit_diff": _summ(ld),
             "logit_diff_base": float(ld.base.mean()),
@@ -48,7 +47,7 @@ def patching_one(model, tokenizer, dataset, *, n_people: int = 40, n_pairs: int 
             "per_example_logit_diff": ld.values.tolist(),
         }
     atp = attribution_patch(model, base, source, site="attn_out")
-    out["atp_check_attn_out"] = check_attribution(atp, exact)
+    out["atp_check_attn_out"] = check_attribution(atp, sweeps["attn_out"]["logit_diff"])
     # ROME tracing on the query prompts of the same people: noise on the subject, restore one clean state
     clean = fact_inputs(tokenizer, dataset.query_examples(pids, templates=[0])[:n_pairs])
     trace = activation_patch(model, clean, clean, site="resid_pre", corruption=GaussianNoise(3.0, seed), metric="prob")

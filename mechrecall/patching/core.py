@@ -426,12 +426,13 @@ def activation_patch(
     if len(base) != len(source) or base.positions.shape != source.positions.shape:
         raise ValueError("base and source need the same number of rows and named positions (pair them row by row)")
     several = isinstance(metric, list | tuple)
-    fns = [get_metric(m) for m in (metric if several else [metric])]
-    names = [m if isinstance(m, str) else getattr(m, "__name__", "custom") for m in (metric if several else [metric])]
+    metrics = list(metric) if several else [metric]
+    fns = [get_metric(m) for m in metrics]
+    names = [m if isinstance(m, str) else getattr(m, "__name__", "custom") for m in metrics]
     if backend != "hf":
         if several:
             return {n: activation_patch(model, base, source, site=site, layers=layers, metric=m, backend=backend,
-                                        corruption=corruption) for n, m in zip(names, metric)}  # fmt: skip
+                                        corruption=corruption) for n, m in zip(names, metrics)}  # fmt: skip
         fn, metric_name = fns[0], names[0]
         from mechrecall.patching.backends import activation_patch_backend
 
