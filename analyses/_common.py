@@ -15,8 +15,8 @@ def pair_parser(doc: str) -> argparse.ArgumentParser:
 
 def consistency_part(part: str, doc: str, argv=None) -> int:
     """Run the consistency report on the pair and write its ``part`` ("gradient" or "representation") on its own."""
-    from mechrecall.consistency_report import figures, run
     from mechrecall.io import atomic_write_json, atomic_write_text
+    from mechrecall.report.consistency import figures, run
 
     args = pair_parser(doc).parse_args(argv)
     result = run([args.two_stage, args.mixed], args.out, registry=args.registry, labels=["two_stage", "mixed"])

@@ -2,14 +2,14 @@
 
     python analyses/attribution.py --two-stage default-s0-two-stage --mixed default-s0-mixed --out runs/default
 
-Writes OUT/attribution.json and OUT/attribution.html (mechrecall.patching_report.run_attribution).
+Writes OUT/attribution.json and OUT/attribution.html (mechrecall.report.patching.run_attribution).
 """
 
 import sys
 
 from _common import pair_parser
 
-from mechrecall.patching_report import run_attribution, summary_rows
+from mechrecall.report.patching import run_attribution, summary_rows
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ saved during training: OUT/consistency_trajectory.{json,html}). Facts: the held-
 import argparse
 import sys
 
-from mechrecall.consistency_report import run, trajectory
+from mechrecall.report.consistency import run, trajectory
 
 
 def main(argv=None) -> int:

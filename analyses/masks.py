@@ -12,7 +12,7 @@ the recipient's held-out QA after grafting it into the other regime's model. Wri
 import argparse
 import sys
 
-from mechrecall.masks_report import run, summary_rows
+from mechrecall.report.masks import run, summary_rows
 
 
 def main(argv=None) -> int:

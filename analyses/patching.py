@@ -2,7 +2,7 @@
 
     python analyses/patching.py --two-stage default-s0-two-stage --mixed default-s0-mixed --out runs/default
 
-Writes OUT/patching.json and OUT/patching.html (mechrecall.patching_report.run_patching). For custom sweeps use
+Writes OUT/patching.json and OUT/patching.html (mechrecall.report.patching.run_patching). For custom sweeps use
 `python -m mechrecall.patching --help`.
 """
 
@@ -10,7 +10,7 @@ import sys
 
 from _common import pair_parser
 
-from mechrecall.patching_report import run_patching, summary_rows
+from mechrecall.report.patching import run_patching, summary_rows
 
 
 def main(argv=None) -> int:

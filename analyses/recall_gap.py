@@ -12,10 +12,11 @@ from pathlib import Path
 import plotly.graph_objects as go
 from _common import pair_parser
 
-from mechrecall.evaluate import evaluate
-from mechrecall.facts import ATTRIBUTES
 from mechrecall.io import atomic_write_json, atomic_write_text
-from mechrecall.loading import lab_dataset, load_model
+from mechrecall.lab.bios import ATTRIBUTES
+from mechrecall.lab.evaluate import evaluate
+from mechrecall.lab.models import lab_dataset
+from mechrecall.loading import load_model
 
 
 def main(argv=None) -> int:

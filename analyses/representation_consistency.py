@@ -2,7 +2,7 @@
 
     python analyses/representation_consistency.py --two-stage default-s0-two-stage --mixed default-s0-mixed --out runs/default
 
-Runs mechrecall.consistency_report (gradient and representation measures, backend parity; also writes
+Runs mechrecall.report.consistency (gradient and representation measures, backend parity; also writes
 consistency.json / .html), then writes the representation part as OUT/representation_consistency.json and its figure as
 OUT/representation_consistency.html.
 """

@@ -1,6 +1,6 @@
 """Two-stage, stage 2: the trade-off between trained QA and retained storage recall, per recipe.
 
-Starts every recipe in mechrecall.stage2.RECIPES from the same stage-1 checkpoint of a finished run and writes
+Starts every recipe in mechrecall.lab.stage2.RECIPES from the same stage-1 checkpoint of a finished run and writes
 OUT/stage2_sweep.json and OUT/stage2_tradeoff.html. The chosen recipe (highest storage recall at the first
 evaluation where trained QA >= target) is selected without looking at validation or held-out people.
 
@@ -10,8 +10,8 @@ evaluation where trained QA >= target) is selected without looking at validation
 import argparse
 import sys
 
-from mechrecall.config import get_preset
-from mechrecall.stage2 import RECIPES, figure, sweep
+from mechrecall.lab.config import get_preset
+from mechrecall.lab.stage2 import RECIPES, figure, sweep
 
 
 def main(argv=None) -> int:

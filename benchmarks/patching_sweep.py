@@ -31,11 +31,11 @@ def _inputs(ids, answer, foil):
 
 
 def lab_model():
-    from mechrecall.config import get_preset
-    from mechrecall.facts import generate
+    from mechrecall.lab.bios import generate
+    from mechrecall.lab.config import get_preset
+    from mechrecall.lab.models import build_model
+    from mechrecall.lab.tokenizer import train_tokenizer
     from mechrecall.loading import LoadedModel
-    from mechrecall.models import build_model
-    from mechrecall.tokenization import train_tokenizer
 
     preset = get_preset("default")
     ds = generate(preset.data.spec(), 0)

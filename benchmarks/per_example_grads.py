@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from mechrecall.config import get_preset
-from mechrecall.facts import generate
 from mechrecall.gradients import answer_batch, per_example_grads, per_example_grads_loop
-from mechrecall.models import build_model
-from mechrecall.tokenization import train_tokenizer
+from mechrecall.lab.bios import generate
+from mechrecall.lab.config import get_preset
+from mechrecall.lab.models import build_model
+from mechrecall.lab.tokenizer import train_tokenizer
 
 
 def main() -> None:

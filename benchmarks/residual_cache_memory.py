@@ -16,10 +16,10 @@ import tempfile
 
 def child(n: int, shard: int) -> None:
     from mechrecall.cache import cache_residuals
-    from mechrecall.config import get_preset
-    from mechrecall.facts import generate
-    from mechrecall.models import build_model
-    from mechrecall.tokenization import train_tokenizer
+    from mechrecall.lab.bios import generate
+    from mechrecall.lab.config import get_preset
+    from mechrecall.lab.models import build_model
+    from mechrecall.lab.tokenizer import train_tokenizer
 
     preset = get_preset("default")
     ds = generate(preset.data.spec(), 0)

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from mechrecall.config import get_preset
-from mechrecall.train import prepare_data, train
+from mechrecall.lab.config import get_preset
+from mechrecall.lab.train import prepare_data, train
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """``python -m mechrecall``: the lab's command line.
 
     python -m mechrecall reproduce [--preset default] [--out runs/default] [--seeds 0 1 2] [--force]
-    python -m mechrecall train --regime mixed --out runs/x          (same as python -m mechrecall.train)
+    python -m mechrecall train --regime mixed --out runs/x          (same as python -m mechrecall.lab.train)
     python -m mechrecall eval CHECKPOINT                             (registry name or folder)
     python -m mechrecall registry                                    (list checkpoints.yaml)
     python -m mechrecall presets                                     (list presets and their settings)
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from mechrecall.reproduce import reproduce
+    from mechrecall.lab.reproduce import reproduce
 
     out = args.out or f"runs/{args.preset}"
     results = reproduce(
@@ -33,7 +33,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         analyses=not args.no_analyses,
     )
-    from mechrecall.reproduce import markdown_table
+    from mechrecall.lab.reproduce import markdown_table
 
     print(markdown_table(results))
     print(f"wrote {out}/results.json and {out}/results.md")
@@ -41,8 +41,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mechrecall.evaluate import evaluate
-    from mechrecall.loading import lab_dataset, load_model
+    from mechrecall.lab.evaluate import evaluate
+    from mechrecall.lab.models import lab_dataset
+    from mechrecall.loading import load_model
 
     loaded = load_model(args.checkpoint, registry=args.registry)
     dataset = lab_dataset(loaded)
@@ -67,14 +68,14 @@ def _cmd_registry(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from mechrecall.report import build
+    from mechrecall.report.page import build
 
     print(f"wrote {build(args.run)}")
     return 0
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from mechrecall.config import PRESETS
+    from mechrecall.lab.config import PRESETS
 
     for name, p in PRESETS.items():
         print(f"{name}: {json.dumps(p.model_dump(mode='json'))}")
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     rpt.set_defaults(func=_cmd_report)
     ps = sub.add_parser("presets", help="list presets")
     ps.set_defaults(func=_cmd_presets)
-    tr = sub.add_parser("train", help="train one regime (see python -m mechrecall.train --help)", add_help=False)
+    tr = sub.add_parser("train", help="train one regime (see python -m mechrecall.lab.train --help)", add_help=False)
     tr.add_argument("rest", nargs=argparse.REMAINDER)
     tr.set_defaults(func=None)
     return ap
@@ -120,13 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
-        from mechrecall.train import main as train_main
+        from mechrecall.lab.train import main as train_main
 
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from mechrecall.models import CheckpointError
+    from mechrecall.checkpoint import CheckpointError
+    from mechrecall.lab.reproduce import RunExistsError
     from mechrecall.registry import RegistryError
-    from mechrecall.reproduce import RunExistsError
 
     try:
         return args.func(args)

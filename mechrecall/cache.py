@@ -186,7 +186,7 @@ def cache_residuals(
         "sites": list(sites),
         "backend": backend,
         "format": sorted({e.format for e in examples}),
-        "fact_ids": [[e.person_id, e.attribute, e.format] for e in examples],
+        "fact_ids": [[e.subject_id, e.relation, e.format] for e in examples],
         **(meta or {}),
     }
     pending: dict[str, list[Tensor]] = {s: [] for s in sites}

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechrecall.facts import FactSet
+
 
 def derangement(n: int, seed: int = 0) -> Int[Tensor, " n"]:
     """A permutation with no fixed point (for mismatched-fact baselines); needs n >= 2."""
@@ -234,15 +236,17 @@ def streamed_gradient_consistency(
     return [Consistency(g, torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for g, v in parts.items()]
 
 
-def measure(model, tokenizer, dataset, pids: Sequence[int], *, grad_facts: int = 240, seed: int = 0) -> dict:
-    """Gradient and representation consistency of one model on the facts of ``pids`` (query template 0).
+def measure(model, tokenizer, facts: FactSet, *, grad_facts: int = 240, seed: int = 0) -> dict:
+    """Gradient and representation consistency of one model on ``facts`` (first storage and first query text each).
 
     Returns a JSON-able dict; ``gradient`` uses the first ``grad_facts`` facts (per-example gradients are costly).
     """
     from mechrecall.cache import cache_residuals
 
-    storage = dataset.storage_examples(pids)
-    query = dataset.query_examples(pids, templates=[0])
+    storage = facts.examples("storage", templates=[0])
+    query = facts.examples("query", templates=[0])
+    if len(storage) != len(query):
+        raise ValueError("every fact needs a storage and a query text for consistency measures")
     model.eval()
     grads = streamed_gradient_consistency(model, tokenizer, storage[:grad_facts], query[:grad_facts], seed=seed)
     gsum = {r.group: r.summary(seed=seed) for r in grads}

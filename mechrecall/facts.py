@@ -1,127 +1,69 @@
-"""Synthetic people, their facts, and the two formats a fact is written in.
+"""The toolkit's fact types: a fact, its texts in the storage and query formats, and a set of facts from a file.
 
-A *fact* is (person, attribute, value). It is rendered in two formats:
+A :class:`Fact` is (subject, relation, answer), e.g. ("Anya Forger", "birth_city", "Princeton, NJ"). It is written in
+two formats, each text an :class:`Example` that **ends with the answer**:
 
-- **storage** (a biography): six sentences, one per attribute, e.g. ``"Anya Forger was born in Princeton, NJ."``. The
-  full name stands in the first sentence, later sentences use a pronoun (option ``fullname`` repeats the name).
-- **query** (QA): ``"What is the birth city of Anya Forger?\\nAnswer: Princeton, NJ"``.
+- **storage** (a document that states the fact): ``"Anya Forger was born in Princeton, NJ"``; earlier sentences of
+  the same document may come first (they are context);
+- **query** (a question and its answer): ``"Where was Anya Forger born?\\nAnswer: Princeton, NJ"``.
 
-Every rendered example carries character spans per *role* (``subject``, ``relation``, ``answer``, and ``cue`` for the
-QA's "Answer:"), recorded while the text is assembled, so nothing is found by string search afterwards. Token spans
-come from the tokenizer's offset mapping (:func:`mechrecall.tokenization.encode_example`).
+Every text carries character spans per *role*: ``subject`` (the subject mention), ``relation`` (the words that name
+the relation), ``answer`` (the answer, at the end), optionally ``cue`` (e.g. "Answer:"). Token positions come from the
+tokenizer's offset mapping (:func:`mechrecall.tokenization.encode_example`), so any fast tokenizer works, BPE included.
 
-People are split three ways: ``train`` (QA trained), ``validation`` (QA never trained; for any tuning) and
-``heldout`` (QA never trained; reported). Biographies of everyone are trained in both regimes.
+Your own facts: one JSON object per line (or a Hugging Face ``datasets.Dataset`` with the same columns)::
+
+    {"id": "f1", "subject": "Marie Curie", "relation": "birth_city", "answer": "Warsaw", "split": "train",
+     "storage": ["Marie Curie was born in Warsaw"],
+     "query": ["Where was Marie Curie born?\\nAnswer: Warsaw"]}
+
+``storage`` and ``query`` are lists of texts, each a string or ``{"text": ..., "spans": {"subject": [[s, e]], ...}}``.
+Without spans, ``subject`` and ``answer`` are located by exact string match (the answer must end the text, the
+subject is its last mention before the answer), and ``relation`` by ``relation_text`` when a record gives it (the
+words of the relation as written, e.g. "was born in"; default: none). A record whose subject, relation or answer
+cannot be found gets a :class:`FactFormatError` naming the file, the record and the field. ``split`` is optional
+(``train`` / ``validation`` / ``heldout`` by convention); :meth:`FactSet.split` selects by it.
+
+>>> facts = load_facts("my_facts.jsonl")
+>>> facts.examples("storage"), facts.examples("query", split="heldout")
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from mechrecall import pools
 from mechrecall.io import atomic_write_text
 
 Format = Literal["storage", "query"]
-Split = Literal["train", "validation", "heldout"]
 FORMATS: tuple[Format, ...] = ("storage", "query")
-SPLITS: tuple[Split, ...] = ("train", "validation", "heldout")
-ATTRIBUTES: tuple[str, ...] = ("birth_date", "birth_city", "university", "major", "company", "company_city")
 ROLES: tuple[str, ...] = ("subject", "relation", "cue", "answer")
-MONTHS = ("January February March April May June July August September October November December").split()
-
-# Storage templates: "{subject}" then "{value}"; the value ends the sentence so a prefix of the biography is the
-# storage-format prompt for that fact. "{poss}" is the person's possessive pronoun (part of the relation).
-STORAGE_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "birth_date": (
-        "{subject} was born on {value}.",
-        "{subject} came into this world on {value}.",
-        "{subject} celebrates {poss} birthday on {value}.",
-        "{subject} arrived on {value}.",
-        "{subject} has a birth date of {value}.",
-    ),
-    "birth_city": (
-        "{subject} was born in {value}.",
-        "{subject} spent {poss} early years in {value}.",
-        "{subject} was brought up in {value}.",
-        "{subject} hails from {value}.",
-        "{subject} grew up in {value}.",
-    ),
-    "university": (
-        "{subject} studied at {value}.",
-        "{subject} graduated from {value}.",
-        "{subject} received {poss} degree from {value}.",
-        "{subject} completed {poss} education at {value}.",
-        "{subject} attended {value}.",
-    ),
-    "major": (
-        "{subject} majored in {value}.",
-        "{subject} focused {poss} studies on {value}.",
-        "{subject} earned a degree in {value}.",
-        "{subject} specialized in {value}.",
-        "{subject} pursued {value}.",
-    ),
-    "company": (
-        "{subject} worked at {value}.",
-        "{subject} was employed by {value}.",
-        "{subject} built {poss} career at {value}.",
-        "{subject} held a job at {value}.",
-        "{subject} joined {value}.",
-    ),
-    "company_city": (
-        "{subject} worked in {value}.",
-        "{subject} was based in {value}.",
-        "{subject} commuted to an office in {value}.",
-        "{subject} had {poss} workplace in {value}.",
-        "{subject} relocated for work to {value}.",
-    ),
-}
-
-QUERY_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "birth_date": ("What is the birth date of {subject}?", "When was {subject} born?"),
-    "birth_city": ("What is the birth city of {subject}?", "Where was {subject} born?"),
-    "university": ("Which university did {subject} study at?", "Where did {subject} go to university?"),
-    "major": ("What major did {subject} study?", "What field did {subject} study?"),
-    "company": ("Which company did {subject} work for?", "Who employed {subject}?"),
-    "company_city": ("Where did {subject} work?", "In which city did {subject} work?"),
-}
-QUERY_CUE = "Answer:"
-_PUNCT = ".,?!:;"
-
 CharSpan = tuple[int, int]
 
 
-@dataclass(frozen=True)
-class Person:
-    pid: int
-    name: str
-    pronoun: str  # "He" / "She"
-    attributes: dict[str, str]
-
-    @property
-    def possessive(self) -> str:
-        return "his" if self.pronoun == "He" else "her"
+class FactFormatError(ValueError):
+    """A fact record is malformed or a role cannot be located (the message names the file, record and field)."""
 
 
 @dataclass(frozen=True)
 class Example:
     """One fact in one format: ``text`` ends with the answer; ``spans`` maps role -> character spans in ``text``.
 
-    For storage examples ``text`` is the biography up to and including this fact's value (so earlier sentences are
-    context); ``document`` indexes the full biography it was cut from. ``template`` is the index of the template used.
+    ``subject_id`` identifies who or what the fact is about and ``relation`` names the relation (the lab: a person's
+    id and an attribute such as ``"birth_city"``); a fact is ``(subject_id, relation)``. For storage texts cut from a
+    longer document, ``document`` indexes it. ``template`` is the index of the text among the fact's texts of this
+    format.
     """
 
-    person_id: int
-    attribute: str
+    subject_id: int | str
+    relation: str
     format: Format
     text: str
     spans: dict[str, tuple[CharSpan, ...]]
-    template: int
+    template: int = 0
     document: int = -1
 
     @property
@@ -137,229 +79,243 @@ class Example:
         start, end = self.spans["answer"][0]
         return self.text[start:end]
 
-
-@dataclass(frozen=True)
-class Biography:
-    """A full storage-format document and its per-attribute examples (each a prefix of ``text``)."""
-
-    person_id: int
-    text: str
-    facts: dict[str, Example]
-
-
-def _word_spans(text: str, start: int, end: int) -> list[CharSpan]:
-    """The chunk text[start:end] without surrounding whitespace and punctuation, or nothing if only those remain."""
-    while start < end and (text[start].isspace() or text[start] in _PUNCT):
-        start += 1
-    while end > start and (text[end - 1].isspace() or text[end - 1] in _PUNCT):
-        end -= 1
-    return [(start, end)] if end > start else []
-
-
-def render(
-    template: str, subject: str, value: str, poss: str, offset: int = 0
-) -> tuple[str, dict[str, list[CharSpan]]]:
-    """Fill a template and return (text, role spans) with spans shifted by ``offset``.
-
-    The relation is every template word outside the subject and value slots (punctuation and spaces excluded).
-    """
-    template = template.replace("{poss}", poss)
-    head, rest = template.split("{subject}")
-    mid, tail = rest.split("{value}") if "{value}" in rest else (rest, "")
-    text = head + subject + mid + value + tail if "{value}" in rest else head + subject + mid
-    s0 = len(head)
-    s1 = s0 + len(subject)
-    spans: dict[str, list[CharSpan]] = {"subject": [(s0, s1)], "relation": _word_spans(text, 0, s0)}
-    spans["relation"] += _word_spans(text, s1, s1 + len(mid))
-    if "{value}" in rest:
-        v0 = s1 + len(mid)
-        spans["answer"] = [(v0, v0 + len(value))]
-        spans["relation"] += _word_spans(text, v0 + len(value), len(text))
-    shifted = {role: [(a + offset, b + offset) for a, b in ss] for role, ss in spans.items()}
-    return text, shifted
-
-
-def query_example(person: Person, attribute: str, template: int = 0) -> Example:
-    """The QA form: ``"{question}\\nAnswer: {value}"`` (the loss and the score cover the value and end-of-text)."""
-    question, spans = render(QUERY_TEMPLATES[attribute][template], person.name, "", person.possessive)
-    cue_start = len(question) + 1
-    text = f"{question}\n{QUERY_CUE} {person.attributes[attribute]}"
-    answer_start = cue_start + len(QUERY_CUE) + 1
-    roles = {
-        "subject": tuple(spans["subject"]),
-        "relation": tuple(spans["relation"]),
-        "cue": ((cue_start, cue_start + len(QUERY_CUE)),),
-        "answer": ((answer_start, len(text)),),
-    }
-    return Example(person.pid, attribute, "query", text, roles, template)
-
-
-def biography(
-    person: Person,
-    rng: random.Random,
-    n_templates: int,
-    *,
-    permute: bool = False,
-    fullname: bool = False,
-    document: int = 0,
-) -> Biography:
-    """One biography: a sentence per attribute with a template drawn from the first ``n_templates``.
-
-    ``permute`` shuffles the sentence order (the full name stays in the first sentence); ``fullname`` uses the name in
-    every sentence instead of the pronoun.
-    """
-    order = list(ATTRIBUTES)
-    if permute:
-        rng.shuffle(order)
-    text = ""
-    facts: dict[str, Example] = {}
-    for i, attribute in enumerate(order):
-        t = rng.randrange(n_templates)
-        subject = person.name if (i == 0 or fullname) else person.pronoun
-        offset = len(text) + (1 if text else 0)
-        sentence, spans = render(
-            STORAGE_TEMPLATES[attribute][t], subject, person.attributes[attribute], person.possessive, offset
-        )
-        text = f"{text} {sentence}" if text else sentence
-        end = spans["answer"][0][1]
-        roles = {role: tuple(s for s in spans[role] if s[1] <= end) for role in ("subject", "relation", "answer")}
-        roles["cue"] = ()
-        facts[attribute] = Example(person.pid, attribute, "storage", text[:end], roles, t, document)
-    return Biography(person.pid, text, facts)
+    @property
+    def key(self) -> tuple[int | str, str]:
+        """The fact this text states: ``(subject_id, relation)``."""
+        return (self.subject_id, self.relation)
 
 
 @dataclass(frozen=True)
-class DataSpec:
-    """What :func:`generate` needs; mirrored by the validated ``DataConfig`` in :mod:`mechrecall.config`."""
+class Fact:
+    """A fact and its texts: ``storage`` and ``query`` examples, and an optional person/fact ``split``."""
 
-    n_people: int = 500
-    name_style: Literal["single_token", "multi_token"] = "single_token"
-    n_storage_templates: int = 5
-    n_query_templates: int = 1
-    bios_per_person: int = 1
-    permute: bool = False
-    fullname: bool = False
-    train_fraction: float = 0.5
-    validation_fraction: float = 0.1
+    id: str
+    subject: str
+    relation: str
+    answer: str
+    storage: tuple[Example, ...]
+    query: tuple[Example, ...]
+    split: str | None = None
+
+    def texts(self, fmt: Format) -> tuple[Example, ...]:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+        return self.storage if fmt == "storage" else self.query
 
 
 @dataclass
-class FactDataset:
-    """People, their biographies and the person split; the single source of every example."""
+class FactSet:
+    """An ordered set of facts (the input type of every toolkit function that needs more than examples)."""
 
-    spec: DataSpec
-    seed: int
-    people: list[Person]
-    bios: list[list[Biography]]  # [person][copy]
-    split: dict[int, Split]
-    _hash: str = field(default="", repr=False)
+    facts: list[Fact]
+    source: str = ""
+    _index: dict = field(default_factory=dict, repr=False)
 
-    def pids(self, split: Split | Iterable[Split]) -> list[int]:
-        wanted = {split} if isinstance(split, str) else set(split)
-        return [p.pid for p in self.people if self.split[p.pid] in wanted]
+    def __len__(self) -> int:
+        return len(self.facts)
 
-    def storage_examples(self, pids: Sequence[int] | None = None) -> list[Example]:
-        """Per-fact storage prompts cut from each person's first biography."""
-        pids = range(len(self.people)) if pids is None else pids
-        return [self.bios[p][0].facts[a] for p in pids for a in ATTRIBUTES]
+    def __iter__(self) -> Iterator[Fact]:
+        return iter(self.facts)
 
-    def query_examples(
-        self, pids: Sequence[int] | None = None, templates: Sequence[int] | None = None
-    ) -> list[Example]:
-        pids = range(len(self.people)) if pids is None else pids
-        templates = range(self.spec.n_query_templates) if templates is None else templates
-        return [query_example(self.people[p], a, t) for p in pids for a in ATTRIBUTES for t in templates]
-
-    def documents(self) -> list[str]:
-        """Every biography text (all people, all copies): the storage-format training corpus."""
-        return [b.text for copies in self.bios for b in copies]
-
-    def corpus(self) -> Iterator[str]:
-        """All texts either format can produce, for training a tokenizer."""
-        yield from self.documents()
-        for a in ATTRIBUTES:
-            for t in range(len(QUERY_TEMPLATES[a])):
-                for p in self.people:
-                    yield query_example(p, a, t).text
+    def __getitem__(self, i: int) -> Fact:
+        return self.facts[i]
 
     @property
-    def hash(self) -> str:
-        """Content hash of people, biographies and split (identifies the dataset in the checkpoint registry)."""
-        if not self._hash:
-            h = hashlib.sha256()
-            for p in self.people:
-                h.update(json.dumps([asdict(p), self.split[p.pid], [b.text for b in self.bios[p.pid]]]).encode())
-            self._hash = h.hexdigest()[:16]
-        return self._hash
+    def relations(self) -> list[str]:
+        """Relation names in order of first appearance."""
+        return list(dict.fromkeys(f.relation for f in self.facts))
 
+    def split(self, split: str | Iterable[str] | None) -> FactSet:
+        """The facts whose ``split`` is ``split`` (or any of several; ``None``: all)."""
+        if split is None:
+            return self
+        wanted = {split} if isinstance(split, str) else set(split)
+        return FactSet([f for f in self.facts if f.split in wanted], self.source)
+
+    def where(self, keep) -> FactSet:
+        return FactSet([f for f in self.facts if keep(f)], self.source)
+
+    def examples(
+        self, fmt: Format, split: str | Iterable[str] | None = None, templates: Sequence[int] | None = None
+    ) -> list[Example]:
+        """Every text of format ``fmt`` (those with index in ``templates`` if given), fact by fact."""
+        out = []
+        for f in self.split(split):
+            texts = f.texts(fmt)
+            out += list(texts) if templates is None else [texts[t] for t in templates if t < len(texts)]
+        return out
+
+    def fact_of(self, example: Example) -> Fact:
+        """The fact an example states (by ``(subject_id, relation)``)."""
+        if not self._index:
+            self._index = {(f.storage or f.query)[0].key: f for f in self.facts}
+        return self._index[example.key]
+
+    def split_of(self, example: Example) -> str | None:
+        return self.fact_of(example).split
+
+    # ------------------------------------------------------------------------------------------ serialisation
     def to_records(self) -> list[dict]:
-        """One JSON-able record per example (both formats, every person), with role spans and the person's split."""
-        records = []
-        for p in self.people:
-            for ex in [*self.bios[p.pid][0].facts.values(), *self.query_examples([p.pid])]:
-                records.append({**asdict(ex), "split": self.split[p.pid], "name": p.name})
-        return records
+        def text(ex: Example) -> dict:
+            return {"text": ex.text, "spans": {r: [list(s) for s in ss] for r, ss in ex.spans.items() if ss}}
+
+        return [
+            {
+                "id": f.id,
+                "subject": f.subject,
+                "relation": f.relation,
+                "answer": f.answer,
+                "split": f.split,
+                "storage": [text(e) for e in f.storage],
+                "query": [text(e) for e in f.query],
+            }
+            for f in self.facts
+        ]
 
     def to_jsonl(self, path: str | Path) -> Path:
-        lines = "\n".join(json.dumps(r) for r in self.to_records())
-        return atomic_write_text(path, lines + "\n")
+        return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.to_records()))
 
     def to_hf_dataset(self):
-        """The records as a Hugging Face ``datasets.Dataset`` (spans serialised as JSON strings)."""
+        """The records as a Hugging Face ``datasets.Dataset`` (texts and spans as JSON strings per format)."""
         import datasets
 
-        rows = [{**r, "spans": json.dumps(r["spans"])} for r in self.to_records()]
+        rows = [{**r, "storage": json.dumps(r["storage"]), "query": json.dumps(r["query"])} for r in self.to_records()]
         return datasets.Dataset.from_list(rows)
 
 
-def _people(n: int, rng: random.Random) -> list[Person]:
-    max_people = len(pools.FIRST_NAMES) * len(pools.LAST_NAMES)
-    if n > max_people:
-        raise ValueError(f"n_people={n} exceeds the {max_people} unique names the pools can make")
-    seen: set[str] = set()
-    people = []
-    companies = pools.companies()
-    while len(people) < n:
-        name = f"{rng.choice(pools.FIRST_NAMES)} {rng.choice(pools.LAST_NAMES)}"
-        if name in seen:  # rejection sampling keeps full names unique
-            continue
-        seen.add(name)
-        company, hq = rng.choice(companies)
-        attrs = {
-            "birth_date": f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, {rng.randint(1900, 2099)}",
-            "birth_city": rng.choice(pools.CITIES),
-            "university": rng.choice(pools.UNIVERSITIES),
-            "major": rng.choice(pools.MAJORS),
-            "company": company,
-            "company_city": hq,
-        }
-        people.append(Person(len(people), name, rng.choice(("He", "She")), attrs))
-    return people
+# ------------------------------------------------------------------------------------------------ reading facts
+def _fail(where: str, field_name: str, msg: str) -> FactFormatError:
+    return FactFormatError(f"{where}: field {field_name!r}: {msg}")
 
 
-def generate(spec: DataSpec, seed: int) -> FactDataset:
-    """Sample people, biographies and the person split, deterministically from ``seed``."""
-    if not 0 < spec.train_fraction < 1 or not 0 <= spec.validation_fraction < 1 - spec.train_fraction:
-        raise ValueError(
-            f"train_fraction={spec.train_fraction}, validation_fraction={spec.validation_fraction}: "
-            "need 0 < train, 0 <= validation and train + validation < 1 (the held-out group must be non-empty)"
-        )
-    if not 1 <= spec.n_storage_templates <= 5 or not 1 <= spec.n_query_templates <= 2:
-        raise ValueError("n_storage_templates must be in 1..5 and n_query_templates in 1..2")
-    rng = random.Random(seed)
-    people = _people(spec.n_people, rng)
-    bios = [
-        [
-            biography(p, rng, spec.n_storage_templates, permute=spec.permute, fullname=spec.fullname, document=c)
-            for c in range(spec.bios_per_person)
-        ]
-        for p in people
-    ]
-    order = list(range(spec.n_people))
-    random.Random(seed + 1).shuffle(order)
-    n_train = round(spec.train_fraction * spec.n_people)
-    n_val = round(spec.validation_fraction * spec.n_people)
-    split: dict[int, Split] = {}
-    for rank, pid in enumerate(order):
-        split[pid] = "train" if rank < n_train else "validation" if rank < n_train + n_val else "heldout"
-    return FactDataset(spec, seed, people, bios, split)
+def _locate(text: str, needle: str, *, end: int | None = None, last: bool = True) -> CharSpan | None:
+    """Character span of ``needle`` in ``text[:end]`` (its last occurrence by default), or None."""
+    hay = text if end is None else text[:end]
+    i = hay.rfind(needle) if last else hay.find(needle)
+    return None if i < 0 or not needle else (i, i + len(needle))
+
+
+def _spans(raw: Mapping, where: str, text: str) -> dict[str, tuple[CharSpan, ...]]:
+    out: dict[str, tuple[CharSpan, ...]] = {}
+    for role, spans in raw.items():
+        if role not in ROLES:
+            raise _fail(where, f"spans.{role}", f"unknown role; expected one of {ROLES}")
+        try:
+            pairs = tuple((int(a), int(b)) for a, b in spans)
+        except (TypeError, ValueError):
+            raise _fail(where, f"spans.{role}", "spans are [[start, end], ...] character offsets") from None
+        if any(not 0 <= a < b <= len(text) for a, b in pairs):
+            raise _fail(where, f"spans.{role}", f"a span lies outside the text (length {len(text)}): {pairs}")
+        out[role] = pairs
+    return out
+
+
+def _example(rec: Mapping, entry, fmt: Format, i: int, subject_id, where: str) -> Example:
+    where = f"{where}, {fmt}[{i}]"
+    if isinstance(entry, str):
+        text, given = entry, {}
+    elif isinstance(entry, Mapping) and isinstance(entry.get("text"), str):
+        text, given = entry["text"], entry.get("spans") or {}
+    else:
+        raise _fail(where, fmt, "each text is a string or {'text': ..., 'spans': {...}}")
+    spans = _spans(given, where, text)
+    answer = str(rec["answer"])
+    if "answer" not in spans:
+        if not text.rstrip().endswith(answer):
+            raise _fail(where, "answer", f"{answer!r} does not end the text {text!r}")
+        a1 = len(text.rstrip())
+        spans["answer"] = ((a1 - len(answer), a1),)
+    a0 = spans["answer"][0][0]
+    if text[a0 - 1 : a0] not in ("", " ", "\n", "\t"):
+        raise _fail(where, "answer", f"the answer must start at a word boundary in {text!r}")
+    if "subject" not in spans:
+        s = _locate(text, str(rec["subject"]), end=a0)
+        if s is None:
+            raise _fail(where, "subject", f"{rec['subject']!r} does not occur before the answer in {text!r}")
+        spans["subject"] = (s,)
+    if "relation" not in spans:
+        rel = rec.get("relation_text")
+        if rel:
+            r = _locate(text, str(rel), end=a0)
+            if r is None:
+                raise _fail(where, "relation_text", f"{rel!r} does not occur before the answer in {text!r}")
+            spans["relation"] = (r,)
+        else:
+            spans["relation"] = ()
+    spans.setdefault("cue", ())
+    return Example(subject_id, str(rec["relation"]), fmt, text, spans, i)
+
+
+def fact_from_record(rec: Mapping, where: str = "record") -> Fact:
+    """One :class:`Fact` from a record (see the module docstring); errors name ``where`` and the field."""
+    if not isinstance(rec, Mapping):
+        raise FactFormatError(f"{where}: a fact record is a JSON object, got {type(rec).__name__}")
+    for key in ("id", "subject", "relation", "answer"):
+        if key not in rec or rec[key] in (None, ""):
+            raise _fail(where, key, "missing")
+    where = f"{where} (id {rec['id']!r})"
+    texts = {}
+    for fmt in FORMATS:
+        raw = rec.get(fmt, [])
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw) if raw.lstrip().startswith("[") else [raw]
+            except json.JSONDecodeError:
+                raw = [raw]
+        if not isinstance(raw, list):
+            raise _fail(where, fmt, "a list of texts")
+        texts[fmt] = tuple(_example(rec, e, fmt, i, str(rec["id"]), where) for i, e in enumerate(raw))
+    if not texts["storage"] and not texts["query"]:
+        raise _fail(where, "storage", "a fact needs at least one storage or query text")
+    split = rec.get("split")
+    return Fact(
+        str(rec["id"]), str(rec["subject"]), str(rec["relation"]), str(rec["answer"]), texts["storage"],
+        texts["query"], None if split is None else str(split),
+    )  # fmt: skip
+
+
+def facts_from_records(records: Iterable[Mapping], source: str = "records") -> FactSet:
+    facts, seen = [], set()
+    for i, rec in enumerate(records):
+        fact = fact_from_record(rec, f"{source}, record {i + 1}")
+        if fact.id in seen:
+            raise FactFormatError(f"{source}, record {i + 1}: field 'id': duplicate id {fact.id!r}")
+        seen.add(fact.id)
+        facts.append(fact)
+    if not facts:
+        raise FactFormatError(f"{source}: no fact records")
+    return FactSet(facts, source)
+
+
+def load_facts(source) -> FactSet:
+    """A :class:`FactSet` from a JSONL file, a JSON list file, a ``datasets.Dataset`` or a list of records."""
+    if isinstance(source, FactSet):
+        return source
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if not path.is_file():
+            raise FactFormatError(f"{path}: no such fact file")
+        text = path.read_text()
+        if path.suffix == ".json":
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise FactFormatError(f"{path}: not valid JSON ({e})") from None
+            return facts_from_records(records, str(path))
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise FactFormatError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+        return facts_from_records(records, str(path))
+    if hasattr(source, "to_list") and hasattr(source, "column_names"):  # datasets.Dataset
+        return facts_from_records(source.to_list(), "dataset")
+    return facts_from_records(list(source))
+
+
+def example_record(ex: Example) -> dict:
+    """An example as a JSON-able dict (for exports and caches)."""
+    return asdict(ex)

@@ -6,7 +6,7 @@ intervention by grafting the original back: ``graft(ablate(sd, m, base=b), sd, m
 
 >>> ablated = ablate(mixed_sd, shared, mode="base", base=base_sd)   # undo fine-tuning on the shared set
 >>> with loaded(model, ablated):
-...     recall = heldout_recall(model, tokenizer, dataset)
+...     heldout = recall(model, tokenizer, facts, "heldout")   # mechrecall.recall
 >>> grafted = graft(two_stage_sd, mixed_sd, shared)               # transplant mixed's shared parameters
 
 Modes of :func:`ablate`: ``base`` (reset to the pre-fine-tuning value), ``zero``, ``mean`` (the matrix's mean over its
@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mechrecall.facts import FactSet
 from mechrecall.masks import Mask, mask_count, random_mask_like
+from mechrecall.recall import recall
 
 StateDict = Mapping[str, Tensor]
 ABLATIONS = ("base", "zero", "mean")
@@ -97,22 +99,18 @@ def loaded(model, state: StateDict) -> Iterator:
                 params[n].copy_(t)
 
 
-def heldout_recall(model, tokenizer, dataset, split: str = "heldout") -> float:
-    """Greedy exact-match QA recall on one person split (every query template)."""
-    from mechrecall.evaluate import query_recall
-
-    return query_recall(model, tokenizer, dataset, dataset.query_examples(dataset.pids(split))).accuracy()
-
-
-def recall_under(model, tokenizer, dataset, state: StateDict, splits: Sequence[str] = ("heldout",)) -> dict[str, float]:
+def recall_under(
+    model, tokenizer, facts: FactSet, state: StateDict, splits: Sequence[str] = ("heldout",)
+) -> dict[str, float]:
+    """Greedy exact-match QA recall of each split of ``facts`` with ``state`` loaded into ``model``."""
     with loaded(model, state):
-        return {s: heldout_recall(model, tokenizer, dataset, s) for s in splits}
+        return {s: recall(model, tokenizer, facts, s) for s in splits}
 
 
 def with_random_controls(
     model,
     tokenizer,
-    dataset,
+    facts: FactSet,
     mask: Mask,
     make_state,
     *,
@@ -124,9 +122,9 @@ def with_random_controls(
 
     Returns ``{"mask": {split: recall}, "random": {split: [recall per draw]}, "random_mean", "random_std", "n"}``.
     """
-    own = recall_under(model, tokenizer, dataset, make_state(mask), splits)
+    own = recall_under(model, tokenizer, facts, make_state(mask), splits)
     rand = [
-        recall_under(model, tokenizer, dataset, make_state(random_mask_like(mask, seed + d)), splits)
+        recall_under(model, tokenizer, facts, make_state(random_mask_like(mask, seed + d)), splits)
         for d in range(draws)
     ]
     return {

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from mechrecall.models import CheckpointError, read_meta
+from mechrecall.checkpoint import CheckpointError, read_meta
 from mechrecall.registry import RegistryError, resolve
 
 PARITY_PROMPT = "The capital of France is Paris. Anya Forger was born in"
@@ -238,20 +238,3 @@ def to_nnsight(loaded: LoadedModel, *, check: bool = True):
             raise CheckpointError(f"{loaded.source}: nnsight logits differ from Hugging Face by {diff:.2e}")
         wrapped.parity_max_abs_diff = diff
     return wrapped
-
-
-def lab_dataset(loaded: LoadedModel):
-    """The dataset a lab checkpoint was trained on, regenerated from its recorded preset and checked by hash."""
-    from mechrecall.config import Preset
-    from mechrecall.facts import generate
-
-    meta = loaded.meta
-    if "config" not in meta:
-        raise CheckpointError(f"{loaded.location} has no mechrecall.json: cannot tell which dataset it was trained on")
-    preset = Preset.model_validate(meta["config"])
-    dataset = generate(preset.data.spec(), preset.seed)
-    if dataset.hash != meta.get("dataset_hash"):
-        raise CheckpointError(
-            f"{loaded.location}: dataset hash {meta.get('dataset_hash')} does not match the regenerated {dataset.hash}"
-        )
-    return dataset

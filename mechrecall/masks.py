@@ -4,7 +4,7 @@ A *mask* is a plain ``dict[str, BoolTensor]`` keyed by Hugging Face parameter na
 parameter's shape per masked matrix. Build one from any per-parameter *importance* (``dict[str, Tensor]`` of the
 same shapes):
 
-- training trace: :class:`mechrecall.trace.GradientTrace` ``.importance("storage")`` / ``("query")`` (mean |grad| or
+- training trace: :class:`mechrecall.lab.trace.GradientTrace` ``.importance("storage")`` / ``("query")`` (mean |grad| or
   |grad x update| accumulated during training);
 - post hoc: :func:`posthoc_importance` (mean |per-example gradient| of one format's facts on a checkpoint);
 - update-based: :func:`update_importance` (|theta_after - theta_before| of a stage that trained one format).

@@ -1,8 +1,7 @@
-"""Tokenizers for the lab, and role spans resolved to token positions through offset mappings.
+"""Role spans resolved to token positions through offset mappings, and padded batches with label masks.
 
-:func:`train_tokenizer` builds a word-level tokenizer with the ``tokenizers`` library on the generated corpus (with
-``name_style="single_token"`` each full name is one added token). :func:`encode_example` works with any Hugging Face
-*fast* tokenizer, so the same role resolution serves real pretrained models (BPE with leading spaces included).
+:func:`encode_example` works with any Hugging Face *fast* tokenizer (the lab's word-level one, or a pretrained
+model's BPE with leading spaces), so the same role resolution serves every model.
 """
 
 from __future__ import annotations
@@ -11,33 +10,13 @@ from dataclasses import dataclass
 
 import torch
 from jaxtyping import Int
-from tokenizers import AddedToken, Tokenizer, pre_tokenizers, processors
-from tokenizers.models import WordLevel
-from tokenizers.trainers import WordLevelTrainer
 from torch import Tensor
-from transformers import PreTrainedTokenizerFast
 
-from mechrecall.facts import ROLES, Example, FactDataset
-
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+from mechrecall.facts import ROLES, Example
 
 
 class RoleAlignmentError(ValueError):
     """A role's character span does not land on whole tokens (the message names the prompt and the role)."""
-
-
-def train_tokenizer(dataset: FactDataset, name_style: str = "single_token") -> PreTrainedTokenizerFast:
-    """Word-level tokenizer trained on every text the dataset can render; prepends ``<bos>``."""
-    tok = Tokenizer(WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(dataset.corpus(), trainer=WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS)))
-    if name_style == "single_token":
-        tok.add_tokens([AddedToken(p.name, single_word=True, normalized=False) for p in dataset.people])
-    bos = tok.token_to_id("<bos>")
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
 
 
 @dataclass(frozen=True)
@@ -111,6 +90,10 @@ class Batch:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def to(self, device) -> Batch:
+        """The batch on ``device`` (the model's: inputs go where the model lives)."""
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
     def index(self, rows: Int[Tensor, " n"]) -> Batch:
         """A sub-batch, trimmed to its longest row."""

@@ -10,8 +10,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def micro_dataset():
-    from mechrecall.config import get_preset
-    from mechrecall.facts import generate
+    from mechrecall.lab.bios import generate
+    from mechrecall.lab.config import get_preset
 
     preset = get_preset("micro")
     return generate(preset.data.spec(), preset.seed)
@@ -19,7 +19,7 @@ def micro_dataset():
 
 @pytest.fixture(scope="session")
 def micro_tokenizer(micro_dataset):
-    from mechrecall.tokenization import train_tokenizer
+    from mechrecall.lab.tokenizer import train_tokenizer
 
     return train_tokenizer(micro_dataset, "single_token")
 
@@ -27,8 +27,8 @@ def micro_tokenizer(micro_dataset):
 @pytest.fixture(scope="session")
 def micro_model(micro_tokenizer):
     """A randomly initialised micro-preset model (read-only: tests that change weights build their own)."""
-    from mechrecall.config import get_preset
-    from mechrecall.models import build_model
+    from mechrecall.lab.config import get_preset
+    from mechrecall.lab.models import build_model
 
     return build_model(get_preset("micro").model, micro_tokenizer, seed=0)
 

@@ -9,7 +9,7 @@ from mechrecall.patching.atp import attribution_patch, check_attribution, valida
 
 @pytest.fixture(scope="module")
 def setup(micro_dataset, micro_tokenizer, micro_model):
-    base, source, _ = fact_pairs(micro_dataset, micro_tokenizer, micro_dataset.pids("heldout")[:10], n=16)
+    base, source, _ = fact_pairs(micro_dataset.factset(micro_dataset.pids("heldout")[:10]), micro_tokenizer, n=16)
     return micro_model, base, source
 
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from mechrecall.cache import ResidualCache, cache_residuals
-from mechrecall.config import get_preset
+from mechrecall.lab.config import get_preset
+from mechrecall.lab.models import build_model
 from mechrecall.loading import LoadedModel, to_nnsight, to_transformer_lens
-from mechrecall.models import build_model
 
 
 @pytest.fixture(scope="module")

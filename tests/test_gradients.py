@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from mechrecall.config import get_preset
 from mechrecall.gradients import (
     Projection,
     answer_batch,
@@ -11,8 +10,9 @@ from mechrecall.gradients import (
     per_example_grads_loop,
     select_params,
 )
+from mechrecall.lab.config import get_preset
+from mechrecall.lab.models import build_model
 from mechrecall.loading import LoadedModel, hf_name, to_nnsight, to_transformer_lens
-from mechrecall.models import build_model
 
 
 @pytest.fixture(scope="module")

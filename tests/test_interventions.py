@@ -33,8 +33,8 @@ def test_graft_takes_masked_entries_from_donor():
 
 
 def test_undo_restores_the_original_exactly(micro_tokenizer):
-    from mechrecall.config import get_preset
-    from mechrecall.models import build_model
+    from mechrecall.lab.config import get_preset
+    from mechrecall.lab.models import build_model
 
     model = build_model(get_preset("micro").model, micro_tokenizer, seed=0)
     sd = {n: t.clone() for n, t in state_of(model).items()}

@@ -4,9 +4,10 @@ import shutil
 import pytest
 import torch
 
-from mechrecall.config import get_preset
+from mechrecall.checkpoint import CheckpointError, save_checkpoint
+from mechrecall.lab.config import get_preset
+from mechrecall.lab.models import build_model
 from mechrecall.loading import hf_name, load_model, to_nnsight, to_transformer_lens
-from mechrecall.models import CheckpointError, build_model, save_checkpoint
 from mechrecall.registry import RegistryError
 
 

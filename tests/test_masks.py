@@ -138,10 +138,10 @@ def test_masked_cosines_inside_and_outside():
 
 
 def test_update_and_posthoc_importance(micro_dataset, micro_tokenizer):
-    from mechrecall.config import get_preset
     from mechrecall.gradients import answer_batch, per_example_grads
+    from mechrecall.lab.config import get_preset
+    from mechrecall.lab.models import build_model
     from mechrecall.masks import posthoc_importance, update_importance
-    from mechrecall.models import build_model
 
     before = {A: torch.tensor([[1.0, 2.0], [3.0, 4.0]])}
     after = {A: torch.tensor([[1.5, 2.0], [1.0, 4.0]])}

@@ -4,7 +4,7 @@ batching, corruption, role alignment on every template."""
 import pytest
 import torch
 
-from mechrecall.facts import ATTRIBUTES
+from mechrecall.lab.bios import ATTRIBUTES
 from mechrecall.patching import (
     GaussianNoise,
     PatchInputs,
@@ -26,7 +26,7 @@ def lab(micro_dataset, micro_tokenizer, micro_model):
 @pytest.fixture(scope="module")
 def pairs(lab):
     model, tok, ds = lab
-    return fact_pairs(ds, tok, ds.pids("heldout")[:12], n=24)
+    return fact_pairs(ds.factset(ds.pids("heldout")[:12]), tok, n=24)
 
 
 @pytest.mark.parametrize("site", SITES)
@@ -235,7 +235,7 @@ def test_noise_corruption_and_clean_restore_at_the_subject(lab):
 
 @pytest.mark.parametrize("fmt", ["storage", "query"])
 def test_role_positions_land_on_role_tokens_for_every_template(micro_dataset, micro_tokenizer, fmt):
-    from mechrecall.facts import query_example
+    from mechrecall.lab.bios import query_example
 
     ds, tok = micro_dataset, micro_tokenizer
     p = ds.pids("heldout")[0]
@@ -243,7 +243,7 @@ def test_role_positions_land_on_role_tokens_for_every_template(micro_dataset, mi
         examples = [ds.bios[p][0].facts[a] for a in ATTRIBUTES]
         examples += [ds.bios[q][0].facts[a] for q in ds.pids("train")[:20] for a in ATTRIBUTES]
     else:
-        from mechrecall.facts import QUERY_TEMPLATES
+        from mechrecall.lab.bios import QUERY_TEMPLATES
 
         examples = [query_example(ds.people[p], a, t) for a in ATTRIBUTES for t in range(len(QUERY_TEMPLATES[a]))]
     inputs = fact_inputs(tok, examples)

@@ -1,7 +1,8 @@
 import pytest
 
-from mechrecall.facts import ATTRIBUTES, QUERY_TEMPLATES, STORAGE_TEMPLATES, Person, biography, query_example
-from mechrecall.tokenization import RoleAlignmentError, encode_example, train_tokenizer
+from mechrecall.lab.bios import ATTRIBUTES, QUERY_TEMPLATES, STORAGE_TEMPLATES, Person, biography, query_example
+from mechrecall.lab.tokenizer import train_tokenizer
+from mechrecall.tokenization import RoleAlignmentError, encode_example
 
 
 def _texts(tok, ids):
@@ -30,7 +31,7 @@ def test_roles_land_on_the_right_tokens_for_every_template(micro_dataset, name_s
         examples += [query_example(person, a, t) for t in range(len(QUERY_TEMPLATES[a]))]
     for seed in range(40):  # enough draws to hit every storage template at every position
         examples += list(biography(person, random.Random(seed), len(STORAGE_TEMPLATES["major"])).facts.values())
-    seen_templates = {(e.attribute, e.template) for e in examples if e.format == "storage"}
+    seen_templates = {(e.relation, e.template) for e in examples if e.format == "storage"}
     assert len(seen_templates) == sum(len(v) for v in STORAGE_TEMPLATES.values())
     for ex in examples:
         enc = encode_example(tok, ex)

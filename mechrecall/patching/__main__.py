@@ -74,7 +74,8 @@ def _wrap(loaded, backend: str):
 
 
 def run(args) -> dict:
-    from mechrecall.loading import lab_dataset, load_model
+    from mechrecall.lab.models import lab_dataset
+    from mechrecall.loading import load_model
 
     if args.granularity == "position" and args.corruption == "none":
         raise ValueError("--granularity position needs --corruption noise (formats and facts differ in length)")
@@ -102,7 +103,7 @@ def run(args) -> dict:
                 base = source = fact_inputs(loaded.tokenizer, kept).all_positions()
         else:
             base, source, _ = fact_pairs(
-                dataset, loaded.tokenizer, pids, source_format=args.source_format, base_format=args.base_format,
+                dataset.factset(pids), loaded.tokenizer, source_format=args.source_format, base_format=args.base_format,
                 mode=args.mode, n=args.count, seed=args.seed,
             )  # fmt: skip
             corruption = None
@@ -136,7 +137,7 @@ def run(args) -> dict:
 def _html(result: dict) -> str:
     import plotly.graph_objects as go
 
-    from mechrecall.plotting import page as html
+    from mechrecall.report.plotting import page as html
 
     figs = []
     metric = result["settings"]["metric"]
@@ -153,7 +154,7 @@ def _html(result: dict) -> str:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from mechrecall.models import CheckpointError
+    from mechrecall.checkpoint import CheckpointError
     from mechrecall.registry import RegistryError
     from mechrecall.tokenization import RoleAlignmentError
 

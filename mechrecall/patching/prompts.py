@@ -2,13 +2,13 @@
 
 :func:`fact_inputs` turns examples of one format into :class:`PatchInputs` (prompt = text before the answer, the
 last token of each requested role, readout = last prompt token, answer = first answer token). :func:`fact_pairs`
-builds a (base, source) experiment over the facts of some people:
+builds a (base, source) experiment over a :class:`mechrecall.facts.FactSet`:
 
-- ``cross_fact`` (default): row ``b`` pairs the ``source_format`` prompt of person A with the ``base_format`` prompt
-  of another person B for the same attribute; the metric's answer is A's value and its foil B's, so a positive
-  logit difference after a patch means the base prompt now answers with the source's fact;
-- ``same_fact``: both sides are the same person (e.g. storage -> query of one fact); the foil is another person's
-  value for that attribute.
+- ``cross_fact`` (default): row ``b`` pairs the ``source_format`` prompt of fact A with the ``base_format`` prompt
+  of another fact B of the same relation (another subject); the metric's answer is A's value and its foil B's, so a
+  positive logit difference after a patch means the base prompt now answers with the source's fact;
+- ``same_fact``: both sides are the same fact (e.g. storage -> query of one fact); the foil is another fact's
+  answer for that relation.
 
 Pairs whose two answers share their first token are skipped (the logit difference would be 0 by construction).
 """
@@ -20,12 +20,11 @@ from collections.abc import Sequence
 
 import torch
 
-from mechrecall.facts import ATTRIBUTES, Example, FactDataset
+from mechrecall.facts import FORMATS, Example, FactSet
 from mechrecall.patching.core import PatchInputs
 from mechrecall.tokenization import RoleAlignmentError, encode_example
 
 DEFAULT_ROLES = ("subject", "relation", "final")
-FORMATS = ("storage", "query")
 
 
 def _encode(tokenizer, ex: Example, roles: Sequence[str]):
@@ -33,7 +32,7 @@ def _encode(tokenizer, ex: Example, roles: Sequence[str]):
     try:
         positions = [enc.last(r) for r in roles]
     except RoleAlignmentError as e:
-        raise RoleAlignmentError(f"{e} (person {ex.person_id}, attribute {ex.attribute}, {ex.format} format)") from None
+        raise RoleAlignmentError(f"{e} (fact {ex.subject_id}/{ex.relation}, {ex.format} format)") from None
     return enc, positions
 
 
@@ -61,59 +60,56 @@ def fact_inputs(
     )
 
 
-def _example(dataset: FactDataset, pid: int, attribute: str, fmt: str) -> Example:
-    if fmt == "storage":
-        return dataset.bios[pid][0].facts[attribute]
-    if fmt == "query":
-        return dataset.query_examples([pid], templates=[0])[ATTRIBUTES.index(attribute)]
-    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-
-
 def _first_answer_token(tokenizer, ex: Example) -> int:
     enc = encode_example(tokenizer, ex)
     return enc.input_ids[enc.prompt_len]
 
 
 def fact_pairs(
-    dataset: FactDataset,
+    facts: FactSet,
     tokenizer,
-    pids: Sequence[int],
     *,
     source_format: str = "storage",
     base_format: str = "query",
     mode: str = "cross_fact",
-    attributes: Sequence[str] = ATTRIBUTES,
+    relations: Sequence[str] | None = None,
     n: int | None = None,
     roles: Sequence[str] = DEFAULT_ROLES,
     seed: int = 0,
 ) -> tuple[PatchInputs, PatchInputs, list[dict]]:
-    """(base, source, rows) for patching ``source_format`` prompts into ``base_format`` prompts of ``pids``' facts.
+    """(base, source, rows) for patching ``source_format`` prompts into ``base_format`` prompts of ``facts``.
 
-    ``rows`` describes each pair (source person, base person, attribute) for the results table.
+    Facts are paired within each relation (``relations``: default all, in order of first appearance), by a seeded
+    fixed-point-free shuffle; each side uses the fact's first text of its format. ``rows`` describes each pair
+    (source fact, base fact, relation) for the results table.
     """
     if mode not in ("cross_fact", "same_fact"):
         raise ValueError(f"unknown pairing mode {mode!r}; expected 'cross_fact' or 'same_fact'")
-    if len(pids) < 2:
-        raise ValueError("need at least two people to pair facts")
+    for fmt in (source_format, base_format):
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     rng = random.Random(seed)
-    pids = list(pids)
     src_ex, base_ex, answers, foils, rows = [], [], [], [], []
-    for attribute in attributes:
-        order = pids[:]
-        rng.shuffle(order)
-        for i, a in enumerate(order):
-            b = order[(i + 1) % len(order)]  # a fixed-point-free pairing within the attribute
-            s = _example(dataset, a, attribute, source_format)
-            t = _example(dataset, a if mode == "same_fact" else b, attribute, base_format)
+    for relation in facts.relations if relations is None else relations:
+        group = [f for f in facts if f.relation == relation and f.texts(source_format) and f.texts(base_format)]
+        if len(group) < 2:
+            raise ValueError(f"relation {relation!r}: need at least two facts with both formats to pair")
+        rng.shuffle(group)
+        for i, a in enumerate(group):
+            b = group[(i + 1) % len(group)]  # a fixed-point-free pairing within the relation
+            s = a.texts(source_format)[0]
+            t = (a if mode == "same_fact" else b).texts(base_format)[0]
             ans_a = _first_answer_token(tokenizer, s)
-            ans_b = _first_answer_token(tokenizer, _example(dataset, b, attribute, base_format))
+            ans_b = _first_answer_token(tokenizer, b.texts(base_format)[0])
             if ans_a == ans_b:
                 continue
             src_ex.append(s)
             base_ex.append(t)
             answers.append(ans_a)
             foils.append(ans_b)
-            rows.append({"source_person": a, "base_person": a if mode == "same_fact" else b, "attribute": attribute})
+            rows.append({"source_fact": a.id, "base_fact": a.id if mode == "same_fact" else b.id, "relation": relation})
+    if not rows:
+        raise ValueError("no pair of facts has answers that differ in their first token")
     keep = list(range(len(rows)))
     rng.shuffle(keep)
     keep = sorted(keep[:n]) if n is not None else keep[: len(rows)]

@@ -19,8 +19,8 @@ import html as _html
 import json
 from pathlib import Path
 
-from mechrecall.facts import ATTRIBUTES
 from mechrecall.io import atomic_write_text
+from mechrecall.lab.bios import ATTRIBUTES
 
 PAPER = "Zhang et al. 2025 (arXiv 2505.16178)"
 
@@ -147,148 +147,153 @@ def _recall_figures(results: dict, run: Path) -> list[tuple]:
 
 
 def _captioned(consistency, masks, patching, attribution) -> list[tuple]:
+    """(figure, caption) pairs of every finding whose JSON the run has, in the order the page shows them."""
     out: list[tuple] = []
-    if consistency:
-        from mechrecall.consistency_report import figures as cfigs
-
-        g, r = consistency["gradient"], consistency["representation"]
-        grad, rep = cfigs(consistency)
-        out.append(
-            (
-                grad,
-                f"Finding 1, gradient consistency: cosine between the gradients of the storage-format and the "
-                f"query-format answer loss of the same held-out fact, overall and per block (95% bootstrap CIs). "
-                f"Mixed {g['mixed']['heldout_mean_cos']:.3f} vs two-stage {g['two_stage']['heldout_mean_cos']:.3f}; "
-                f"mismatched facts give ~{g['mixed']['baseline_mean_cos']:.3f}. "
-                + _versus(
-                    g["mixed"]["heldout_mean_cos"],
-                    g["two_stage"]["heldout_mean_cos"],
-                    "mixed training aligns the two formats' gradients",
-                ),
-            )
-        )
-        out.append(
-            (
-                rep,
-                f"Finding 2, representation consistency: cosine of the same fact's hidden states in both formats "
-                f"minus that of mismatched facts, per layer and token role. Last-layer subject margin mixed "
-                f"{r['mixed']['subject_last_layer_margin']:.3f} vs two-stage "
-                f"{r['two_stage']['subject_last_layer_margin']:.3f}; final-token margin "
-                f"{r['mixed']['final_last_layer_margin']:.3f} vs {r['two_stage']['final_last_layer_margin']:.3f}. "
-                + _versus(
-                    r["mixed"]["final_last_layer_margin"],
-                    r["two_stage"]["final_last_layer_margin"],
-                    "mixed training makes a fact's representations in the two formats more alike",
-                ),
-            )
-        )
-    if masks:
-        from mechrecall.masks_report import figures as mfigs
-
-        size, heat, abl, gr = mfigs(masks)
-        m, t = masks["mixed"], masks["two_stage"]
-        out += [
-            (
-                size,
-                f"Finding 3, shared-update parameters: the top-k fraction of block weights by each format's training "
-                f"importance (mean |gradient| from the training trace), intersected. At k = {masks['k']}: mixed "
-                f"{m['shared_fraction']:.4f} vs two-stage {t['shared_fraction']:.4f} of block weights (random "
-                f"overlap {m['random_expectation']['shared_fraction']:.4f}). "
-                + _versus(
-                    m["shared_fraction"], t["shared_fraction"], "the shared set is much larger under mixed training"
-                ),
-            ),
-            (
-                heat,
-                "Where the shared set lies: fraction of each attention head's parameters (q/o slices plus its "
-                "key/value head's share) that are shared, per layer.",
-            ),  # fmt: skip
-            (
-                abl,
-                f"Ablation: resetting the shared set to the base weights. At k = {masks['k']} mixed's held-out QA "
-                f"drops {m['ablation']['shared_drop']:.1f} points vs {m['ablation']['random_drop_mean']:.1f} ± "
-                f"{m['ablation']['random_drop_std']:.1f} for size-matched random masks. "
-                + _versus(
-                    m["ablation"]["shared_drop"],
-                    m["ablation"]["random_drop_mean"],
-                    "ablating the shared set breaks held-out recall (more than random masks)",
-                    2 * m["ablation"]["random_drop_std"],
-                ),
-            ),
-            (
-                gr,
-                f"Grafting mixed's shared parameters into the two-stage model: held-out QA "
-                f"{m['grafting']['heldout_before']:.3f} -> {m['grafting']['heldout_after']:.3f} (random masks "
-                f"{m['grafting']['random_heldout_mean']:.3f} ± {m['grafting']['random_heldout_std']:.3f}). "
-                + _versus(
-                    m["grafting"]["heldout_after"],
-                    m["grafting"]["random_heldout_mean"],
-                    "grafting the shared set transfers held-out recall",
-                    2 * m["grafting"]["random_heldout_std"],
-                ),
-            ),
-        ]
-    if patching:
-        from mechrecall.patching_report import patching_figures
-
-        hit, trace = patching_figures(patching)
-        best = {
-            r: max(max(row) for row in patching[r]["sites"]["resid_pre"]["hit_rate"]) for r in ("two_stage", "mixed")
-        }
-        out += [
-            (
-                hit,
-                f"Finding 5, cross-format patching: the storage-format state of person A (held-out) is patched into "
-                f"the query prompt of person B at one layer x role; colour = how often the query then answers A's "
-                f"value. Best cell (resid_pre): mixed {best['mixed']:.1%} vs two-stage {best['two_stage']:.1%}. "
-                "High values mean the storage format's state can stand in for the query format's. "
-                + _versus(best["mixed"], best["two_stage"], "mixed training gives format-invariant retrieval"),
-            ),
-            (
-                trace,
-                "ROME-style noise tracing on held-out query prompts: noise (3 x embedding std) on the subject, "
-                "then the clean residual of one layer x role is restored; colour = probability of the correct answer.",
-            ),  # fmt: skip
-        ]
-    if attribution:
-        from mechrecall.patching_report import attribution_figures
-
-        bars, box = attribution_figures(attribution)
-        a, b = attribution["mixed"], attribution["two_stage"]
-        out += [
-            (
-                bars,
-                f"Finding 4, input signature: integrated-gradients share of absolute attribution per role for the "
-                f"storage-format value (held-out people). Subject + relation share: mixed {a['subject_relation_share']:.3f} "
-                f"[{a['subject_relation_share_ci'][0]:.3f}, {a['subject_relation_share_ci'][1]:.3f}] vs two-stage "
-                f"{b['subject_relation_share']:.3f} [{b['subject_relation_share_ci'][0]:.3f}, "
-                f"{b['subject_relation_share_ci'][1]:.3f}]. "
-                + _versus(
-                    a["subject_relation_share"],
-                    b["subject_relation_share"],
-                    "mixed models read the fact from the subject and relation tokens, two-stage models from "
-                    "the whole context",
-                ),
-            ),
-            (box, "Subject + relation share per fact (each point one held-out fact)."),
-        ]
+    for result, captioned in ((consistency, _consistency_figures), (masks, _masks_figures),
+                              (patching, _patching_figures), (attribution, _attribution_figures)):  # fmt: skip
+        if result:
+            out += captioned(result)
     return out
 
 
-def build(run: str | Path) -> Path:
-    """Write ``run/report.html`` from the JSON files in ``run`` and return its path."""
-    import plotly.offline
+def _consistency_figures(consistency: dict) -> list[tuple]:
+    out: list[tuple] = []
+    from mechrecall.report.consistency import figures as cfigs
 
-    run = Path(run)
-    results = _load(run / "results.json")
-    if results is None:
-        raise FileNotFoundError(f"{run / 'results.json'} does not exist: run `python -m mechrecall reproduce` first")
-    consistency = _load(run / "consistency.json")
-    masks = _load(run / "masks.json")
-    patching = _load(run / "patching.json")
-    attribution = _load(run / "attribution.json")
-    figs = _recall_figures(results, run) + _captioned(consistency, masks, patching, attribution)
+    g, r = consistency["gradient"], consistency["representation"]
+    grad, rep = cfigs(consistency)
+    out.append(
+        (
+            grad,
+            f"Finding 1, gradient consistency: cosine between the gradients of the storage-format and the "
+            f"query-format answer loss of the same held-out fact, overall and per block (95% bootstrap CIs). "
+            f"Mixed {g['mixed']['heldout_mean_cos']:.3f} vs two-stage {g['two_stage']['heldout_mean_cos']:.3f}; "
+            f"mismatched facts give ~{g['mixed']['baseline_mean_cos']:.3f}. "
+            + _versus(
+                g["mixed"]["heldout_mean_cos"],
+                g["two_stage"]["heldout_mean_cos"],
+                "mixed training aligns the two formats' gradients",
+            ),
+        )
+    )
+    out.append(
+        (
+            rep,
+            f"Finding 2, representation consistency: cosine of the same fact's hidden states in both formats "
+            f"minus that of mismatched facts, per layer and token role. Last-layer subject margin mixed "
+            f"{r['mixed']['subject_last_layer_margin']:.3f} vs two-stage "
+            f"{r['two_stage']['subject_last_layer_margin']:.3f}; final-token margin "
+            f"{r['mixed']['final_last_layer_margin']:.3f} vs {r['two_stage']['final_last_layer_margin']:.3f}. "
+            + _versus(
+                r["mixed"]["final_last_layer_margin"],
+                r["two_stage"]["final_last_layer_margin"],
+                "mixed training makes a fact's representations in the two formats more alike",
+            ),
+        )
+    )
+    return out
 
+
+def _masks_figures(masks: dict) -> list[tuple]:
+    out: list[tuple] = []
+    from mechrecall.report.masks import figures as mfigs
+
+    size, heat, abl, gr = mfigs(masks)
+    m, t = masks["mixed"], masks["two_stage"]
+    out += [
+        (
+            size,
+            f"Finding 3, shared-update parameters: the top-k fraction of block weights by each format's training "
+            f"importance (mean |gradient| from the training trace), intersected. At k = {masks['k']}: mixed "
+            f"{m['shared_fraction']:.4f} vs two-stage {t['shared_fraction']:.4f} of block weights (random "
+            f"overlap {m['random_expectation']['shared_fraction']:.4f}). "
+            + _versus(m["shared_fraction"], t["shared_fraction"], "the shared set is much larger under mixed training"),
+        ),
+        (
+            heat,
+            "Where the shared set lies: fraction of each attention head's parameters (q/o slices plus its "
+            "key/value head's share) that are shared, per layer.",
+        ),  # fmt: skip
+        (
+            abl,
+            f"Ablation: resetting the shared set to the base weights. At k = {masks['k']} mixed's held-out QA "
+            f"drops {m['ablation']['shared_drop']:.1f} points vs {m['ablation']['random_drop_mean']:.1f} ± "
+            f"{m['ablation']['random_drop_std']:.1f} for size-matched random masks. "
+            + _versus(
+                m["ablation"]["shared_drop"],
+                m["ablation"]["random_drop_mean"],
+                "ablating the shared set breaks held-out recall (more than random masks)",
+                2 * m["ablation"]["random_drop_std"],
+            ),
+        ),
+        (
+            gr,
+            f"Grafting mixed's shared parameters into the two-stage model: held-out QA "
+            f"{m['grafting']['heldout_before']:.3f} -> {m['grafting']['heldout_after']:.3f} (random masks "
+            f"{m['grafting']['random_heldout_mean']:.3f} ± {m['grafting']['random_heldout_std']:.3f}). "
+            + _versus(
+                m["grafting"]["heldout_after"],
+                m["grafting"]["random_heldout_mean"],
+                "grafting the shared set transfers held-out recall",
+                2 * m["grafting"]["random_heldout_std"],
+            ),
+        ),
+    ]
+    return out
+
+
+def _patching_figures(patching: dict) -> list[tuple]:
+    out: list[tuple] = []
+    from mechrecall.report.patching import patching_figures
+
+    hit, trace = patching_figures(patching)
+    best = {r: max(max(row) for row in patching[r]["sites"]["resid_pre"]["hit_rate"]) for r in ("two_stage", "mixed")}
+    out += [
+        (
+            hit,
+            f"Finding 5, cross-format patching: the storage-format state of person A (held-out) is patched into "
+            f"the query prompt of person B at one layer x role; colour = how often the query then answers A's "
+            f"value. Best cell (resid_pre): mixed {best['mixed']:.1%} vs two-stage {best['two_stage']:.1%}. "
+            "High values mean the storage format's state can stand in for the query format's. "
+            + _versus(best["mixed"], best["two_stage"], "mixed training gives format-invariant retrieval"),
+        ),
+        (
+            trace,
+            "ROME-style noise tracing on held-out query prompts: noise (3 x embedding std) on the subject, "
+            "then the clean residual of one layer x role is restored; colour = probability of the correct answer.",
+        ),  # fmt: skip
+    ]
+    return out
+
+
+def _attribution_figures(attribution: dict) -> list[tuple]:
+    out: list[tuple] = []
+    from mechrecall.report.patching import attribution_figures
+
+    bars, box = attribution_figures(attribution)
+    a, b = attribution["mixed"], attribution["two_stage"]
+    out += [
+        (
+            bars,
+            f"Finding 4, input signature: integrated-gradients share of absolute attribution per role for the "
+            f"storage-format value (held-out people). Subject + relation share: mixed {a['subject_relation_share']:.3f} "
+            f"[{a['subject_relation_share_ci'][0]:.3f}, {a['subject_relation_share_ci'][1]:.3f}] vs two-stage "
+            f"{b['subject_relation_share']:.3f} [{b['subject_relation_share_ci'][0]:.3f}, "
+            f"{b['subject_relation_share_ci'][1]:.3f}]. "
+            + _versus(
+                a["subject_relation_share"],
+                b["subject_relation_share"],
+                "mixed models read the fact from the subject and relation tokens, two-stage models from "
+                "the whole context",
+            ),
+        ),
+        (box, "Subject + relation share per fact (each point one held-out fact)."),
+    ]
+    return out
+
+
+def _recall_section(results: dict) -> list[str]:
+    """The page's heading and the recall tables (per regime; held-out QA per attribute; the gap)."""
     reg = results["regimes"]
     parts = [f"<h1>mechrecall: preset <code>{_html.escape(results['preset'])}</code>, seeds {results['seeds']}</h1>"]
     parts.append(
@@ -306,11 +311,11 @@ def build(run: str | Path) -> Path:
         "<p>Held-out QA per attribute (first seed):</p>" + _table(["attribute", "two-stage", "mixed"], per_attr)
     )
     parts.append(f"<p>Gap (mixed − two-stage held-out QA): {results['gap']['mean']:.3f}</p>")
-    parts.append("<h2>Figures</h2>")
-    for i, (fig, caption) in enumerate(figs):
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig{i}"))
-        parts.append(f"<p class='caption'>{_html.escape(caption)}</p>")
+    return parts
 
+
+def _provenance(results: dict, run: Path, masks: dict | None) -> str:
+    """Config, seed, versions, wall times, checkpoint hashes: enough to tell which run a page describes."""
     prov = dict(results.get("provenance", {}))
     prov["wall_seconds"] = results.get("wall_seconds")
     prov["analysis_seconds"] = results.get("analysis_seconds")
@@ -321,7 +326,30 @@ def build(run: str | Path) -> Path:
                           ("two_stage", "two_stage/final"), ("mixed", "mixed/final"))
     }  # fmt: skip
     prov["dataset_hash"] = (masks or {}).get("dataset_hash")
-    parts.append("<h2>Provenance</h2><pre>" + _html.escape(json.dumps(prov, indent=2)) + "</pre>")
+    return "<h2>Provenance</h2><pre>" + _html.escape(json.dumps(prov, indent=2)) + "</pre>"
+
+
+def build(run: str | Path) -> Path:
+    """Write ``run/report.html`` from the JSON files in ``run`` and return its path."""
+    import plotly.offline
+
+    run = Path(run)
+    results = _load(run / "results.json")
+    if results is None:
+        raise FileNotFoundError(f"{run / 'results.json'} does not exist: run `python -m mechrecall reproduce` first")
+    consistency = _load(run / "consistency.json")
+    masks = _load(run / "masks.json")
+    patching = _load(run / "patching.json")
+    attribution = _load(run / "attribution.json")
+    figs = _recall_figures(results, run) + _captioned(consistency, masks, patching, attribution)
+
+    parts = _recall_section(results)
+    parts.append("<h2>Figures</h2>")
+    for i, (fig, caption) in enumerate(figs):
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig{i}"))
+        parts.append(f"<p class='caption'>{_html.escape(caption)}</p>")
+
+    parts.append(_provenance(results, run, masks))
     parts.append("<pre id='report-check'>pending</pre>")
 
     plotly_js = plotly.offline.get_plotlyjs()

@@ -1,8 +1,8 @@
 import torch
 
-from mechrecall.config import get_preset
-from mechrecall.evaluate import evaluate, query_recall, storage_recall
-from mechrecall.models import build_model
+from mechrecall.lab.config import get_preset
+from mechrecall.lab.evaluate import evaluate, query_recall, storage_recall
+from mechrecall.lab.models import build_model
 from mechrecall.tokenization import encode_example
 
 
@@ -31,8 +31,8 @@ def test_teacher_forced_exact_match_equals_greedy_generation(micro_dataset, micr
     # train briefly on a few QA pairs so that some, not all, are recalled
     examples = micro_dataset.query_examples(micro_dataset.pids("train")[:8])
     enc = [encode_example(micro_tokenizer, ex) for ex in examples]
+    from mechrecall.lab.train import lm_loss
     from mechrecall.tokenization import collate_examples
-    from mechrecall.train import lm_loss
 
     batch = collate_examples(enc, micro_tokenizer.pad_token_id)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -55,7 +55,7 @@ def test_teacher_forced_exact_match_equals_greedy_generation(micro_dataset, micr
 
 def test_storage_recall_scores_each_attribute_inside_the_biography(micro_dataset, micro_tokenizer):
     """With an oracle that knows every biography except one attribute value, exactly that fact is wrong."""
-    from mechrecall.evaluate import encode_biography
+    from mechrecall.lab.evaluate import encode_biography
 
     bios = {}
     for p in micro_dataset.people[:5]:

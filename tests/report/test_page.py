@@ -5,7 +5,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from mechrecall.browser import check_page, find_chromium
+from mechrecall.report.browser import check_page, find_chromium
 
 
 def _need_chromium():
@@ -62,7 +62,7 @@ def test_the_browser_check_catches_errors_and_empty_figures(micro_run, tmp_path)
 
 
 def test_captions_say_agree_disagree_or_no_clear_difference():
-    from mechrecall.report import _versus
+    from mechrecall.report.page import _versus
 
     assert "agrees in direction" in _versus(0.5, 0.2, "x")
     assert "does not agree" in _versus(0.1, 0.2, "x")

@@ -1,6 +1,6 @@
 """Shared-update masks of a two-stage / mixed checkpoint pair: statistics, ablation, grafting, JSON + figures.
 
-Importance comes from each checkpoint's training trace (``trace.safetensors``, :mod:`mechrecall.trace`): the
+Importance comes from each checkpoint's training trace (``trace.safetensors``, :mod:`mechrecall.lab.trace`): the
 storage mask is the top ``k`` of storage-format importance, the query mask the top ``k`` of query-format importance,
 the shared mask their intersection. Ablation resets a mask to the base (pre-fine-tuning) weights of the same model;
 grafting copies a regime's shared parameters into the other regime's model (both start from the same base). Every
@@ -14,12 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from mechrecall.checkpoint import CheckpointError
 from mechrecall.interventions import ablate, graft, recall_under, state_of, with_random_controls
 from mechrecall.io import atomic_write_json, atomic_write_text
-from mechrecall.loading import LoadedModel, lab_dataset, load_model
+from mechrecall.lab.models import lab_dataset
+from mechrecall.lab.trace import GradientTrace
+from mechrecall.loading import LoadedModel, load_model
 from mechrecall.masks import MaskComparison, localize, mask_count, mask_minus, masked_cosines, random_overlap, topk_mask
-from mechrecall.models import CheckpointError
-from mechrecall.trace import GradientTrace
 
 SPLITS = ("heldout", "train")
 POINTS = 100.0  # drops are reported in percentage points of exact-match recall
@@ -87,6 +88,7 @@ def run(
     out = Path(out)
     models = {"two_stage": load_model(two_stage, registry=registry), "mixed": load_model(mixed, registry=registry)}
     dataset = lab_dataset(models["mixed"])
+    facts = dataset.factset()
     if models["two_stage"].meta.get("dataset_hash") != dataset.hash:
         raise CheckpointError(f"{two_stage!r} and {mixed!r} were trained on different datasets")
     base_loaded = load_model(base or base_source(models["mixed"], registry), registry=registry)
@@ -106,9 +108,9 @@ def run(
         loc = localize(shared, config)
         entry["heads_fraction"] = (loc["heads"] / loc["heads_total"]).tolist()
         # recall of the model itself, then with its shared set reset to base, and the controls
-        intact = recall_under(model, tok, dataset, states[regime], SPLITS)
+        intact = recall_under(model, tok, facts, states[regime], SPLITS)
         abl = with_random_controls(
-            model, tok, dataset, shared, lambda m, r=regime: ablate(states[r], m, "base", base_sd),
+            model, tok, facts, shared, lambda m, r=regime: ablate(states[r], m, "base", base_sd),
             draws=draws, seed=seed, splits=SPLITS,
         )  # fmt: skip
         only = {
@@ -116,7 +118,7 @@ def run(
             "query_only": mask_minus(comp.query, comp.storage),
         }
         fmt_only = {
-            name: recall_under(model, tok, dataset, ablate(states[regime], m, "base", base_sd), SPLITS)
+            name: recall_under(model, tok, facts, ablate(states[regime], m, "base", base_sd), SPLITS)
             for name, m in only.items()
         }
         entry["recall"] = intact
@@ -135,9 +137,9 @@ def run(
         # grafting: the other regime's model receives this regime's shared parameters
         recipient = other[regime]
         rmodel = models[recipient].model
-        before = recall_under(rmodel, tok, dataset, states[recipient], SPLITS)
+        before = recall_under(rmodel, tok, facts, states[recipient], SPLITS)
         gr = with_random_controls(
-            rmodel, tok, dataset, shared, lambda m, r=regime, t=recipient: graft(states[t], states[r], m),
+            rmodel, tok, facts, shared, lambda m, r=regime, t=recipient: graft(states[t], states[r], m),
             draws=draws, seed=seed + 100, splits=SPLITS,
         )  # fmt: skip
         entry["grafting"] = {
@@ -152,7 +154,7 @@ def run(
             "donor_heldout": intact["heldout"],
         }
         entry["consistency"] = _consistency_split(loaded, dataset, shared, consistency_facts)
-        entry["sweep"] = _sweep(models, regime, recipient, traces[regime], states, base_sd, dataset, ks, kind, scope,
+        entry["sweep"] = _sweep(models, regime, recipient, traces[regime], states, base_sd, facts, ks, kind, scope,
                                 sweep_draws, seed, intact["heldout"])  # fmt: skip
         result[regime] = entry
     atomic_write_json(out / "masks.json", result)
@@ -161,7 +163,7 @@ def run(
 
 
 def _sweep(
-    models, regime, recipient, trace, states, base_sd, dataset, ks, kind, scope, draws, seed, intact: float
+    models, regime, recipient, trace, states, base_sd, facts, ks, kind, scope, draws, seed, intact: float
 ) -> list[dict]:
     """Shared-set size, ablation and grafting over mask sizes ``ks``; ``intact`` = the model's own held-out QA."""
     model, tok = models[regime].model, models[regime].tokenizer
@@ -170,10 +172,10 @@ def _sweep(
         comp = comparison(trace, kk, kind=kind, scope=scope)
         shared = comp.shared
         abl = with_random_controls(
-            model, tok, dataset, shared, lambda m: ablate(states[regime], m, "base", base_sd), draws=draws, seed=seed
+            model, tok, facts, shared, lambda m: ablate(states[regime], m, "base", base_sd), draws=draws, seed=seed
         )
         gr = with_random_controls(
-            models[recipient].model, tok, dataset, shared, lambda m: graft(states[recipient], states[regime], m),
+            models[recipient].model, tok, facts, shared, lambda m: graft(states[recipient], states[regime], m),
             draws=draws, seed=seed + 100,
         )  # fmt: skip
         st = comp.stats()
@@ -253,7 +255,7 @@ def figures(result: dict, config=None) -> list:
 
 
 def figures_html(result: dict, config=None) -> str:
-    from mechrecall.plotting import page
+    from mechrecall.report.plotting import page
 
     return page(figures(result, config), "mechrecall masks")
 

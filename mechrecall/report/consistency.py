@@ -7,7 +7,8 @@ from pathlib import Path
 
 from mechrecall.consistency import measure
 from mechrecall.io import atomic_write_json, atomic_write_text
-from mechrecall.loading import lab_dataset, load_model, to_nnsight, to_transformer_lens
+from mechrecall.lab.models import lab_dataset
+from mechrecall.loading import load_model, to_nnsight, to_transformer_lens
 
 
 def run(
@@ -33,7 +34,7 @@ def run(
         models[label] = {
             "source": source,
             "backend_parity_max_abs_logit_diff": parity,
-            **measure(loaded.model, loaded.tokenizer, dataset, pids, grad_facts=grad_facts),
+            **measure(loaded.model, loaded.tokenizer, dataset.factset(pids), grad_facts=grad_facts),
         }
     result = {
         "people": "heldout",
@@ -95,7 +96,7 @@ def figures(result: dict) -> list:
 
 
 def figures_html(result: dict) -> str:
-    from mechrecall.plotting import page
+    from mechrecall.report.plotting import page
 
     return page(figures(result), "mechrecall consistency")
 
@@ -110,7 +111,7 @@ def trajectory(run_dir: str | Path, out: str | Path, *, n_people: int = 50, grad
 
     import plotly.graph_objects as go
 
-    from mechrecall.models import read_meta
+    from mechrecall.checkpoint import read_meta
 
     run_dir, out = Path(run_dir), Path(out)
     curves: dict[str, list[dict]] = {}
@@ -122,9 +123,8 @@ def trajectory(run_dir: str | Path, out: str | Path, *, n_people: int = 50, grad
         for folder in points:
             loaded = load_model(str(folder))
             dataset = lab_dataset(loaded)
-            m = measure(
-                loaded.model, loaded.tokenizer, dataset, dataset.pids("heldout")[:n_people], grad_facts=grad_facts
-            )
+            m = measure(loaded.model, loaded.tokenizer, dataset.factset(dataset.pids("heldout")[:n_people]),
+                        grad_facts=grad_facts)  # fmt: skip
             meta = read_meta(folder)
             curves.setdefault(regime, []).append(
                 {

@@ -1,6 +1,6 @@
 import pytest
 
-from mechrecall.stage2 import choose
+from mechrecall.lab.stage2 import choose
 
 
 def test_choose_picks_most_storage_at_first_target_crossing():
@@ -23,9 +23,9 @@ def test_choose_with_no_recipe_reaching_target():
 
 
 def test_sweep_runs_recipes_from_the_stage1_checkpoint(tmp_path):
-    from mechrecall.config import get_preset
-    from mechrecall.stage2 import sweep
-    from mechrecall.train import train
+    from mechrecall.lab.config import get_preset
+    from mechrecall.lab.stage2 import sweep
+    from mechrecall.lab.train import train
 
     preset = get_preset("micro", ["two_stage.stage1.steps=30", "two_stage.stage2.steps=10", "mixed.steps=10"])
     train(preset, "two_stage", tmp_path / "run", progress=False)

@@ -1,6 +1,6 @@
 """``python -m mechrecall reproduce``: data, both regimes, evaluation, registry entries and a results table.
 
-Per seed it writes ``OUT/seed<S>/`` (see :mod:`mechrecall.train` for the layout), registers the checkpoints, and
+Per seed it writes ``OUT/seed<S>/`` (see :mod:`mechrecall.lab.train` for the layout), registers the checkpoints, and
 finally ``OUT/results.json`` and ``OUT/results.md``. An interrupted run resumes where it stopped; a finished one is
 refused unless ``force`` (which deletes it first).
 """
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from mechrecall.config import Preset, get_preset
-from mechrecall.facts import ATTRIBUTES
+from mechrecall.checkpoint import read_meta
 from mechrecall.io import atomic_write_json, atomic_write_text
-from mechrecall.models import read_meta
+from mechrecall.lab.bios import ATTRIBUTES
+from mechrecall.lab.config import Preset, get_preset
+from mechrecall.lab.train import train
 from mechrecall.registry import Entry, register, relative_path
-from mechrecall.train import train
 
 RESULT_KEYS = {
     "two_stage": ("heldout_qa", "trained_qa", "validation_qa", "storage", "storage_after_stage1", "train_seconds"),
@@ -142,7 +142,7 @@ def analyses_markdown(out: Path) -> str:
     """The analyses' summary tables for results.md (those whose JSON exists in ``out``)."""
     lines: list[str] = []
     if (out / "masks.json").exists():
-        from mechrecall.masks_report import summary_rows
+        from mechrecall.report.masks import summary_rows
 
         masks = json.loads((out / "masks.json").read_text())
         lines += [
@@ -152,7 +152,7 @@ def analyses_markdown(out: Path) -> str:
             *summary_rows(masks),
         ]
     if (out / "patching.json").exists() or (out / "attribution.json").exists():
-        from mechrecall.patching_report import summary_rows as patch_rows
+        from mechrecall.report.patching import summary_rows as patch_rows
 
         def load(name):
             return json.loads((out / name).read_text()) if (out / name).exists() else None
@@ -164,9 +164,9 @@ def analyses_markdown(out: Path) -> str:
 
 def run_analyses(two_stage: str, mixed: str, out: Path, *, registry: str | Path | None = None) -> dict[str, float]:
     """Every analysis on one checkpoint pair (seed 0), each writing its JSON and figures into ``out``; seconds each."""
-    from mechrecall.consistency_report import run as consistency_run
-    from mechrecall.masks_report import run as masks_run
-    from mechrecall.patching_report import run_attribution, run_patching
+    from mechrecall.report.consistency import run as consistency_run
+    from mechrecall.report.masks import run as masks_run
+    from mechrecall.report.patching import run_attribution, run_patching
 
     steps = {
         "consistency": lambda: consistency_run(
@@ -253,7 +253,7 @@ def reproduce(
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", markdown_table(results) + analyses_markdown(out))
     if analyses:
-        from mechrecall.report import build
+        from mechrecall.report.page import build
 
         build(out)
     return results

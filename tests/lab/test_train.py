@@ -2,8 +2,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mechrecall.config import get_preset
-from mechrecall.train import apply_lora, batch_rows, lr_at, merge_lora, train
+from mechrecall.lab.config import get_preset
+from mechrecall.lab.train import apply_lora, batch_rows, lr_at, merge_lora, train
 
 SHORT = [
     "mixed.steps=24",
@@ -57,7 +57,7 @@ def test_lr_schedule():
 
 
 def test_lora_merge_matches_parametrized_model(micro_tokenizer):
-    from mechrecall.models import build_model
+    from mechrecall.lab.models import build_model
 
     preset = get_preset("micro")
     model = build_model(preset.model, micro_tokenizer, 0)

@@ -2,9 +2,9 @@
 
 import torch
 
-from mechrecall.config import get_preset
-from mechrecall.trace import GradientTrace
-from mechrecall.train import train
+from mechrecall.lab.config import get_preset
+from mechrecall.lab.trace import GradientTrace
+from mechrecall.lab.train import train
 
 
 def test_capture_separates_formats_and_update_attribution():

@@ -7,9 +7,9 @@ Run layout (``run_dir``)::
     mixed/           checkpoints/step-NNNNNN/, final/, history.json
 
 Determinism: batches are a pure function of (seed, stage, step) and checkpoints hold the optimizer state, so a run
-resumed from any checkpoint ends with the same weights as an uninterrupted one (``tests/test_train.py``).
+resumed from any checkpoint ends with the same weights as an uninterrupted one (``tests/lab/test_train.py``).
 
-CLI: ``python -m mechrecall.train --preset default --regime mixed --out runs/x`` (see ``--help``).
+CLI: ``python -m mechrecall.lab.train --preset default --regime mixed --out runs/x`` (see ``--help``).
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from mechrecall.config import Preset, StageConfig, get_preset
-from mechrecall.evaluate import evaluate
-from mechrecall.facts import SPLITS, FactDataset, generate
+from mechrecall.checkpoint import read_meta, save_checkpoint
 from mechrecall.io import atomic_write_json
-from mechrecall.models import build_model, load_checkpoint, read_meta, save_checkpoint
-from mechrecall.tokenization import Batch, collate_documents, collate_examples, encode_example, train_tokenizer
-from mechrecall.trace import GradientTrace
+from mechrecall.lab.bios import SPLITS, FactDataset, generate
+from mechrecall.lab.config import Preset, StageConfig, get_preset
+from mechrecall.lab.evaluate import evaluate
+from mechrecall.lab.models import build_model, load_checkpoint
+from mechrecall.lab.tokenizer import train_tokenizer
+from mechrecall.lab.trace import GradientTrace
+from mechrecall.tokenization import Batch, collate_documents, collate_examples, encode_example
 
 REGIMES = ("two_stage", "mixed")
 
@@ -222,6 +224,148 @@ def _latest_checkpoint(regime_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+@dataclass
+class _Run:
+    """Everything one regime's run carries from step to step (the trainer state is what a checkpoint resumes)."""
+
+    preset: Preset
+    regime: str
+    regime_dir: Path
+    dataset: FactDataset
+    tokenizer: object
+    data: TrainingData
+    model: nn.Module
+    state: dict
+    t0: float
+    tracer: GradientTrace | None
+
+    @property
+    def writers(self) -> tuple:
+        return (self.tracer.save,) if self.tracer is not None else ()
+
+
+def _fresh_state() -> dict:
+    return {
+        "stage_index": 0,
+        "step": 0,
+        "global_step": 0,
+        "history": [],
+        "metrics": {},
+        "optimizer": None,
+        "lora": None,
+    }
+
+
+def _start(preset: Preset, regime: str, run_dir: Path, resume: bool) -> _Run:
+    """Data, tokenizer and model of a run: from the base checkpoint, or from the newest resumable checkpoint."""
+    dataset, tokenizer = prepare_data(preset, run_dir)
+    data = TrainingData.build(dataset, tokenizer)
+    model, _, _ = load_checkpoint(run_dir / "data" / "base")
+    state = _fresh_state()
+    regime_dir = run_dir / regime
+    latest = _latest_checkpoint(regime_dir) if resume else None
+    if latest is not None:
+        model, _, _ = load_checkpoint(latest)
+        state = torch.load(latest / "trainer_state.pt", weights_only=False)
+    t0 = time.perf_counter() - state.get("seconds", 0.0)
+    tracer = GradientTrace.from_state(state.get("trace")) if preset.trace else None
+    return _Run(preset, regime, regime_dir, dataset, tokenizer, data, model, state, t0, tracer)
+
+
+def _stage_optimizer(run: _Run, cfg: StageConfig, stage_index: int, start: int) -> torch.optim.Optimizer:
+    """The stage's trainable parameters (LoRA factors or every weight) and its AdamW, restored when resuming."""
+    model, state = run.model, run.state
+    if cfg.trainable == "lora":
+        params = apply_lora(model, cfg, run.preset.seed + stage_index)
+    else:
+        params = [p for p in model.parameters()]
+    if cfg.trainable == "lora" and state.get("lora") is not None and start > 0:
+        model.load_state_dict(state["lora"])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98), eps=1e-6)
+    if start > 0 and state["optimizer"] is not None:
+        opt.load_state_dict(state["optimizer"])
+    return opt
+
+
+def _step_batches(run: _Run, cfg: StageConfig, stage_index: int, step: int) -> dict[str, Batch]:
+    """This step's storage and query batches (a deterministic function of seed, stage and step)."""
+    seed, data = run.preset.seed, run.data
+    batches: dict[str, Batch] = {}
+    if cfg.batch_storage:
+        batches["storage"] = data.storage.index(
+            batch_rows(len(data.storage), cfg.batch_storage, step, seed, 2 * stage_index)
+        )
+    if cfg.batch_query:
+        batches["query"] = data.query.index(
+            batch_rows(len(data.query), cfg.batch_query, step, seed, 2 * stage_index + 1)
+        )
+    return batches
+
+
+def _optimizer_step(
+    run: _Run, opt, cfg: StageConfig, stage: str, step: int, batches: dict[str, Batch], callbacks: Sequence[Callback]
+) -> StepEvent:
+    """Forward, backward (one per format when tracing), callbacks, the update and the trace's update record."""
+    model, tracer = run.model, run.tracer
+    for group in opt.param_groups:
+        group["lr"] = lr_at(cfg, step)
+    losses = {fmt: lm_loss(model, b) for fmt, b in batches.items()}
+    weights = {f: cfg.query_weight if f == "query" else 1.0 for f in losses}
+    if tracer is None:
+        sum(losses[f] * weights[f] for f in losses).backward()
+    else:  # one backward per format so that each format's own gradient can be traced
+        for f in losses:
+            (losses[f] * weights[f]).backward()
+            tracer.capture(f, model)
+    event = StepEvent(
+        run.regime, stage, step, run.state["global_step"], model, batches,
+        {f: float(v.detach()) for f, v in losses.items()},
+    )  # fmt: skip
+    for cb in callbacks:
+        cb(event)
+    if tracer is not None:
+        tracer.before_update(model)
+    opt.step()
+    if tracer is not None:
+        tracer.record_update(model)
+    opt.zero_grad(set_to_none=True)
+    return event
+
+
+def _log_evaluation(run: _Run, cfg: StageConfig, stage: str, step: int, event: StepEvent) -> bool:
+    """Evaluate, append to ``history.json``; True when the stage's stop rule (trained QA only) is met."""
+    # held-out numbers are logged for trajectories only; the stop rule reads trained QA alone
+    m = evaluate(run.model, run.tokenizer, run.dataset, splits=SPLITS if cfg.batch_query else (), storage=True)
+    entry = {"stage": stage, "step": step, "global_step": run.state["global_step"], "lr": lr_at(cfg, step - 1)}
+    entry.update({f"loss_{f}": v for f, v in event.losses.items()})
+    entry.update({k: v for k, v in m.items() if k != "per_attribute"})
+    run.state["history"].append(entry)
+    atomic_write_json(run.regime_dir / "history.json", run.state["history"])
+    return cfg.stop_at_trained_qa is not None and m.get("trained_qa", 0.0) >= cfg.stop_at_trained_qa
+
+
+def _finish_stage(run: _Run, cfg: StageConfig, stage: str, stage_index: int, n_stages: int, step: int, stopped: bool):
+    """Merge adapters, evaluate, and write the stage's checkpoint (the stage boundary is resumable too)."""
+    model, state = run.model, run.state
+    if cfg.trainable == "lora":
+        merge_lora(model)
+    model.eval()
+    metrics = evaluate(model, run.tokenizer, run.dataset)
+    metrics["steps"] = step
+    metrics["stopped_early"] = stopped
+    state["metrics"][stage] = metrics
+    # the next stage starts at step 0 with a fresh optimizer
+    state.update(stage_index=stage_index + 1, step=0, optimizer=None, lora=None, seconds=time.perf_counter() - run.t0)
+    state["trace"] = run.tracer.state() if run.tracer is not None else None
+    meta = _meta(run.preset, run.dataset, run.regime, stage, state["global_step"], metrics)
+    meta["train_seconds"] = state["seconds"]
+    name = "final" if stage_index == n_stages - 1 else stage
+    save_checkpoint(run.regime_dir / name, model, run.tokenizer, meta, writers=run.writers)
+    if stage_index < n_stages - 1:
+        path = run.regime_dir / "checkpoints" / f"step-{state['global_step']:06d}"
+        save_checkpoint(path, model, run.tokenizer, meta, state, writers=run.writers)
+
+
 def train(
     preset: Preset,
     regime: str,
@@ -239,158 +383,59 @@ def train(
     """
     regime = normalize_regime(regime)
     run_dir = Path(run_dir)
-    regime_dir = run_dir / regime
-    if resume and (regime_dir / "final").exists():
-        return read_meta(regime_dir / "final")
+    if resume and (run_dir / regime / "final").exists():
+        return read_meta(run_dir / regime / "final")
     if preset.threads:
         torch.set_num_threads(preset.threads)
-    dataset, tokenizer = prepare_data(preset, run_dir)
-    data = TrainingData.build(dataset, tokenizer)
-    model, _, _ = load_checkpoint(run_dir / "data" / "base")
-    plan = stage_plan(preset, regime)
-    state = {
-        "stage_index": 0,
-        "step": 0,
-        "global_step": 0,
-        "history": [],
-        "metrics": {},
-        "optimizer": None,
-        "lora": None,
-    }
-    latest = _latest_checkpoint(regime_dir) if resume else None
-    if latest is not None:
-        model, _, _ = load_checkpoint(latest)
-        state = torch.load(latest / "trainer_state.pt", weights_only=False)
-    t0 = time.perf_counter() - state.get("seconds", 0.0)
-    tracer = GradientTrace.from_state(state.get("trace")) if preset.trace else None
-    writers = (tracer.save,) if tracer is not None else ()
-
+    run = _start(preset, regime, run_dir, resume)
+    state, plan = run.state, stage_plan(preset, regime)
     for stage_index in range(state["stage_index"], len(plan)):
         stage, cfg = plan[stage_index]
         start = state["step"] if stage_index == state["stage_index"] else 0
-        params = (
-            apply_lora(model, cfg, preset.seed + stage_index)
-            if cfg.trainable == "lora"
-            else [p for p in model.parameters()]
-        )
-        if cfg.trainable == "lora" and state.get("lora") is not None and start > 0:
-            model.load_state_dict(state["lora"])
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98), eps=1e-6)
-        if start > 0 and state["optimizer"] is not None:
-            opt.load_state_dict(state["optimizer"])
-        model.train()
+        opt = _stage_optimizer(run, cfg, stage_index, start)
+        run.model.train()
         # disable=None: bars only on a terminal (logs and CI get none)
         bar = tqdm(
             total=cfg.steps, initial=start, desc=f"{regime}/{stage}", disable=None if progress else True, leave=False
         )
         step, stopped = start, False
         while step < cfg.steps and not stopped:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, step)
-            batches: dict[str, Batch] = {}
-            if cfg.batch_storage:
-                batches["storage"] = data.storage.index(
-                    batch_rows(len(data.storage), cfg.batch_storage, step, preset.seed, 2 * stage_index)
-                )
-            if cfg.batch_query:
-                batches["query"] = data.query.index(
-                    batch_rows(len(data.query), cfg.batch_query, step, preset.seed, 2 * stage_index + 1)
-                )
-            losses = {fmt: lm_loss(model, b) for fmt, b in batches.items()}
-            weights = {f: cfg.query_weight if f == "query" else 1.0 for f in losses}
-            if tracer is None:
-                sum(losses[f] * weights[f] for f in losses).backward()
-            else:  # one backward per format so that each format's own gradient can be traced
-                for f in losses:
-                    (losses[f] * weights[f]).backward()
-                    tracer.capture(f, model)
-            event = StepEvent(
-                regime,
-                stage,
-                step,
-                state["global_step"],
-                model,
-                batches,
-                {f: float(v.detach()) for f, v in losses.items()},
-            )
-            for cb in callbacks:
-                cb(event)
-            if tracer is not None:
-                tracer.before_update(model)
-            opt.step()
-            if tracer is not None:
-                tracer.record_update(model)
-            opt.zero_grad(set_to_none=True)
+            event = _optimizer_step(run, opt, cfg, stage, step, _step_batches(run, cfg, stage_index, step), callbacks)
             step += 1
             state["global_step"] += 1
             bar.update(1)
             bar.set_postfix({f: f"{v:.3f}" for f, v in event.losses.items()})
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                # held-out numbers are logged for trajectories only; the stop rule reads trained QA alone
-                m = evaluate(model, tokenizer, dataset, splits=SPLITS if cfg.batch_query else (), storage=True)
-                entry = {"stage": stage, "step": step, "global_step": state["global_step"], "lr": lr_at(cfg, step - 1)}
-                entry.update({f"loss_{f}": v for f, v in event.losses.items()})
-                entry.update({k: v for k, v in m.items() if k != "per_attribute"})
-                state["history"].append(entry)
-                atomic_write_json(regime_dir / "history.json", state["history"])
-                stopped = cfg.stop_at_trained_qa is not None and m.get("trained_qa", 0.0) >= cfg.stop_at_trained_qa
+                stopped = _log_evaluation(run, cfg, stage, step, event)
             stage_done = stopped or step == cfg.steps
             if stop_after is not None and state["global_step"] >= stop_after and not stage_done:
                 bar.close()
-                _save_resumable(
-                    regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0, tracer
-                )
+                _save_resumable(run, opt, cfg, stage, stage_index, step)
                 return {"interrupted_at": state["global_step"]}
             if state["global_step"] % preset.save_every == 0 and not stage_done:
-                _save_resumable(
-                    regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0, tracer
-                )
+                _save_resumable(run, opt, cfg, stage, stage_index, step)
         bar.close()
-        if cfg.trainable == "lora":
-            merge_lora(model)
-        model.eval()
-        metrics = evaluate(model, tokenizer, dataset)
-        metrics["steps"] = step
-        metrics["stopped_early"] = stopped
-        state["metrics"][stage] = metrics
-        # the stage boundary is a resumable checkpoint too (next stage, step 0, fresh optimizer)
-        state.update(stage_index=stage_index + 1, step=0, optimizer=None, lora=None, seconds=time.perf_counter() - t0)
-        state["trace"] = tracer.state() if tracer is not None else None
-        meta = _meta(preset, dataset, regime, stage, state["global_step"], metrics)
-        meta["train_seconds"] = state["seconds"]
-        name = "final" if stage_index == len(plan) - 1 else stage
-        save_checkpoint(regime_dir / name, model, tokenizer, meta, writers=writers)
-        if stage_index < len(plan) - 1:
-            save_checkpoint(
-                regime_dir / "checkpoints" / f"step-{state['global_step']:06d}",
-                model,
-                tokenizer,
-                meta,
-                state,
-                writers=writers,
-            )
-    atomic_write_json(regime_dir / "history.json", state["history"])
-    meta = read_meta(regime_dir / "final")
+        _finish_stage(run, cfg, stage, stage_index, len(plan), step, stopped)
+    atomic_write_json(run.regime_dir / "history.json", state["history"])
+    meta = read_meta(run.regime_dir / "final")
     meta["stages"] = state["metrics"]
     return meta
 
 
-def _save_resumable(
-    regime_dir, stage, preset, dataset, model, tokenizer, opt, cfg, state, stage_index, step, t0, tracer=None
-) -> None:
-    state.update(stage_index=stage_index, step=step, optimizer=opt.state_dict(), seconds=time.perf_counter() - t0)
+def _save_resumable(run: _Run, opt, cfg: StageConfig, stage: str, stage_index: int, step: int) -> None:
+    state, model = run.state, run.model
+    state.update(stage_index=stage_index, step=step, optimizer=opt.state_dict(), seconds=time.perf_counter() - run.t0)
     state["lora"] = model.state_dict() if cfg.trainable == "lora" else None
-    state["trace"] = tracer.state() if tracer is not None else None
-    meta = _meta(preset, dataset, regime_dir.name, stage, state["global_step"], {})
+    state["trace"] = run.tracer.state() if run.tracer is not None else None
+    meta = _meta(run.preset, run.dataset, run.regime, stage, state["global_step"], {})
     # with LoRA the HF folder gets merged weights; the raw factors travel in trainer_state.pt
     saved = merged_copy(model) if cfg.trainable == "lora" else model
-    writers = (tracer.save,) if tracer is not None else ()
-    path = regime_dir / "checkpoints" / f"step-{state['global_step']:06d}"
-    save_checkpoint(path, saved, tokenizer, meta, state, writers=writers)
+    path = run.regime_dir / "checkpoints" / f"step-{state['global_step']:06d}"
+    save_checkpoint(path, saved, run.tokenizer, meta, state, writers=run.writers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mechrecall.train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m mechrecall.lab.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="default")
     ap.add_argument("--regime", required=True, help="two-stage or mixed")
     ap.add_argument("--out", required=True, help="run folder (shared by both regimes of one preset and seed)")

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from mechrecall.facts import (
+from mechrecall.lab.bios import (
     ATTRIBUTES,
     QUERY_TEMPLATES,
     STORAGE_TEMPLATES,
@@ -90,14 +90,14 @@ def test_jsonl_export_round_trips(tmp_path, micro_dataset):
     assert len(rows) == len(micro_dataset.people) * len(ATTRIBUTES) * 2
     r = rows[0]
     start, end = r["spans"]["answer"][0]
-    assert r["text"][start:end] == micro_dataset.people[r["person_id"]].attributes[r["attribute"]]
+    assert r["text"][start:end] == micro_dataset.people[r["subject_id"]].attributes[r["relation"]]
     assert {r["split"] for r in rows} == {"train", "validation", "heldout"}
 
 
 def test_hf_dataset_export(micro_dataset):
     ds = micro_dataset.to_hf_dataset()
     assert len(ds) == len(micro_dataset.people) * len(ATTRIBUTES) * 2
-    assert set(ds.column_names) >= {"text", "spans", "split", "format", "attribute"}
+    assert set(ds.column_names) >= {"text", "spans", "split", "format", "relation"}
 
 
 def test_bad_split_fractions_are_rejected():

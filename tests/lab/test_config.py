@@ -1,6 +1,6 @@
 import pytest
 
-from mechrecall.config import PRESETS, get_preset
+from mechrecall.lab.config import PRESETS, get_preset
 
 
 def test_presets_validate():

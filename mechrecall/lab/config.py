@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mechrecall.facts import DataSpec
+from mechrecall.lab.bios import DataSpec
 
 
 class _Strict(BaseModel):
@@ -87,7 +87,7 @@ class Preset(_Strict):
     mixed: StageConfig
     save_every: int = Field(500, ge=1)
     threads: int | None = Field(None, ge=1)
-    trace: bool = True  # per-format gradient trace during training (mechrecall.trace), saved with checkpoints
+    trace: bool = True  # per-format gradient trace during training (mechrecall.lab.trace), saved with checkpoints
 
 
 def _stage(**kw: Any) -> StageConfig:
@@ -98,7 +98,7 @@ def _stage(**kw: Any) -> StageConfig:
 # sentence, a pronoun after). Mixed training uses weight decay 1.0 and 2,000 steps (chosen on validation people: 0.62
 # validation QA at seed 0); stage 1 of two-stage keeps 0.1, because after a decay-1.0 stage 1 every stage-2 recipe
 # erased the biographies, which would make two-stage's failure a matter of forgetting. Stage 2 is the recipe of
-# mechrecall.stage2's sweep (800-step budget) that keeps the most storage recall when trained QA reaches 95 % (full
+# mechrecall.lab.stage2's sweep (800-step budget) that keeps the most storage recall when trained QA reaches 95 % (full
 # fine-tuning at lr 3e-4). See the README ("How the default was chosen").
 DEFAULT = Preset(
     name="default",

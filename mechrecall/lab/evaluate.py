@@ -1,10 +1,8 @@
-"""Exact-match recall in both formats, per example, per split and per attribute.
+"""The lab's recall table: exact match in both formats, per person split and per attribute.
 
-Scoring is teacher-forced: a fact counts as recalled when the argmax at every answer token is right, and for the
-query format also at the end-of-text token after it. That is exactly greedy exact match (greedy decoding emits the
-answer and stops iff each of those argmaxes is right; ``tests/test_evaluate.py`` checks this against
-``generate``), at the cost of one forward per batch. Storage recall is scored inside each whole biography in one
-forward (causal attention makes the prediction at a position depend on the prefix only).
+Scoring is the toolkit's teacher-forced greedy exact match (:mod:`mechrecall.recall`). Storage recall is scored
+inside each whole biography in one forward (causal attention makes the prediction at a position depend on the
+prefix only).
 """
 
 from __future__ import annotations
@@ -17,27 +15,10 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from mechrecall.facts import ATTRIBUTES, SPLITS, Biography, Example, FactDataset, Split
-from mechrecall.tokenization import Batch, collate, collate_examples, encode_example
-
-
-@torch.no_grad()
-def correct_answers(model, batch: Batch) -> Bool[Tensor, "batch pos"]:
-    """Per position: the scored token (``labels != -100``) is the argmax of the previous position's logits.
-
-    Unscored positions are True, so ``.all(-1)`` over a row's positions is that row's exact match.
-    """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    target = batch.labels[:, 1:]
-    hit = logits[:, :-1].argmax(-1) == target
-    out = torch.ones_like(batch.labels, dtype=torch.bool)
-    out[:, 1:] = hit | (target == -100)
-    return out
-
-
-def _chunks(n: int, size: int):
-    for i in range(0, n, size):
-        yield torch.arange(i, min(n, i + size))
+from mechrecall.facts import Example
+from mechrecall.lab.bios import ATTRIBUTES, SPLITS, Biography, FactDataset, Split
+from mechrecall.recall import correct_answers, exact_match, row_chunks
+from mechrecall.tokenization import collate
 
 
 @dataclass
@@ -76,14 +57,12 @@ class Recall:
 
 
 def query_recall(model, tokenizer, dataset: FactDataset, examples: Sequence[Example], batch_size: int = 512) -> Recall:
-    encoded = [encode_example(tokenizer, ex) for ex in examples]
-    batch = collate_examples(encoded, tokenizer.pad_token_id)
-    correct = torch.cat([correct_answers(model, batch.index(rows)).all(-1) for rows in _chunks(len(batch), batch_size)])
+    correct = exact_match(model, tokenizer, examples, batch_size)
     return Recall(
         "query",
-        torch.tensor([ex.person_id for ex in examples]),
-        [ex.attribute for ex in examples],
-        [dataset.split[ex.person_id] for ex in examples],
+        torch.tensor([ex.subject_id for ex in examples]),
+        [ex.relation for ex in examples],
+        [dataset.split[ex.subject_id] for ex in examples],
         correct,
     )
 
@@ -108,7 +87,7 @@ def storage_recall(
     all_scored = [sorted(i for ps in pos.values() for i in ps) for _, pos in encoded]
     batch = collate([ids for ids, _ in encoded], all_scored, tokenizer.pad_token_id)
     correct, person_ids, attributes = [], [], []
-    for rows in _chunks(len(batch), batch_size):
+    for rows in row_chunks(len(batch), batch_size):
         sub = batch.index(rows)
         hits = correct_answers(model, sub)
         for r, row in enumerate(rows.tolist()):

@@ -106,7 +106,7 @@ def test_missing_checkpoint_folder(tmp_path, capsys):
 
 
 def test_consistency_trajectory_over_saved_checkpoints(micro_run):
-    from mechrecall.consistency_report import trajectory
+    from mechrecall.report.consistency import trajectory
 
     out, _ = micro_run
     result = trajectory(out / "seed0", out / "traj", n_people=6, grad_facts=8)

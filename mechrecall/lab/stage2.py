@@ -14,8 +14,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from mechrecall.config import Preset, StageConfig
 from mechrecall.io import atomic_write_json
+from mechrecall.lab.config import Preset, StageConfig
 
 # name -> stage-2 overrides (relative to the preset's stage 2)
 RECIPES: dict[str, dict] = {
@@ -56,7 +56,7 @@ def sweep(
     progress: bool = False,
 ) -> dict:
     """Run each recipe from ``run_dir``'s stage-1 checkpoint without early stopping; return curves + the choice."""
-    from mechrecall.train import train
+    from mechrecall.lab.train import train
 
     run_dir, out = Path(run_dir), Path(out)
     boundary = _boundary(run_dir, preset.two_stage.stage1.steps)

@@ -18,10 +18,11 @@ import torch
 
 from mechrecall.attribution import attribute
 from mechrecall.io import atomic_write_json, atomic_write_text
-from mechrecall.loading import lab_dataset, load_model
+from mechrecall.lab.models import lab_dataset
+from mechrecall.loading import load_model
 from mechrecall.patching import GaussianNoise, activation_patch, fact_inputs, fact_pairs
 from mechrecall.patching.atp import attribution_patch, check_attribution
-from mechrecall.plotting import page as html
+from mechrecall.report.plotting import page as html
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 
@@ -32,7 +33,7 @@ def _summ(r) -> dict:
 
 def patching_one(model, tokenizer, dataset, *, n_people: int = 40, n_pairs: int = 120, seed: int = 0) -> dict:
     pids = dataset.pids("heldout")[:n_people]
-    base, source, rows = fact_pairs(dataset, tokenizer, pids, source_format="storage", base_format="query", n=n_pairs,
+    base, source, rows = fact_pairs(dataset.factset(pids), tokenizer, source_format="storage", base_format="query", n=n_pairs,
                                     seed=seed)  # fmt: skip
     out: dict = {"n_pairs": len(rows), "pairs": rows, "sites": {}}
     sweeps: dict = {}

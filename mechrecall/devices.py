@@ -1,0 +1,87 @@
+"""Where a model lives and in which precision: device and dtype resolution for functions, loaders and CLIs.
+
+Every toolkit function runs where the model lives: inputs are moved to :func:`model_device`, results come back to
+the CPU in float32 where they are stored or reduced. CLIs take ``--device`` (default :func:`default_device`: CUDA when
+available, else CPU) and ``--dtype``; :func:`resolve_device` and :func:`resolve_dtype` turn those strings into torch
+objects and refuse what this machine cannot run with one clear line.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+class DeviceError(ValueError):
+    """A device or dtype this machine cannot run (the message names it)."""
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` -> the default; refuses ``cuda`` without a GPU and ``mps`` without Metal."""
+    if device is None or str(device) == "auto":
+        return torch.device(default_device())
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {device!r}: no CUDA GPU is available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError(f"--device {device!r}: MPS is not available on this machine")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """``"float32"``/``"bf16"``/``"fp16"``/... -> a torch dtype; refuses one the device cannot run."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        out = dtype
+    elif str(dtype) in DTYPES:
+        out = DTYPES[str(dtype)]
+    else:
+        raise DeviceError(f"--dtype {dtype!r}: unknown; expected one of {', '.join(sorted(set(DTYPES)))}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if out == torch.bfloat16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DeviceError(f"--dtype {dtype!r}: this GPU does not support bfloat16")
+    if out == torch.float16 and dev.type == "cpu":
+        # CPU fp16 matmuls are supported by current torch but slow and poorly accumulated; allowed, not advised
+        pass
+    return out
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's input embedding (the first module an input meets; right for ``device_map`` too)."""
+    if hasattr(model, "get_input_embeddings"):
+        emb = model.get_input_embeddings()
+        if emb is not None:
+            return emb.weight.device
+    return next(model.parameters()).device
+
+
+def model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def to_cpu(x: torch.Tensor) -> torch.Tensor:
+    """Storage comes back to the CPU as float32 (for floating tensors), whatever the model's dtype."""
+    x = x.detach()
+    return (x.float() if x.is_floating_point() else x).cpu()

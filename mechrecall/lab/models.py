@@ -1,0 +1,65 @@
+"""The lab's models: small Llama-architecture causal LMs built from a preset, and their checkpoints.
+
+Checkpoints are written by :func:`mechrecall.checkpoint.save_checkpoint`; :func:`lab_dataset` regenerates the
+synthetic dataset a lab checkpoint was trained on (checked by hash).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from mechrecall.checkpoint import CheckpointError, read_meta
+from mechrecall.lab.config import ModelConfig
+
+
+def build_model(cfg: ModelConfig, tokenizer, seed: int) -> LlamaForCausalLM:
+    """A randomly initialised Llama causal LM sized by ``cfg`` for ``tokenizer``'s vocabulary (tied embeddings)."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_len,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="eager",  # faster than sdpa for these sizes on CPU, and what TransformerLens uses
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, object, dict]:
+    """(model, tokenizer, meta) from a folder written by :func:`save_checkpoint` (eval mode, fp32, eager)."""
+    path = Path(path)
+    meta = read_meta(path)
+    for needed in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not (path / needed).exists():
+            raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {needed} is missing")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, meta
+
+
+def lab_dataset(loaded: LoadedModel):
+    """The dataset a lab checkpoint was trained on, regenerated from its recorded preset and checked by hash."""
+    from mechrecall.lab.bios import generate
+    from mechrecall.lab.config import Preset
+
+    meta = loaded.meta
+    if "config" not in meta:
+        raise CheckpointError(f"{loaded.location} has no mechrecall.json: cannot tell which dataset it was trained on")
+    preset = Preset.model_validate(meta["config"])
+    dataset = generate(preset.data.spec(), preset.seed)
+    if dataset.hash != meta.get("dataset_hash"):
+        raise CheckpointError(
+            f"{loaded.location}: dataset hash {meta.get('dataset_hash')} does not match the regenerated {dataset.hash}"
+        )
+    return dataset

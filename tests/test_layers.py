@@ -1,0 +1,59 @@
+"""The package's three rooms: the toolkit imports neither the lab nor the reports; the lab does not import reports;
+one module (``mechrecall.arch``) knows model internals."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "mechrecall"
+# Command-line entry points (``__main__.py``) compose all three rooms and are not imported by other code.
+TOOLKIT = sorted(
+    p for p in PKG.rglob("*.py") if p.relative_to(PKG).parts[0] not in ("lab", "report") and p.name != "__main__.py"
+)
+LAB = sorted(p for p in (PKG / "lab").rglob("*.py") if p.name != "reproduce.py")  # the pipeline runs the reports
+
+
+def imported(path: Path) -> set[str]:
+    """Every module an import statement in ``path`` names (function-level imports included)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+@pytest.mark.parametrize("path", TOOLKIT, ids=lambda p: str(p.relative_to(PKG)))
+def test_toolkit_imports_neither_lab_nor_reports(path):
+    bad = sorted(m for m in imported(path) if re.match(r"mechrecall\.(lab|report)\b", m))
+    assert not bad, f"{path.relative_to(PKG)} imports {bad}"
+
+
+@pytest.mark.parametrize("path", LAB, ids=lambda p: str(p.relative_to(PKG)))
+def test_lab_does_not_import_reports(path):
+    bad = sorted(m for m in imported(path) if re.match(r"mechrecall\.report\b", m))
+    assert not bad, f"{path.relative_to(PKG)} imports {bad}"
+
+
+def test_the_checker_sees_function_level_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from mechrecall.lab.train import train\n")
+    assert "mechrecall.lab.train" in imported(f)
+
+
+# Model internals: module paths and parameter names of particular architectures live in mechrecall/arch.py only.
+INTERNALS = re.compile(
+    r"\.model\.layers|\bgpt_neox\b|transformer\.h\b|\b(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|"
+    r"query_key_value|c_attn|post_attention_layernorm|input_layernorm|self_attn|rotary_emb|LlamaDecoderLayer|"
+    r"embed_tokens)\b"
+)
+
+
+@pytest.mark.parametrize("path", [p for p in TOOLKIT if p.name != "arch.py"], ids=lambda p: str(p.relative_to(PKG)))
+def test_only_the_architecture_layer_names_model_internals(path):
+    hits = [f"{i}: {line.strip()}" for i, line in enumerate(path.read_text().splitlines(), 1) if INTERNALS.search(line)]
+    assert not hits, f"{path.relative_to(PKG)} reaches into model internals:\n" + "\n".join(hits)
