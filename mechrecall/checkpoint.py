@@ -24,7 +24,7 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(
     path: str | Path,
-    model: PreTrainedModel,
+    model,
     tokenizer,
     meta: dict,
     extra: dict | None = None,

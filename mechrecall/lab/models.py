@@ -48,7 +48,7 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, object, dict]:
     return model, tokenizer, meta
 
 
-def lab_dataset(loaded: LoadedModel):
+def lab_dataset(loaded):
     """The dataset a lab checkpoint was trained on, regenerated from its recorded preset and checked by hash."""
     from mechrecall.lab.bios import generate
     from mechrecall.lab.config import Preset
