@@ -418,6 +418,14 @@ def resid_to_logits(model: nn.Module, resid: Tensor) -> Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+def normed_to_logits(model: nn.Module, normed: Tensor) -> Tensor:
+    """Logits from final-normed hidden states (what :func:`base_model` returns): unembedding + soft-capping."""
+    spec = spec_of(model)
+    logits = unembed(model)(normed)
+    cap = getattr(_text_config(_config(model)), spec.logit_softcap_key, None) if spec.logit_softcap_key else None
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def block_part(model: nn.Module, layer: int, part: str) -> nn.Module:
     """A named module inside block ``layer``; ``part`` is one of :data:`BLOCK_PARTS`.
 
@@ -509,6 +517,33 @@ def hook_site(model: nn.Module, layer: int, site: str, fn: Callable[[Tensor], Te
         return (new, *out[1:]) if isinstance(out, tuple) else new
 
     return module.register_forward_hook(hook)
+
+
+def hook_site_write(model: nn.Module, layer: int, site: str, fn: Callable[[Tensor], Tensor]) -> list[RemovableHandle]:
+    """Make ``site`` of block ``layer`` *be* ``fn(activation)`` downstream; returns the handles to remove.
+
+    For every site but ``resid_mid`` that is :func:`hook_site`. ``resid_mid`` is not a tensor any module receives
+    whole (the MLP's norm reads it, the residual add reads it again), so writing the norm's input would patch the MLP
+    path only. Instead the module whose output joins the stream after attention (:func:`residual_contribution`) gets
+    ``new - resid_pre`` at the entries ``fn`` changed, so that ``resid_pre + contribution`` is the new value.
+    """
+    if site != "resid_mid":
+        return [hook_site(model, layer, site, fn)]
+    block_part(model, layer, "resid_mid")  # raises for parallel-residual blocks
+    pre: list[Tensor] = []
+    h0 = hook_site(model, layer, "resid_pre", lambda t: pre.append(t))
+
+    def hook(mod, args, out):
+        contrib = out[0] if isinstance(out, tuple) else out
+        resid_pre = pre.pop()
+        mid = resid_pre + contrib
+        new = fn(mid)
+        changed = (new != mid).any(-1, keepdim=True)
+        contrib = torch.where(changed, new - resid_pre, contrib)
+        return (contrib, *out[1:]) if isinstance(out, tuple) else contrib
+
+    h1 = residual_contribution(model, layer, "attn").register_forward_hook(hook)
+    return [h0, h1]
 
 
 # ------------------------------------------------------------------------------------------------ parameters
@@ -677,3 +712,85 @@ def unit_sizes(name: str, shape: Sequence[int], model_or_config: nn.Module | Pre
         numel *= size
     across = numel // lay.shape[lay.axis]
     return {u: float(int((lab >= 0).sum()) * across / lay.n_units[u]) for u, lab in lay.labels.items()}
+
+
+# ------------------------------------------------------------------------------------------------ the fast path
+# Families whose blocks are exactly: pre-norm -> attention with separate q/k/v/o projections, full rotary
+# embeddings (optionally a per-head q/k norm) -> residual add -> pre-norm -> MLP -> residual add. For these the
+# patching engine re-implements one block on packed, ragged tokens (mechrecall.patching.core._ragged_forward).
+_FAST = {
+    "llama": ("self_attn", "input_layernorm", "post_attention_layernorm", None),
+    "mistral": ("self_attn", "input_layernorm", "post_attention_layernorm", None),
+    "qwen2": ("self_attn", "input_layernorm", "post_attention_layernorm", None),
+    "qwen3": ("self_attn", "input_layernorm", "post_attention_layernorm", ("q_norm", "k_norm")),
+}
+
+
+@dataclass(frozen=True)
+class FastBlock:
+    """The modules of one block of a :data:`_FAST` family, for engines that run a block on packed tokens.
+
+    ``q``/``k``/``v``/``o`` are the projections; ``q_norm``/``k_norm`` per-head norms applied before the rotary
+    embedding (Qwen3) or ``None``; ``attn`` is the attention module (``head_dim``, ``scaling``, ``num_key_value_groups``
+    attributes, used by ``eager_attention``).
+    """
+
+    attn: nn.Module
+    attn_norm: nn.Module
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    mlp_norm: nn.Module
+    mlp: nn.Module
+
+
+def fast_blocks(model: nn.Module, max_len: int) -> list[FastBlock] | None:
+    """Every block as a :class:`FastBlock`, or ``None`` when the model is not of that form for prompts of
+    ``max_len`` tokens (another family, sliding-window attention that would bind, a non-default rotary type)."""
+    spec = spec_of(model)
+    if spec.name not in _FAST:
+        return None
+    config = _text_config(_config(model))
+    window = getattr(config, "sliding_window", None)
+    if window is not None and (getattr(config, "use_sliding_window", True) or spec.name == "mistral"):
+        if max_len > window:
+            return None
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in ("default", "linear", "dynamic", "llama3", "yarn"):
+        return None
+    attn_path, n1, n2, qk = _FAST[spec.name]
+    out = []
+    for block in blocks(model):
+        attn = get_module(block, attn_path)
+        out.append(
+            FastBlock(
+                attn, get_module(block, n1), attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                getattr(attn, qk[0]) if qk else None, getattr(attn, qk[1]) if qk else None,
+                get_module(block, n2), get_module(block, spec.mlp),
+            )
+        )  # fmt: skip
+    return out
+
+
+def rotary_tables(model: nn.Module, like: Tensor, n_pos: int) -> tuple[Tensor, Tensor]:
+    """``(cos, sin)`` ``[n_pos, head_dim]`` of the model's rotary embedding for positions ``0..n_pos-1``."""
+    rotary = get_module(base_model(model), "rotary_emb")
+    cos, sin = rotary(like, torch.arange(n_pos, device=like.device)[None])
+    return cos[0], sin[0]
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def eager_attention(block: FastBlock, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """``softmax(q k^T * scaling + mask) v`` with grouped key/value heads, as the family's eager attention computes it
+    (``q`` ``[rows, heads, T_q, d]``, ``k``/``v`` ``[rows, kv_heads, T, d]``); returns ``[rows, T_q, heads, d]``."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    out, _ = eager_attention_forward(block.attn, q, k, v, mask, scaling=block.attn.scaling)
+    return out

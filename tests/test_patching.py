@@ -15,6 +15,7 @@ from mechrecall.patching import (
     set_head,
 )
 from mechrecall.patching.core import SITES, capture
+from tests.patch_reference import reference_patch
 
 
 @pytest.fixture(scope="module")
@@ -108,60 +109,7 @@ def test_backends_agree(lab, pairs, site):
 
 def _reference_patch(model, base, source, site, L, j, head=None):
     """One patch by a plain hooked HF forward of the whole prompt (no shortcut): the metric per example."""
-    from mechrecall.patching.core import _site_module
-
-    acts, pre, _ = capture(model, source.input_ids, site)
-    b = torch.arange(len(base))
-    val = acts[L][b, source.positions[:, j]]
-    tgt = base.positions[:, j]
-    layer = model.model.layers[L]
-    if site == "head":
-        d = model.config.hidden_size // model.config.num_attention_heads
-
-        def hook(m, a):
-            z = a[0].clone()
-            z[b, tgt, head * d : (head + 1) * d] = val[:, head * d : (head + 1) * d]
-            return (z,)
-
-        handle = layer.self_attn.o_proj.register_forward_pre_hook(hook)
-    elif site == "resid_mid":  # attention output := target - resid_pre at the patched token
-
-        def hook(m, a, kw, out):
-            o = out[0].clone()
-            o[b, tgt] = val - layer_in[0][b, tgt]
-            return (o, *out[1:])
-
-        layer_in = []
-        h0 = layer.register_forward_pre_hook(
-            lambda m, a, kw: layer_in.append(a[0] if a else kw["hidden_states"]), with_kwargs=True
-        )
-        handle = layer.self_attn.register_forward_hook(hook, with_kwargs=True)
-    else:
-        module, kind = _site_module(layer, site)
-        if kind == "pre":
-
-            def hook(m, a, kw):
-                h = (a[0] if a else kw["hidden_states"]).clone()
-                h[b, tgt] = val
-                return ((h, *a[1:]), kw) if a else (a, {**kw, "hidden_states": h})
-
-            handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-        else:
-
-            def hook(m, a, out):
-                o = (out[0] if isinstance(out, tuple) else out).clone()
-                o[b, tgt] = val
-                return (o, *out[1:]) if isinstance(out, tuple) else o
-
-            handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=base.input_ids).logits[b, base.readout]
-    finally:
-        handle.remove()
-        if site == "resid_mid":
-            h0.remove()
-    return logits.gather(1, base.answer[:, None])[:, 0] - logits.gather(1, base.foil[:, None])[:, 0]
+    return reference_patch(model, base, source, site, L, j, head)
 
 
 @pytest.mark.parametrize("site", SITES)

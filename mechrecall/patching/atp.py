@@ -13,13 +13,13 @@ from collections.abc import Sequence
 
 import torch
 
+from mechrecall import arch
+from mechrecall.devices import model_device
 from mechrecall.patching.core import (
     PatchInputs,
     PatchResult,
-    _first,
     _gather_source,
-    _layers,
-    _site_module,
+    _metrics,
     activation_patch,
     capture,
     get_metric,
@@ -34,30 +34,26 @@ def attribution_patch(
     if site not in ATP_SITES:
         raise ValueError(f"attribution patching supports {ATP_SITES}, not {site!r}")
     fn = get_metric(metric)
-    src_acts, _, src_logits = capture(model, source.input_ids, site)
-    acts: list = [None] * len(_layers(model))
-    handles = []
-    for i, layer in enumerate(_layers(model)):
-        # resid_mid: the post-attention norm's input is the resid_mid tensor itself (the residual path too)
-        module, kind = (layer.post_attention_layernorm, "pre") if site == "resid_mid" else _site_module(layer, site)
+    src_acts, _, src_logits = capture(model, source.input_ids, site, readout=source.readout)
+    dev = model_device(model)
+    n_layers = arch.n_layers(model)
+    acts: list = [None] * n_layers
 
-        def keep(t, i=i):
-            t.retain_grad()
-            acts[i] = t
+    def keep(t, i):
+        t.retain_grad()
+        acts[i] = t
 
-        if kind == "pre":
-            handles.append(module.register_forward_pre_hook(lambda m, a, kw, keep=keep: keep(a[0] if a else kw["hidden_states"]), with_kwargs=True))  # fmt: skip
-        else:
-            handles.append(module.register_forward_hook(lambda m, a, out, keep=keep: keep(_first(out))))
+    # resid_mid: the input of the module after attention is the resid_mid tensor itself (the residual path too)
+    handles = [arch.hook_site(model, i, site, lambda t, i=i: keep(t, i)) for i in range(n_layers)]
     emb_hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
     req = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         with torch.enable_grad():
-            logits = model(input_ids=base.input_ids).logits
-            b = torch.arange(len(base))
-            values = fn(logits[b, base.readout], base.answer, base.foil)
+            logits = model(input_ids=base.input_ids.to(dev)).logits
+            b = torch.arange(len(base), device=dev)
+            values = fn(logits[b, base.readout.to(dev)].float(), base.answer.to(dev), base.foil.to(dev))
             values.sum().backward()
     finally:
         for h in handles:
@@ -65,18 +61,20 @@ def attribution_patch(
         emb_hook.remove()
         for p, r in zip(model.parameters(), req):
             p.requires_grad_(r)
-    n_heads = model.config.num_attention_heads
+    n_heads = arch.dims(model).n_heads
     est = []
-    rows = torch.arange(len(base))[:, None]
+    rows = torch.arange(len(base), device=dev)[:, None]
+    pos = base.positions.to(dev)
     for i in range(len(acts)):
         src = _gather_source(src_acts[i], source.positions, site, n_heads)  # [B, n_pos, d]
-        a = acts[i].detach()[rows, base.positions]
-        g = acts[i].grad[rows, base.positions]
-        est.append(((src - a) * g).sum(-1).T)  # [n_pos, B]
-    src_val = fn(src_logits[torch.arange(len(source)), source.readout], source.answer, source.foil)
+        a = acts[i].detach()[rows, pos]
+        g = acts[i].grad[rows, pos]
+        est.append(((src - a).float() * g.float()).sum(-1).T.cpu())  # [n_pos, B]
+    (src_val,) = _metrics([fn], src_logits, source.answer, source.foil)
+    values = values.detach().cpu()
     labels = {"layer": list(range(len(acts))), "pos": base.pos_labels, "example": list(range(len(base)))}
     return PatchResult(
-        values.detach() + torch.stack(est), ("layer", "pos", "example"), labels, values.detach(), src_val, site,
+        values + torch.stack(est), ("layer", "pos", "example"), labels, values, src_val, site,
         f"atp:{metric if isinstance(metric, str) else 'custom'}",
     )  # fmt: skip
 

@@ -1,7 +1,8 @@
 """The same batched sweep through TransformerLens hooks and nnsight (full forwards; parity with the HF fast path).
 
-Sites: ``resid_pre``, ``resid_post``, ``attn_out``, ``mlp_out`` (TL hook names ``blocks.L.hook_<site>``; nnsight
-``model.layers[L]`` input / output, ``self_attn.output[0]``, ``mlp.output``). Each layer is one forward of the base
+Sites: ``resid_pre``, ``resid_post``, ``attn_out``, ``mlp_out`` (TL hook names ``blocks.L.hook_<site>``; nnsight: the
+modules :mod:`mechrecall.arch` names for the wrapped model -- block input / output, attention output ``[0]``, MLP
+output). Each layer is one forward of the base
 batch repeated once per named position, copy ``j`` patched at position ``j``.
 """
 
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mechrecall import arch
 from mechrecall.patching.core import PatchInputs, PatchResult
 
 BACKEND_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
@@ -46,14 +48,42 @@ def _tl_sweep(bridge, base, source, site, layers, fn):
     return out, base_logits, src_logits
 
 
-def _nn_site(model, L: int, site: str):
-    layer = model.model.layers[L]
-    return {
-        "resid_pre": lambda: layer.input,
-        "resid_post": lambda: layer.output,
-        "attn_out": lambda: layer.self_attn.output[0],
-        "mlp_out": lambda: layer.mlp.output,
-    }[site]()
+def _envoy(model, dotted: str):
+    """The nnsight envoy at an HF dotted module path (nnsight mirrors the wrapped model's module tree)."""
+    node = model
+    for part in dotted.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def _nn_first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+class _NnSite:
+    """Read and write one site of one block inside an nnsight trace (where the HF module tree puts it)."""
+
+    def __init__(self, model, L: int, site: str):
+        spec = arch.spec_of(model._module)
+        block = _envoy(model, f"{spec.blocks}.{L}")
+        self.site = site
+        self.module = {"resid_pre": block, "resid_post": block, "attn_out": _envoy(block, spec.attn),
+                       "mlp_out": _envoy(block, spec.mlp)}[site]  # fmt: skip
+
+    def get(self):
+        return self.module.input if self.site == "resid_pre" else _nn_first(self.module.output)
+
+    def set(self, rows, tgt, val) -> None:
+        if self.site == "resid_pre":
+            self.module.input[rows, tgt] = val
+        elif isinstance(self.module.output, tuple):
+            self.module.output[0][rows, tgt] = val
+        else:
+            self.module.output[rows, tgt] = val
+
+
+def _nn_logits(model):
+    return _envoy(model, arch.spec_of(model._module).unembed).output
 
 
 @torch.no_grad()
@@ -61,10 +91,10 @@ def _nnsight_sweep(model, base, source, site, layers, fn):
     saved = []
     with model.trace(source.input_ids):
         for L in layers:
-            saved.append(_nn_site(model, L, site).save())
-        src_logits = model.lm_head.output.save()
+            saved.append(_NnSite(model, L, site).get().save())
+        src_logits = _nn_logits(model).save()
     with model.trace(base.input_ids):
-        base_logits = model.lm_head.output.save()
+        base_logits = _nn_logits(model).save()
     n_pos = base.positions.shape[1]
     rows, b_of, p_of = _rows(base, n_pos)
     tgt = base.positions[b_of, p_of]
@@ -72,8 +102,8 @@ def _nnsight_sweep(model, base, source, site, layers, fn):
     for li, L in enumerate(layers):
         val = saved[li][b_of, source.positions[b_of, p_of]]
         with model.trace(base.input_ids[b_of]):
-            _nn_site(model, L, site)[rows, tgt] = val
-            logits = model.lm_head.output.save()
+            _NnSite(model, L, site).set(rows, tgt, val)
+            logits = _nn_logits(model).save()
         out[li] = fn(logits[rows, base.readout[b_of]], base.answer[b_of], base.foil[b_of]).view(n_pos, len(base))
     return out, base_logits, src_logits
 
@@ -98,7 +128,7 @@ def activation_patch_backend(
         n_layers = model.cfg.n_layers
         sweep = _tl_sweep
     elif backend == "nnsight":
-        n_layers = len(model.model.layers)
+        n_layers = arch.n_layers(model._module)
         sweep = _nnsight_sweep
     else:
         raise ValueError(f"unknown backend {backend!r}; expected 'hf', 'transformer_lens' or 'nnsight'")

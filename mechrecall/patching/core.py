@@ -27,10 +27,15 @@ Metrics stay tensors (no per-patch ``.item()``). Results keep
 every example: :class:`PatchResult` ``.values`` is ``[layer, (head,) pos, batch]`` with named axes and
 ``.to_dataframe()``.
 
-Backends: ``"hf"`` (plain Hugging Face Llama-family decoder, the fast path described above, every site),
-``"transformer_lens"`` (a raw-mode ``TransformerBridge``; batched ``run_with_hooks``, full forwards) and
-``"nnsight"`` (a ``TransformersModel``; one batched trace per layer), the last two for the residual, attention and
-MLP sites. Tests hold all three equal to each other and to TransformerLens's own ``get_act_patch_resid_pre``.
+Backends: ``"hf"`` (a plain Hugging Face causal LM of any architecture :mod:`mechrecall.arch` knows, every site):
+Llama, Mistral, Qwen2 and Qwen3 take the ragged fast path described above; the other architectures (GPT-NeoX, GPT-2,
+Gemma 2/3, OLMo2, Phi-3) an exact hooked path (every patch a row of a batched whole-prompt forward with one hook on
+the site, logits at the readout only). ``"transformer_lens"`` (a raw-mode ``TransformerBridge``; batched
+``run_with_hooks``, full forwards) and ``"nnsight"`` (a ``TransformersModel``; one batched trace per layer) cover the
+residual, attention and MLP sites. Tests hold all of them equal to each other, to whole-prompt hooked forwards patch by
+patch on every architecture, and to TransformerLens's own ``get_act_patch_resid_pre``.
+
+Everything runs on the model's device and dtype; metric values are computed in float32 and come back on the CPU.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from mechrecall import arch
+from mechrecall.devices import model_device
 
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 SITES = (*RESID_SITES, "head")
@@ -128,8 +136,10 @@ class GaussianNoise:
     seed: int = 0
 
     def noise(self, model, inputs: PatchInputs) -> Float[Tensor, "batch pos d_model"]:
+        """The noise added to the embedding module's output (drawn on the CPU, so it is the same on every device;
+        scaled like the embedding's output, which Gemma multiplies by sqrt(d_model))."""
         emb = model.get_input_embeddings().weight
-        std = float(emb.detach().std())
+        std = float(emb.detach().float().std()) * arch.embed_scale(model)
         g = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(*inputs.input_ids.shape, emb.shape[1], generator=g) * self.scale * std
         keep = torch.zeros(inputs.input_ids.shape, dtype=torch.bool)
@@ -195,12 +205,15 @@ SETTERS = {s: set_resid for s in RESID_SITES} | {"head": set_head}
 
 
 # ------------------------------------------------------------------------------------------------ HF capture
-def _layers(model):
-    return model.model.layers
-
-
 def _first(x):
     return x[0] if isinstance(x, tuple) else x
+
+
+def _metrics(fns, logits: Tensor, answer: Tensor, foil: Tensor) -> list[Tensor]:
+    """Metric values in float32 on the CPU (logits may be bf16 on a GPU)."""
+    logits = logits.float()
+    answer, foil = answer.to(logits.device), foil.to(logits.device)
+    return [fn(logits, answer, foil).cpu() for fn in fns]
 
 
 @torch.no_grad()
@@ -213,64 +226,46 @@ def capture(
     readout: Tensor | None = None,
     kv: list | None = None,
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """(site activation per layer, resid_pre per layer, logits) of one plain-HF forward.
+    """(site activation per layer, resid_pre per layer, logits) of one plain-HF forward, on the model's device.
 
     Logits are ``[batch, pos, vocab]``, or ``[batch, vocab]`` at one ``readout`` position per row if given (the
     unembedding of the other positions is skipped: with a large vocabulary it costs as much as several layers).
     A list passed as ``kv`` receives every layer's (keys, values), for forwards that reuse the prefix.
     """
-    acts: list = [None] * len(_layers(model))
-    pre: list = [None] * len(_layers(model))
+    dev = model_device(model)
+    n = arch.n_layers(model)
+    acts: list = [None] * n
+    pre: list = [None] * n
     handles = []
     if embed_noise is not None:
-        handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out: out + embed_noise))
-    for i, layer in enumerate(_layers(model)):
-        handles.append(
-            layer.register_forward_pre_hook(
-                lambda m, a, kw, i=i: pre.__setitem__(i, (a[0] if a else kw["hidden_states"]).detach()),
-                with_kwargs=True,
-            )
-        )
-        module, kind = _site_module(layer, site)
-        if kind == "pre":
-            handles.append(module.register_forward_pre_hook(lambda m, a, i=i: acts.__setitem__(i, a[0].detach())))
-        else:
-            handles.append(
-                module.register_forward_hook(lambda m, a, out, i=i: acts.__setitem__(i, _first(out).detach()))
-            )
+        noise = embed_noise.to(dev)
+        handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out: out + noise.to(out.dtype)))
+    for i in range(n):
+        handles.append(arch.hook_site(model, i, "resid_pre", lambda t, i=i: pre.__setitem__(i, t.detach())))
+        if site != "resid_pre":
+            handles.append(arch.hook_site(model, i, site, lambda t, i=i: acts.__setitem__(i, t.detach())))
     try:
+        ids = input_ids.to(dev)
         if readout is None:
-            logits = model(input_ids=input_ids).logits
+            logits = model(input_ids=ids).logits
         else:
-            res = model.model(input_ids=input_ids, use_cache=kv is not None)
+            res = arch.base_model(model)(input_ids=ids, use_cache=kv is not None)
             hidden = res.last_hidden_state  # after the final norm
-            logits = model.lm_head(hidden[torch.arange(hidden.shape[0]), readout])
+            logits = arch.normed_to_logits(model, hidden[torch.arange(hidden.shape[0], device=dev), readout.to(dev)])
             if kv is not None:
                 kv.extend((layer.keys, layer.values) for layer in res.past_key_values.layers)
     finally:
         for h in handles:
             h.remove()
-    if site == "resid_mid":
-        acts = [p + a for p, a in zip(pre, acts)]  # resid_mid = resid_pre + attention output
+    if site == "resid_pre":
+        acts = list(pre)
     return acts, pre, logits
-
-
-def _site_module(layer, site: str):
-    """(module, 'pre'|'post') whose input or output is the site (resid_mid is read as attn output + resid_pre)."""
-    return {
-        "resid_pre": (layer, "pre"),
-        "resid_post": (layer, "post"),
-        "resid_mid": (layer.self_attn, "post"),
-        "attn_out": (layer.self_attn, "post"),
-        "mlp_out": (layer.mlp, "post"),
-        "head": (layer.self_attn.o_proj, "pre"),
-    }[site]
 
 
 def _gather_source(act: Tensor, positions: Tensor, site: str, n_heads: int) -> Tensor:
     """Source values at each row's named positions: ``[batch, n_pos, d]`` (or ``[batch, n_pos, head, d_head]``)."""
-    b = torch.arange(act.shape[0])[:, None]
-    vals = act[b, positions]
+    b = torch.arange(act.shape[0], device=act.device)[:, None]
+    vals = act[b, positions.to(act.device)]
     return vals.view(*vals.shape[:2], n_heads, -1) if site == "head" else vals
 
 
@@ -283,18 +278,9 @@ def _variants(n_pos: int, n_heads: int | None) -> tuple[Tensor, Tensor | None]:
     return grid[:, 1], grid[:, 0]
 
 
-def _check_llama(model) -> None:
-    layer = _layers(model)[0]
-    if type(layer).__name__ != "LlamaDecoderLayer":
-        raise ValueError(
-            f"the hf backend's ragged forward implements Llama decoder layers, not {type(layer).__name__}; "
-            "use backend='transformer_lens' or backend='nnsight'"
-        )
-
-
 @dataclass
 class _Rows:
-    """Patch rows of one ragged forward, sorted by layer: example, layer, target position, (head,) value."""
+    """Patch rows of one forward, sorted by layer: example, layer, target position, (head,) value."""
 
     b: Tensor
     layer: Tensor
@@ -303,157 +289,28 @@ class _Rows:
     value: Tensor
 
 
-@torch.no_grad()
-def _ragged_forward(model, rows: _Rows, site: str, base_pre: list[Tensor], base_kv: list, readout: Tensor) -> Tensor:
-    """Logits ``[rows, vocab]`` at each row's readout after its patch, computing only what the patch can change.
+@dataclass
+class _Sweep:
+    """Every patch of a sweep, layer-major then variant then example: flat index ``(layer * n_var + var) * B + b``.
 
-    A patch at (layer ``l``, position ``p``) leaves every position ``< p`` and every layer ``< l`` as in the base run
-    (attention is causal), and positions after the readout cannot reach the metric. So each row contributes the
-    tokens ``p..readout`` and enters the stack at layer ``l``; all rows' tokens are packed into one ``[tokens, d]``
-    tensor (rows sorted by layer, so the tokens active at a layer are a prefix) and every layer runs one set of
-    matrix products over the active tokens. Attention reads the base run's cached keys and values for the unchanged
-    prefix. At the last layer only the readout token's query, output and MLP are computed.
+    ``value`` is the source activation each patch writes and ``current`` the base activation it replaces (both on the
+    model's device); ``live`` marks the patches that can change the metric.
     """
-    layers = _layers(model)
-    n_layers, R = len(layers), len(rows.b)
-    end = readout[rows.b]
-    n_tok = end - rows.pos + 1
-    offsets = torch.cumsum(n_tok, 0) - n_tok
-    N = int(n_tok.sum())
-    row_of = torch.repeat_interleave(torch.arange(R), n_tok)
-    tok_pos = rows.pos[row_of] + torch.arange(N) - offsets[row_of]
-    tok_b = rows.b[row_of]
-    read_tok = offsets + n_tok - 1
-    T = int(end.max()) + 1
-    dtype = base_pre[0].dtype
-    cos, sin = model.model.rotary_emb(base_pre[0][:1, :T], torch.arange(T)[None])
-    cos, sin = cos[0], sin[0]  # [T, d_head]
-    mask = torch.full((T, T), torch.finfo(dtype).min, dtype=dtype).triu(1)
-    # rows (and tokens) active at each layer: those whose patch layer is <= it
-    first = int(rows.layer[0])
-    counts = torch.bincount(rows.layer - first, minlength=n_layers - first).cumsum(0).tolist()
-    tok_counts = [int(offsets[c]) if c < R else N for c in counts]
-    setter = SETTERS[site]
-    h = torch.empty(N, base_pre[0].shape[-1], dtype=dtype)
-    r0 = n0 = 0
-    for li in range(first, n_layers):
-        layer, attn = layers[li], layers[li].self_attn
-        last = li == n_layers - 1
-        r1, n1 = counts[li - first], tok_counts[li - first]
-        join = torch.arange(r0, r1)  # rows whose patch sits in this layer; their first token is the patched one
 
-        def patch(act: Tensor, here: str, tok: Tensor, join: Tensor = join) -> Tensor:
-            if site != here or len(join) == 0:
-                return act
-            return setter(act, tok, rows.value[join], None if rows.head is None else rows.head[join])
+    b: Tensor
+    layer: Tensor
+    tgt: Tensor
+    head: Tensor | None
+    value: Tensor
+    live: Tensor
 
-        h[n0:n1] = base_pre[li][tok_b[n0:n1], tok_pos[n0:n1]]
-        hh, rr, pos = patch(h[:n1], "resid_pre", offsets[join]), row_of[:n1], tok_pos[:n1]
-        x = layer.input_layernorm(hh)
-        k = attn.k_proj(x).view(n1, -1, attn.head_dim)
-        v = attn.v_proj(x).view(n1, -1, attn.head_dim)
-        c, s = cos[pos][:, None], sin[pos][:, None]
-        K = base_kv[li][0][rows.b[:r1], :, :T]  # advanced indexing copies: the cache stays intact
-        V = base_kv[li][1][rows.b[:r1], :, :T]
-        K[rr, :, pos], V[rr, :, pos] = k * c + _rotate_half(k) * s, v
-        if last:  # one query per row, at its readout; patches after attention here sit at the readout (see caller)
-            qt = read_tok[:r1]
-            q = attn.q_proj(x[qt]).view(r1, -1, attn.head_dim)
-            c, s = cos[end[:r1]][:, None], sin[end[:r1]][:, None]
-            q = (q * c + _rotate_half(q) * s)[:, :, None]  # [rows, heads, 1, d_head]
-            z, _ = _eager_attention(attn, q, K, V, mask[end[:r1]][:, None, None], attn.scaling)
-            z, hh, tok = z.reshape(r1, -1), hh[qt], join  # row layout: token i of these tensors is row i's readout
-        else:
-            q = attn.q_proj(x).view(n1, -1, attn.head_dim)
-            Q = torch.zeros(r1, q.shape[1], T, attn.head_dim, dtype=dtype)
-            Q[rr, :, pos] = q * c + _rotate_half(q) * s
-            z, _ = _eager_attention(attn, Q, K, V, mask[None, None], attn.scaling)  # [rows, T, heads, d_head]
-            z, tok = z[rr, pos].reshape(n1, -1), offsets[join]
-        a = patch(attn.o_proj(patch(z, "head", tok)), "attn_out", tok)
-        mid = patch(hh + a, "resid_mid", tok)
-        out = patch(mid + patch(layer.mlp(layer.post_attention_layernorm(mid)), "mlp_out", tok), "resid_post", tok)
-        if last:
-            return model.lm_head(model.model.norm(out))
-        h[:n1] = out
-        r0, n0 = r1, n1
-    raise AssertionError("unreachable: the loop returns at the last layer")
+    def rows(self, idx: Tensor) -> _Rows:
+        return _Rows(self.b[idx], self.layer[idx], self.tgt[idx], None if self.head is None else self.head[idx],
+                     self.value[idx])  # fmt: skip
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _eager_attention(module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scaling: float):
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
-    return eager_attention_forward(module, q, k, v, mask, scaling=scaling)
-
-
-def activation_patch(
-    model,
-    base: PatchInputs,
-    source: PatchInputs,
-    *,
-    site: str = "resid_pre",
-    layers: Sequence[int] | None = None,
-    metric: str | Metric | Sequence[str | Metric] = "logit_diff",
-    corruption: GaussianNoise | None = None,
-    backend: str = "hf",
-    max_rows: int = 2048,
-    max_tokens: int = 65536,
-    skip_identical: bool = True,
-) -> PatchResult | dict[str, PatchResult]:
-    """Patch ``source``'s ``site`` activation into ``base`` at every (layer, named position) [x head], batched.
-
-    Row ``b`` of ``source`` patches row ``b`` of ``base``: position ``base.positions[b, j]`` receives the source
-    activation at ``source.positions[b, j]`` (role alignment). ``corruption`` adds noise to the base's subject
-    embeddings first (ROME tracing: then ``source`` is usually the same prompts, clean).
-
-    How it is fast (``backend="hf"``, exact): one base and one source forward cache every layer; then all patches of
-    the sweep run as rows of one ragged forward (:func:`_ragged_forward`) that computes, per patch, only the tokens
-    from the patched position to the readout and only the layers from the patched one on, reusing the base run's
-    keys and values for the rest. A patch whose source value equals the base value bit for bit (e.g. positions
-    before the first token where clean and corrupted prompts differ), or that cannot reach the readout (after it;
-    after attention in the last layer at another token), changes nothing and gets the base value without a forward
-    (``skip_identical=False`` runs those too). ``max_rows`` / ``max_tokens`` bound one forward's patches / packed
-    tokens (memory). A list of metrics returns ``{name: PatchResult}`` from the same forwards. ``model`` is a plain
-    HF Llama-family model for ``backend="hf"``, a ``TransformerBridge`` for ``"transformer_lens"``, an nnsight model
-    for ``"nnsight"``.
-    """
-    if site not in SITES:
-        raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
-    if len(base) != len(source) or base.positions.shape != source.positions.shape:
-        raise ValueError("base and source need the same number of rows and named positions (pair them row by row)")
-    several = isinstance(metric, list | tuple)
-    metrics = list(metric) if several else [metric]
-    fns = [get_metric(m) for m in metrics]
-    names = [m if isinstance(m, str) else getattr(m, "__name__", "custom") for m in metrics]
-    if backend != "hf":
-        if several:
-            return {n: activation_patch(model, base, source, site=site, layers=layers, metric=m, backend=backend,
-                                        corruption=corruption) for n, m in zip(names, metrics)}  # fmt: skip
-        fn, metric_name = fns[0], names[0]
-        from mechrecall.patching.backends import activation_patch_backend
-
-        return activation_patch_backend(
-            model, base, source, site=site, layers=layers, metric=fn, metric_name=metric_name, backend=backend,
-            corruption=corruption,
-        )  # fmt: skip
-    _check_llama(model)
-    cfg = model.config
-    n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
-    layers = list(range(n_layers)) if layers is None else [range(n_layers)[L] for L in layers]
-    noise = corruption.noise(model, base) if corruption is not None else None
-    kv: list = []
-    base_acts, base_pre, base_logits = capture(
-        model, base.input_ids, site, embed_noise=noise, readout=base.readout, kv=kv
-    )
-    src_acts, _, src_logits = capture(model, source.input_ids, site, readout=source.readout)
-    base_vals = [fn(base_logits, base.answer, base.foil) for fn in fns]
-    src_vals = [fn(src_logits, source.answer, source.foil) for fn in fns]
-
-    # every patch of the sweep, layer-major then variant then example: flat index = (layer * n_var + var) * B + b
+def _sweep_table(base, source, site, layers, n_layers, n_heads, base_acts, src_acts, skip_identical) -> _Sweep:
+    """The (layer, variant, example) patches of a sweep, their source values and which of them can matter."""
     pos_idx, head_idx = _variants(base.positions.shape[1], n_heads if site == "head" else None)
     n_var, B = len(pos_idx), len(base)
     li, var, b = torch.cartesian_prod(torch.arange(len(layers)), torch.arange(n_var), torch.arange(B)).unbind(1)
@@ -471,29 +328,249 @@ def activation_patch(
     if site != "resid_pre":  # after attention in the last layer, only the readout token reaches the metric
         live &= (L < n_layers - 1) | (tgt == base.readout[b])
     if skip_identical:
-        live &= ~(value == current).all(-1)
-    outs = [v[b].clone() for v in base_vals]
-    idx = torch.nonzero(live)[:, 0]
-    idx = idx[torch.argsort(L[idx] * base.input_ids.shape[1] + tgt[idx], stable=True)]
-    n_tok = (base.readout[b[idx]] - tgt[idx] + 1).tolist()
+        live &= ~(value == current).all(-1).cpu()
+    return _Sweep(b, L, tgt, head, value, live)
+
+
+def _chunks(sizes: list[int], max_rows: int, max_tokens: int):
+    """Consecutive (start, stop) ranges of at most ``max_rows`` rows and ``max_tokens`` tokens (one row at least)."""
     start, n_rows, n_toks = 0, 0, 0
-    for i, t in enumerate([*n_tok, None]):  # chunks of at most max_rows rows and max_tokens tokens
+    for i, t in enumerate([*sizes, None]):
         if t is not None and n_rows < max_rows and (n_toks + t <= max_tokens or n_rows == 0):
             n_rows, n_toks = n_rows + 1, n_toks + t
             continue
         if n_rows:
-            c = idx[start:i]
-            rows = _Rows(b[c], L[c], tgt[c], None if head is None else head[c], value[c])
-            logits = _ragged_forward(model, rows, site, base_pre, kv, base.readout)
-            for out, fn in zip(outs, fns):
-                out[c] = fn(logits, base.answer[b[c]], base.foil[b[c]])
+            yield start, i
         start, n_rows, n_toks = i, 1, t or 0
+
+
+@torch.no_grad()
+def _ragged_forward(
+    model, fast: list, rows: _Rows, site: str, base_pre: list[Tensor], base_kv: list, readout: Tensor
+) -> Tensor:
+    """Logits ``[rows, vocab]`` at each row's readout after its patch, computing only what the patch can change.
+
+    A patch at (layer ``l``, position ``p``) leaves every position ``< p`` and every layer ``< l`` as in the base run
+    (attention is causal), and positions after the readout cannot reach the metric. So each row contributes the
+    tokens ``p..readout`` and enters the stack at layer ``l``; all rows' tokens are packed into one ``[tokens, d]``
+    tensor (rows sorted by layer, so the tokens active at a layer are a prefix) and every layer runs one set of
+    matrix products over the active tokens. Attention reads the base run's cached keys and values for the unchanged
+    prefix. At the last layer only the readout token's query, output and MLP are computed. ``fast`` holds the blocks'
+    modules (:func:`mechrecall.arch.fast_blocks`: the Llama form, with Qwen3's per-head q/k norms).
+    """
+    dev = base_pre[0].device
+    rows = _Rows(rows.b.to(dev), rows.layer.to(dev), rows.pos.to(dev),
+                 None if rows.head is None else rows.head.to(dev), rows.value)  # fmt: skip
+    readout = readout.to(dev)
+    n_layers, R = len(fast), len(rows.b)
+    end = readout[rows.b]
+    n_tok = end - rows.pos + 1
+    offsets = torch.cumsum(n_tok, 0) - n_tok
+    N = int(n_tok.sum())
+    row_of = torch.repeat_interleave(torch.arange(R, device=dev), n_tok)
+    tok_pos = rows.pos[row_of] + torch.arange(N, device=dev) - offsets[row_of]
+    tok_b = rows.b[row_of]
+    read_tok = offsets + n_tok - 1
+    T = int(end.max()) + 1
+    dtype = base_pre[0].dtype
+    cos, sin = arch.rotary_tables(model, base_pre[0][:1, :T], T)  # [T, d_head]
+    mask = torch.full((T, T), torch.finfo(dtype).min, dtype=dtype, device=dev).triu(1)
+    # rows (and tokens) active at each layer: those whose patch layer is <= it
+    first = int(rows.layer[0])
+    counts = torch.bincount(rows.layer - first, minlength=n_layers - first).cumsum(0).tolist()
+    tok_counts = [int(offsets[c]) if c < R else N for c in counts]
+    setter = SETTERS[site]
+    h = torch.empty(N, base_pre[0].shape[-1], dtype=dtype, device=dev)
+    r0 = n0 = 0
+    for li in range(first, n_layers):
+        blk = fast[li]
+        hd = blk.attn.head_dim
+        last = li == n_layers - 1
+        r1, n1 = counts[li - first], tok_counts[li - first]
+        join = torch.arange(
+            r0, r1, device=dev
+        )  # rows whose patch sits in this layer; their first token is the patched one
+
+        def patch(act: Tensor, here: str, tok: Tensor, join: Tensor = join) -> Tensor:
+            if site != here or len(join) == 0:
+                return act
+            return setter(act, tok, rows.value[join], None if rows.head is None else rows.head[join])
+
+        def heads(proj, x, norm, n, hd=hd):
+            y = proj(x).view(n, -1, hd)
+            return norm(y) if norm is not None else y
+
+        h[n0:n1] = base_pre[li][tok_b[n0:n1], tok_pos[n0:n1]]
+        hh, rr, pos = patch(h[:n1], "resid_pre", offsets[join]), row_of[:n1], tok_pos[:n1]
+        x = blk.attn_norm(hh)
+        k = heads(blk.k, x, blk.k_norm, n1)
+        v = blk.v(x).view(n1, -1, hd)
+        c, s = cos[pos][:, None], sin[pos][:, None]
+        K = base_kv[li][0][rows.b[:r1], :, :T]  # advanced indexing copies: the cache stays intact
+        V = base_kv[li][1][rows.b[:r1], :, :T]
+        K[rr, :, pos], V[rr, :, pos] = k * c + arch.rotate_half(k) * s, v
+        if last:  # one query per row, at its readout; patches after attention here sit at the readout (see caller)
+            qt = read_tok[:r1]
+            q = heads(blk.q, x[qt], blk.q_norm, r1)
+            c, s = cos[end[:r1]][:, None], sin[end[:r1]][:, None]
+            q = (q * c + arch.rotate_half(q) * s)[:, :, None]  # [rows, heads, 1, d_head]
+            z = arch.eager_attention(blk, q, K, V, mask[end[:r1]][:, None, None])
+            z, hh, tok = z.reshape(r1, -1), hh[qt], join  # row layout: token i of these tensors is row i's readout
+        else:
+            q = heads(blk.q, x, blk.q_norm, n1)
+            Q = torch.zeros(r1, q.shape[1], T, hd, dtype=dtype, device=dev)
+            Q[rr, :, pos] = q * c + arch.rotate_half(q) * s
+            z = arch.eager_attention(blk, Q, K, V, mask[None, None])  # [rows, T, heads, d_head]
+            z, tok = z[rr, pos].reshape(n1, -1), offsets[join]
+        a = patch(blk.o(patch(z, "head", tok)), "attn_out", tok)
+        mid = patch(hh + a, "resid_mid", tok)
+        out = patch(mid + patch(blk.mlp(blk.mlp_norm(mid)), "mlp_out", tok), "resid_post", tok)
+        if last:
+            return arch.resid_to_logits(model, out)
+        h[:n1] = out
+        r0, n0 = r1, n1
+    raise AssertionError("unreachable: the loop returns at the last layer")
+
+
+@torch.no_grad()
+def _hooked_forward(model, rows: _Rows, site: str, base: PatchInputs, embed_noise: Tensor | None) -> Tensor:
+    """Logits ``[rows, vocab]`` at each row's readout: one batched whole-prompt forward of the rows' base prompts,
+    a hook on each patched layer's site writing the row's value at its position (the exact path for every
+    architecture). Rows are sorted by layer; each layer's hook touches only its own rows."""
+    dev = model_device(model)
+    ids = base.input_ids[rows.b].to(dev)
+    readout = base.readout[rows.b].to(dev)
+    r_all = torch.arange(len(rows.b), device=dev)
+    tgt = rows.pos.to(dev)
+    handles = []
+    if embed_noise is not None:
+        noise = embed_noise[rows.b].to(dev)
+        handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out: out + noise.to(out.dtype)))
+    for L in torch.unique(rows.layer).tolist():
+        sel = r_all[(rows.layer == L).to(dev)]
+
+        def write(act: Tensor, sel: Tensor = sel) -> Tensor:
+            act = act.clone()
+            val = rows.value[sel.to(rows.value.device)].to(act.device, act.dtype)
+            if site == "head":
+                view = act.view(*act.shape[:2], -1, val.shape[-1])
+                view[sel, tgt[sel], rows.head.to(dev)[sel]] = val
+            else:
+                act[sel, tgt[sel]] = val
+            return act
+
+        handles += arch.hook_site_write(model, L, site, write)
+    last: list = []
+    handles.append(arch.hook_site(model, arch.n_layers(model) - 1, "resid_post", lambda t: last.append(t)))
+    try:
+        arch.base_model(model)(input_ids=ids, use_cache=False)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return arch.resid_to_logits(model, last[0][r_all, readout])
+
+
+def _check_inputs(base: PatchInputs, source: PatchInputs, site: str) -> None:
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
+    if len(base) != len(source) or base.positions.shape != source.positions.shape:
+        raise ValueError("base and source need the same number of rows and named positions (pair them row by row)")
+
+
+def _result_axes(site: str, layers: list[int], n_heads: int, base: PatchInputs) -> tuple[tuple, tuple, dict]:
+    B, n_pos = len(base), base.positions.shape[1]
     if site == "head":
-        shape, axes = (len(layers), n_heads, base.positions.shape[1], B), ("layer", "head", "pos", "example")
+        shape, axes = (len(layers), n_heads, n_pos, B), ("layer", "head", "pos", "example")
         labels = {"layer": layers, "head": list(range(n_heads)), "pos": base.pos_labels, "example": list(range(B))}
     else:
-        shape, axes = (len(layers), n_var, B), ("layer", "pos", "example")
+        shape, axes = (len(layers), n_pos, B), ("layer", "pos", "example")
         labels = {"layer": layers, "pos": base.pos_labels, "example": list(range(B))}
+    return shape, axes, labels
+
+
+def activation_patch(
+    model,
+    base: PatchInputs,
+    source: PatchInputs,
+    *,
+    site: str = "resid_pre",
+    layers: Sequence[int] | None = None,
+    metric: str | Metric | Sequence[str | Metric] = "logit_diff",
+    corruption: GaussianNoise | None = None,
+    backend: str = "hf",
+    max_rows: int = 2048,
+    max_tokens: int = 65536,
+    skip_identical: bool = True,
+    path: str = "auto",
+) -> PatchResult | dict[str, PatchResult]:
+    """Patch ``source``'s ``site`` activation into ``base`` at every (layer, named position) [x head], batched.
+
+    Row ``b`` of ``source`` patches row ``b`` of ``base``: position ``base.positions[b, j]`` receives the source
+    activation at ``source.positions[b, j]`` (role alignment). ``corruption`` adds noise to the base's subject
+    embeddings first (ROME tracing: then ``source`` is usually the same prompts, clean).
+
+    How it is fast (``backend="hf"``, exact): one base and one source forward cache every layer; then all patches of
+    the sweep run as rows of one ragged forward (:func:`_ragged_forward`) that computes, per patch, only the tokens
+    from the patched position to the readout and only the layers from the patched one on, reusing the base run's
+    keys and values for the rest (Llama, Mistral, Qwen2, Qwen3). Other architectures run every patch as a row of a
+    batched whole-prompt forward with one hook (:func:`_hooked_forward`; ``path="hooked"`` forces it anywhere, for
+    checks). A patch whose source value equals the base value bit for bit (e.g. positions before the first token
+    where clean and corrupted prompts differ), or that cannot reach the readout (after it; after attention in the
+    last layer at another token), changes nothing and gets the base value without a forward (``skip_identical=False``
+    runs those too). ``max_rows`` / ``max_tokens`` bound one forward's patches / tokens (memory). A list of metrics
+    returns ``{name: PatchResult}`` from the same forwards. ``model`` is a plain HF causal LM for ``backend="hf"``, a
+    ``TransformerBridge`` for ``"transformer_lens"``, an nnsight model for ``"nnsight"``.
+    """
+    _check_inputs(base, source, site)
+    several = isinstance(metric, list | tuple)
+    metrics = list(metric) if several else [metric]
+    fns = [get_metric(m) for m in metrics]
+    names = [m if isinstance(m, str) else getattr(m, "__name__", "custom") for m in metrics]
+    if backend != "hf":
+        if several:
+            return {n: activation_patch(model, base, source, site=site, layers=layers, metric=m, backend=backend,
+                                        corruption=corruption) for n, m in zip(names, metrics)}  # fmt: skip
+        from mechrecall.patching.backends import activation_patch_backend
+
+        return activation_patch_backend(
+            model, base, source, site=site, layers=layers, metric=fns[0], metric_name=names[0], backend=backend,
+            corruption=corruption,
+        )  # fmt: skip
+    if path not in ("auto", "ragged", "hooked"):
+        raise ValueError(f"unknown path {path!r}; expected 'auto', 'ragged' or 'hooked'")
+    d = arch.dims(model)
+    n_layers, n_heads = d.n_layers, d.n_heads
+    layers = list(range(n_layers)) if layers is None else [range(n_layers)[L] for L in layers]
+    fast = None if path == "hooked" else arch.fast_blocks(model, base.input_ids.shape[1])
+    if path == "ragged" and fast is None:
+        raise ValueError(f"the ragged path implements {', '.join(arch._FAST)} blocks, not {arch.spec_of(model).name}")
+    noise = corruption.noise(model, base) if corruption is not None else None
+    kv: list | None = [] if fast is not None else None
+    base_acts, base_pre, base_logits = capture(
+        model, base.input_ids, site, embed_noise=noise, readout=base.readout, kv=kv
+    )
+    src_acts, _, src_logits = capture(model, source.input_ids, site, readout=source.readout)
+    base_vals = _metrics(fns, base_logits, base.answer, base.foil)
+    src_vals = _metrics(fns, src_logits, source.answer, source.foil)
+
+    sw = _sweep_table(base, source, site, layers, n_layers, n_heads, base_acts, src_acts, skip_identical)
+    outs = [v[sw.b].clone() for v in base_vals]
+    idx = torch.nonzero(sw.live)[:, 0]
+    idx = idx[torch.argsort(sw.layer[idx] * base.input_ids.shape[1] + sw.tgt[idx], stable=True)]
+    if fast is not None:  # each row costs its suffix tokens
+        sizes = (base.readout[sw.b[idx]] - sw.tgt[idx] + 1).tolist()
+    else:  # each row is a whole prompt
+        sizes = [base.input_ids.shape[1]] * len(idx)
+    for start, stop in _chunks(sizes, max_rows, max_tokens):
+        c = idx[start:stop]
+        rows = sw.rows(c)
+        if fast is not None:
+            logits = _ragged_forward(model, fast, rows, site, base_pre, kv, base.readout)
+        else:
+            logits = _hooked_forward(model, rows, site, base, noise)
+        for out, v in zip(outs, _metrics(fns, logits, base.answer[sw.b[c]], base.foil[sw.b[c]])):
+            out[c] = v
+    shape, axes, labels = _result_axes(site, layers, n_heads, base)
     results = {
         n: PatchResult(out.view(shape), axes, labels, bv, sv, site, n)
         for n, out, bv, sv in zip(names, outs, base_vals, src_vals)
@@ -510,17 +587,12 @@ def full_patch_logits(model, base: PatchInputs, source: PatchInputs, site: str =
     if base.input_ids.shape != source.input_ids.shape:
         raise ValueError("full patching needs base and source of the same shape")
     src_acts, _, _ = capture(model, source.input_ids, site)
-    handles = []
-    for i, layer in enumerate(_layers(model)):
-        module, kind = _site_module(layer, site)
-        if kind == "pre":
-            handles.append(module.register_forward_pre_hook(lambda m, a, kw, i=i: ((src_acts[i], *a[1:]), kw) if a else (a, {**kw, "hidden_states": src_acts[i]}), with_kwargs=True))  # fmt: skip
-        else:
-            handles.append(module.register_forward_hook(lambda m, a, out, i=i: (src_acts[i], *out[1:]) if isinstance(out, tuple) else src_acts[i]))  # fmt: skip
+    handles = [arch.hook_site(model, i, site, lambda t, i=i: src_acts[i]) for i in range(arch.n_layers(model))]
+    dev = model_device(model)
     try:
         with torch.no_grad():
-            logits = model(input_ids=base.input_ids).logits
+            logits = model(input_ids=base.input_ids.to(dev)).logits
     finally:
         for h in handles:
             h.remove()
-    return logits[torch.arange(len(base)), base.readout]
+    return logits[torch.arange(len(base), device=dev), base.readout.to(dev)].cpu()
