@@ -14,7 +14,7 @@ B?\\nAnswer:"), the source the storage prompt of person A ("A was born in"); pos
   base; ``noise`` = write a corrupted source into a clean base: swap the two arguments);
 - **corruption**: optional :class:`GaussianNoise` on the base's subject embeddings (ROME);
 - **site**: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out`` (``[batch, pos, d_model]``) or
-  ``head`` (one attention head's output before ``o_proj``, ``[batch, pos, head, d_head]``);
+  ``head`` (one attention head's output before the attention output projection, ``[batch, pos, head, d_head]``);
 - **axes**: ``layer x pos`` (``pos`` = the named role positions given) or ``layer x head x pos`` for ``head``;
 - **metric**: a name from :data:`METRICS` (answer log-prob, logit difference answer - foil, rank, top-1 hit) or
   any ``f(logits [rows, vocab], answer [rows], foil [rows]) -> [rows]``, read at each base row's ``readout`` position.
@@ -194,7 +194,7 @@ def set_resid(act: Tensor, tok: Tensor, value: Tensor, head: Tensor | None = Non
 
 
 def set_head(act: Tensor, tok: Tensor, value: Tensor, head: Tensor | None = None) -> Tensor:
-    """``z[tok[i], head[i]] = value[i]`` on ``o_proj``'s packed input ``[tokens, head * d_head]``."""
+    """``z[tok[i], head[i]] = value[i]`` on the attention output projection's packed input ``[tokens, head * d_head]``."""
     n_tok, width = act.shape
     z = act.clone().view(n_tok, -1, value.shape[-1])
     z[tok, head] = value.to(act.dtype)
