@@ -15,6 +15,8 @@ import torch
 
 from mechrecall.io import atomic_write_dir
 
+__all__ = ["META_FILE", "CheckpointError", "save_checkpoint", "read_meta"]
+
 META_FILE = "mechrecall.json"
 
 

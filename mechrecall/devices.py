@@ -10,6 +10,17 @@ from __future__ import annotations
 
 import torch
 
+__all__ = [
+    "DTYPES",
+    "DeviceError",
+    "default_device",
+    "resolve_device",
+    "resolve_dtype",
+    "model_device",
+    "model_dtype",
+    "to_cpu",
+]
+
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,

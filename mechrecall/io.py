@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_write_dir"]
+
 
 def _umask() -> int:
     mask = os.umask(0)

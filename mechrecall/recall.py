@@ -17,6 +17,8 @@ from torch import Tensor
 from mechrecall.facts import Example, FactSet
 from mechrecall.tokenization import Batch, collate_examples, encode_example
 
+__all__ = ["correct_answers", "row_chunks", "exact_match", "recall"]
+
 
 @torch.no_grad()
 def correct_answers(model, batch: Batch) -> Bool[Tensor, "batch pos"]:

@@ -31,6 +31,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mechrecall.io import atomic_write_text
 
+__all__ = [
+    "RegistryError",
+    "Entry",
+    "Registry",
+    "default_path",
+    "load_registry",
+    "register",
+    "relative_path",
+    "resolve",
+]
+
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
 

@@ -14,6 +14,16 @@ from torch import Tensor
 
 from mechrecall.facts import ROLES, Example
 
+__all__ = [
+    "RoleAlignmentError",
+    "EncodedExample",
+    "encode_example",
+    "Batch",
+    "collate",
+    "collate_examples",
+    "collate_documents",
+]
+
 
 class RoleAlignmentError(ValueError):
     """A role's character span does not land on whole tokens (the message names the prompt and the role)."""
