@@ -1,9 +1,4 @@
-"""Run :func:`mechrecall.consistency.measure` on several checkpoints and write JSON + plotly figures.
-
-The lab default measures each lab checkpoint on the held-out people of the dataset it was trained on; with
-``facts=`` (a fact file, ``datasets.Dataset`` or :class:`~mechrecall.facts.FactSet`) any checkpoints (registry name,
-folder, Hugging Face id, GGUF) are measured on those facts instead.
-"""
+"""Run :func:`mechrecall.consistency.measure` on several checkpoints and write JSON + plotly figures."""
 
 from __future__ import annotations
 
@@ -11,29 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mechrecall.consistency import measure
-from mechrecall.devices import model_device, model_dtype
-from mechrecall.facts import FactFormatError, FactSet, load_facts
 from mechrecall.io import atomic_write_json, atomic_write_text
 from mechrecall.lab.models import lab_dataset
 from mechrecall.loading import load_model, to_nnsight, to_transformer_lens
-
-
-def unique_labels(names: Sequence[str]) -> list[str]:
-    """``names`` made unique in order: a repeated name gets ``#2``, ``#3``, ... (two runs of one checkpoint)."""
-    out, seen = [], {}
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
-    return out
-
-
-def user_facts(facts, split: str | None = None, count: int | None = None, formats=("storage", "query")) -> FactSet:
-    """A fact file / dataset / :class:`FactSet`, one ``split`` of it (``None``: all), its first ``count`` facts."""
-    fs = load_facts(facts)
-    chosen = fs.split(split)
-    if not len(chosen):
-        raise FactFormatError(f"{fs.source}: no fact has split {split!r} (splits: {', '.join(fs.splits) or 'none'})")
-    return (chosen[:count] if count else chosen).require(*formats)
 
 
 def run(
@@ -44,53 +19,30 @@ def run(
     n_people: int = 200,
     grad_facts: int = 240,
     labels: Sequence[str] | None = None,
-    facts=None,
-    split: str | None = None,
-    device=None,
-    dtype=None,
-    parity: bool = True,
 ) -> dict:
-    """Consistency of each checkpoint; the lab's held-out people by default, or ``facts`` (a fact file, dataset or
-    :class:`FactSet`: its ``split``, first ``n_people`` facts) on any checkpoint, on ``device`` in ``dtype``."""
     out = Path(out)
-    fs = user_facts(facts, split, n_people) if facts is not None else None
-    loads = [load_model(s, registry=registry, device=device, dtype=dtype, supported_only=True) for s in checkpoints]
-    if labels is None:
-        names = [lm.meta.get("regime", src) if fs is None else src for lm, src in zip(loads, checkpoints)]
-        labels = unique_labels(names)
     models = {}
-    for label, source, loaded in zip(labels, checkpoints, loads):
-        if fs is None:
-            dataset = lab_dataset(loaded)
-            these = dataset.factset(dataset.pids("heldout")[:n_people])
-        else:
-            these = fs.check_tokenization(loaded.tokenizer, ("subject", "relation", "final"), source)
-        parity_diff = (
-            {
-                "transformer_lens": to_transformer_lens(loaded).cfg.parity_max_abs_diff,
-                "nnsight": to_nnsight(loaded).parity_max_abs_diff,
-            }
-            if parity
-            else {}
-        )
+    for i, source in enumerate(checkpoints):
+        loaded = load_model(source, registry=registry)
+        dataset = lab_dataset(loaded)
+        pids = dataset.pids("heldout")[:n_people]
+        label = labels[i] if labels else loaded.meta.get("regime", source)
+        parity = {
+            "transformer_lens": to_transformer_lens(loaded).cfg.parity_max_abs_diff,
+            "nnsight": to_nnsight(loaded).parity_max_abs_diff,
+        }
         models[label] = {
             "source": source,
-            "backend_parity_max_abs_logit_diff": parity_diff,
-            **measure(loaded.model, loaded.tokenizer, these, grad_facts=grad_facts),
+            "backend_parity_max_abs_logit_diff": parity,
+            **measure(loaded.model, loaded.tokenizer, dataset.factset(pids), grad_facts=grad_facts),
         }
-    if fs is None:
-        result = {"people": "heldout", "n_people": n_people}
-    else:
-        result = {"facts": fs.source, "split": split, "n_facts": len(fs), "device": str(model_device(loads[0].model)),
-                  "dtype": str(model_dtype(loads[0].model)).removeprefix("torch.")}  # fmt: skip
-    result |= {
-        "labels": list(models),
+    result = {
+        "people": "heldout",
+        "n_people": n_people,
         "backend_parity": {k: v["backend_parity_max_abs_logit_diff"] for k, v in models.items()},
         "gradient": {k: {"source": v["source"], **v["gradient"]} for k, v in models.items()},
         "representation": {k: {"source": v["source"], **v["representation"]} for k, v in models.items()},
     }
-    if fs is None:
-        del result["labels"]  # the lab's consistency.json keeps its keys
     atomic_write_json(out / "consistency.json", result)
     atomic_write_text(out / "consistency.html", figures_html(result))
     return result
@@ -136,8 +88,7 @@ def figures(result: dict) -> list:
             )
         )
     grad.update_layout(
-        title="Gradient consistency: cos(∇ storage-format answer loss, ∇ query-format answer loss), "
-        + ("held-out facts" if "facts" not in result else f"facts of {Path(result['facts']).name}"),
+        title="Gradient consistency: cos(∇ storage-format answer loss, ∇ query-format answer loss), held-out facts",
         yaxis_title="cosine (95% bootstrap CI)",
         barmode="group",
     )
