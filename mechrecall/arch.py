@@ -794,3 +794,108 @@ def eager_attention(block: FastBlock, q: Tensor, k: Tensor, v: Tensor, mask: Ten
 
     out, _ = eager_attention_forward(block.attn, q, k, v, mask, scaling=block.attn.scaling)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ paths and places
+def site_path(model_or_config: nn.Module | PreTrainedConfig, layer: int, site: str) -> tuple[str, str]:
+    """Dotted path (from the ``*ForCausalLM``) of the module :func:`site_hook_point` hooks, and ``"input"``/``"output"``.
+
+    For wrappers that mirror the Hugging Face module tree without being it (nnsight's ``TransformersModel`` envoys):
+    resolve the path on the wrapper by attribute access (integer parts index). Needs only the config.
+    ``ValueError`` for an unknown site or ``resid_mid`` of a parallel-residual model, as :func:`block_part`.
+    """
+    spec = spec_of(model_or_config)
+    where = {
+        "resid_pre": ("", "input"),
+        "resid_post": ("", "output"),
+        "resid_mid": (resid_mid_module(model_or_config), "input"),
+        "attn_out": (spec.attn, "output"),
+        "mlp_out": (spec.mlp, "output"),
+        "head": (spec.attn_out_proj, "input"),
+    }
+    if site not in where:
+        raise ValueError(f"unknown site {site!r}; expected one of {', '.join(SITES)}")
+    inner, direction = where[site]
+    if inner is None:
+        raise ValueError(
+            f"{spec.name} blocks have no 'resid_mid' module (attention and MLP run in parallel off resid_pre)"
+        )
+    block = f"{spec.blocks}.{int(layer)}"
+    return (f"{block}.{inner}" if inner else block), direction
+
+
+PARAM_PARTS = ("embed", "pos_embed", "attn", "mlp", "block", "final_norm", "unembed")
+
+
+@dataclass(frozen=True)
+class ParamPlace:
+    """Where a parameter sits in its architecture's module tree (:func:`place_of`).
+
+    ``part`` is one of :data:`PARAM_PARTS`: ``attn`` / ``mlp`` (inside a block's attention / MLP module), ``block``
+    (elsewhere in a block: its norms), ``embed``, ``pos_embed`` (GPT-2), ``final_norm``, ``unembed``. ``layer`` is the
+    block index (``None`` outside blocks); ``module`` the dotted path of the module holding the parameter, relative to
+    the block for block parts and to the ``*ForCausalLM`` otherwise; ``kind`` the layout kind of a block weight matrix
+    (:func:`matrix_kind`), else ``None``; ``spec`` the table row the place was read from.
+    """
+
+    part: str
+    layer: int | None
+    module: str
+    kind: str | None
+    spec: ArchSpec
+
+    @property
+    def leaf(self) -> str:
+        """The last part of ``module`` (``"q_proj"``, ``"query_key_value"``, ``"ln_1"``, ``"embed_tokens"`` ...)."""
+        return self.module.rpartition(".")[2]
+
+
+def _place(name: str, spec: ArchSpec) -> ParamPlace | None:
+    found = _split(name, spec)
+    if found:
+        layer, suffix = found
+        inner = suffix.rpartition(".")[0]
+
+        def under(path: str) -> bool:
+            return inner == path or inner.startswith(path + ".")
+
+        part = "attn" if under(spec.attn) else "mlp" if under(spec.mlp) else "block"
+        return ParamPlace(part, layer, inner, spec.matrices.get(suffix), spec)
+    module = name.rpartition(".")[0]
+    for part, path in (
+        ("embed", spec.embed),
+        ("pos_embed", spec.pos_embed),
+        ("final_norm", spec.final_norm),
+        ("unembed", spec.unembed),
+    ):
+        if path is not None and module == path:
+            return ParamPlace(part, None, module, None, spec)
+    return None
+
+
+def place_of(name: str, model_or_config: nn.Module | PreTrainedConfig | None = None) -> ParamPlace | None:
+    """Where the HF parameter ``name`` sits (:class:`ParamPlace`); ``None`` for parameters the table does not place
+    (Gemma 3's vision tower and projector, a wrapper's prefixed names).
+
+    Without ``model_or_config`` the place is judged from the name alone: every row of the table is tried, rows that
+    list the name as a block weight matrix are preferred (``...self_attn.qkv_proj.weight`` is Phi-3's), then the
+    table's order; rows sharing a module tree agree on everything but ``kind`` and ``spec``, so for the supported
+    families the answer is the one the model's own row gives, except that a name no row lists as a matrix is placed
+    by the first row that knows its path.
+    """
+    if model_or_config is not None:
+        return _place(name, spec_of(model_or_config))
+    places = [p for p in (_place(name, spec) for spec in _TABLE) if p is not None]
+    return next((p for p in places if p.kind is not None), places[0] if places else None)
+
+
+def has_layout(name: str, model_or_config: nn.Module | PreTrainedConfig) -> bool:
+    """Whether :func:`unit_counts` / :func:`unit_index` / :func:`unit_sizes` understand ``name``: a block weight
+    matrix or the bias of one (an ``o`` / ``mlp_out`` bias has a layout but belongs to no unit)."""
+    found = _split(name, spec_of(model_or_config))
+    if not found:
+        return False
+    suffix = found[1]
+    if suffix.endswith(".bias"):
+        suffix = suffix[: -len(".bias")] + ".weight"
+    return suffix in spec_of(model_or_config).matrices

@@ -6,8 +6,8 @@ log-probability of the value's first token at the last prompt token. Three attri
 - :func:`integrated_gradients` on the input embeddings (Gauss-Legendre quadrature as Captum's default), with a
   completeness check: the attributions of a prompt sum to f(input) - f(baseline) up to the returned ``delta``; steps
   double until ``|delta|`` is small. Baseline: the mean token embedding at every attributed position (``<bos>``
-  stays as it is). Not zero: the first RMSNorm maps every non-zero multiple of a vector to the same point, so on a
-  path from zero the whole change happens near zero and quadrature does not converge;
+  stays as it is). Not zero: the first norm (RMSNorm, or LayerNorm) maps every positive multiple of a vector to the
+  same point, so on a path from zero the whole change happens near zero and quadrature does not converge;
 - :func:`gradient_x_input` (one backward; input minus the same baseline);
 - :func:`occlusion_by_role`: set a whole role's embeddings to the baseline and measure the drop of the target.
 
@@ -18,6 +18,14 @@ sentence the name recurs), ``other_context`` (everything else: the rest of earli
 :func:`role_shares` turns token attributions into each role's share of the total absolute attribution per example;
 the paper's signature is ``subject_relation_share`` = subject + relation + answer_preceding (this sentence's subject
 and relation; higher when the model reads the fact from them rather than from the whole context).
+
+The attributed input is the *output* of the token embedding module (:func:`mechrecall.arch.embedding`), fed back
+through ``inputs_embeds=``: Gemma's embedding multiplies by ``sqrt(d_model)`` inside its forward and its decoder does
+not scale ``inputs_embeds`` again, so Gemma is attributed in the space its blocks see (the baseline's mean embedding is
+scaled the same way, :func:`mechrecall.arch.embed_scale`); GPT-2 adds its learned positions after ``inputs_embeds``,
+which leaves them out of the attribution, as wanted. Everything runs on the model's device; the target log-prob, the
+integrated-gradient sums and the returned attributions are float32 whatever the model's dtype, and results come
+back on the CPU.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from mechrecall import arch
+from mechrecall.devices import model_device, to_cpu
 from mechrecall.facts import Example
 from mechrecall.patching.prompts import fact_inputs
 
@@ -46,6 +56,16 @@ class RoleInputs:
     answer: Tensor
     roles: dict[str, Bool[Tensor, "batch pos"]]
     fixed: Bool[Tensor, "batch pos"]  # positions kept at their input value (bos, padding)
+
+    def to(self, device) -> RoleInputs:
+        """The same inputs on ``device`` (the model's: inputs go where the model lives)."""
+        return RoleInputs(
+            self.input_ids.to(device),
+            self.readout.to(device),
+            self.answer.to(device),
+            {r: m.to(device) for r, m in self.roles.items()},
+            self.fixed.to(device),
+        )
 
 
 def role_inputs(tokenizer, examples: Sequence[Example]) -> RoleInputs:
@@ -77,20 +97,37 @@ def role_inputs(tokenizer, examples: Sequence[Example]) -> RoleInputs:
 
 
 def _target(model, embeds: Tensor, readout: Tensor, answer: Tensor) -> Float[Tensor, " batch"]:
+    """Log-probability (float32) of ``answer`` at position ``readout`` of each row, from input embeddings."""
     logits = model(inputs_embeds=embeds).logits
-    rows = torch.arange(embeds.shape[0])
-    return logits[rows, readout].log_softmax(-1).gather(1, answer[:, None])[:, 0]
+    rows = torch.arange(embeds.shape[0], device=logits.device)
+    return (
+        logits[rows, readout.to(logits.device)]
+        .float()
+        .log_softmax(-1)
+        .gather(1, answer.to(logits.device)[:, None])[:, 0]
+    )
 
 
 def _embeds(model, ids: Tensor) -> Tensor:
-    return model.get_input_embeddings()(ids).detach()
+    """What the token embedding module outputs for ``ids`` (Gemma: already scaled), on the model's device."""
+    return arch.embedding(model)(ids.to(model_device(model))).detach()
 
 
 def baseline_embeds(model, inputs: RoleInputs) -> Tensor:
-    """The mean token embedding at attributed positions, the input itself at fixed ones (bos, padding)."""
+    """The mean token embedding at attributed positions, the input itself at fixed ones (bos, padding).
+
+    The mean is taken in the embedding module's output space (its ``.weight`` mean times
+    :func:`mechrecall.arch.embed_scale`: Gemma's ``sqrt(d_model)``), in float32, then cast to the model's dtype.
+    On the model's device.
+    """
     x = _embeds(model, inputs.input_ids)
-    mean = model.get_input_embeddings().weight.detach().mean(0)
-    return torch.where(inputs.fixed[..., None], x, mean.expand_as(x))
+    weight = arch.embedding(model).weight.detach()
+    mean = weight.mean(0) if weight.dtype == torch.float32 else weight.float().mean(0)
+    scale = arch.embed_scale(model)
+    if scale != 1.0:
+        mean = mean.float() * torch.tensor(scale, dtype=weight.dtype).float()
+    mean = mean.to(x.dtype)
+    return torch.where(inputs.fixed.to(x.device)[..., None], x, mean.expand_as(x))
 
 
 @dataclass
@@ -103,17 +140,18 @@ class IGResult:
 
 
 def _ig_once(model, x: Tensor, baseline: Tensor, readout, answer, steps: int, batch_size: int) -> Tensor:
+    """``(x - baseline) * sum_i w_i grad f(baseline + a_i (x - baseline))``, accumulated in float32."""
     nodes, weights = np.polynomial.legendre.leggauss(steps)
     alphas, step_sizes = 0.5 * (nodes + 1), 0.5 * weights  # Captum's "gausslegendre" on [0, 1]
-    total = torch.zeros_like(x)
+    total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for a, w in zip(alphas.tolist(), step_sizes.tolist()):
         for s in range(0, x.shape[0], batch_size):
             sl = slice(s, s + batch_size)
             point = (baseline[sl] + a * (x[sl] - baseline[sl])).requires_grad_(True)
             out = _target(model, point, readout[sl], answer[sl]).sum()
             (g,) = torch.autograd.grad(out, point)
-            total[sl] += w * g
-    return (x - baseline) * total
+            total[sl] += w * g.float()
+    return (x - baseline).float() * total
 
 
 def integrated_gradients(
@@ -126,7 +164,10 @@ def integrated_gradients(
     batch_size: int = 64,
 ) -> IGResult:
     """Integrated gradients of the answer log-prob w.r.t. input embeddings; doubles ``steps`` (up to ``max_steps``)
-    until every example's completeness gap ``|delta| <= rtol * |f(x) - f(baseline)| + 1e-3``."""
+    until every example's completeness gap ``|delta| <= rtol * |f(x) - f(baseline)| + 1e-3``.
+
+    Runs on the model's device; attributions, deltas and gaps are float32 on the CPU."""
+    inputs = inputs.to(model_device(model))
     x = _embeds(model, inputs.input_ids)
     baseline = baseline_embeds(model, inputs)
     with torch.no_grad():
@@ -136,34 +177,39 @@ def integrated_gradients(
         delta = attr.sum(-1) - gap
         converged = bool((delta.abs() <= rtol * gap.abs() + 1e-3).all())
         if converged or steps * 2 > max_steps:
-            return IGResult(attr.detach(), delta.detach(), gap, steps, converged)
+            return IGResult(to_cpu(attr), to_cpu(delta), to_cpu(gap), steps, converged)
         steps *= 2
 
 
 def gradient_x_input(model, inputs: RoleInputs) -> Float[Tensor, "batch pos"]:
+    """Gradient x (input - baseline) per token, summed over the embedding (float32, CPU; 0 at fixed positions)."""
+    inputs = inputs.to(model_device(model))
     x = _embeds(model, inputs.input_ids).requires_grad_(True)
     out = _target(model, x, inputs.readout, inputs.answer).sum()
     (g,) = torch.autograd.grad(out, x)
-    return (g * (x - baseline_embeds(model, inputs))).sum(-1).detach().masked_fill(inputs.fixed, 0.0)
+    attr = (g.float() * (x - baseline_embeds(model, inputs)).float()).sum(-1)
+    return to_cpu(attr.masked_fill(inputs.fixed, 0.0))
 
 
 @torch.no_grad()
 def occlusion_by_role(model, inputs: RoleInputs) -> dict[str, Float[Tensor, " batch"]]:
-    """Drop of the answer log-prob when a role's token embeddings are set to the baseline (one forward per role)."""
+    """Drop of the answer log-prob when a role's token embeddings are set to the baseline (one forward per role;
+    float32, CPU)."""
+    inputs = inputs.to(model_device(model))
     x = _embeds(model, inputs.input_ids)
     base = baseline_embeds(model, inputs)
     clean = _target(model, x, inputs.readout, inputs.answer)
     out = {}
     for role, m in inputs.roles.items():
-        out[role] = clean - _target(model, torch.where(m[..., None], base, x), inputs.readout, inputs.answer)
+        out[role] = to_cpu(clean - _target(model, torch.where(m[..., None], base, x), inputs.readout, inputs.answer))
     return out
 
 
 def role_shares(attr: Float[Tensor, "batch pos"], inputs: RoleInputs) -> dict[str, Float[Tensor, " batch"]]:
-    """Each role's share of the example's total absolute token attribution."""
-    a = attr.abs().masked_fill(inputs.fixed, 0.0)
+    """Each role's share of the example's total absolute token attribution (float32, on ``attr``'s device)."""
+    a = attr.float().abs().masked_fill(inputs.fixed.to(attr.device), 0.0)
     total = a.sum(-1).clamp_min(1e-12)
-    return {r: (a * m).sum(-1) / total for r, m in inputs.roles.items()}
+    return {r: (a * m.to(attr.device)).sum(-1) / total for r, m in inputs.roles.items()}
 
 
 def attribute(model, tokenizer, examples: Sequence[Example], *, steps: int = 32, max_steps: int = 128) -> dict:

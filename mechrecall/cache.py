@@ -8,6 +8,12 @@ output of block L), the hidden state at each requested role position:
 - ``relation``: last token of the relation words,
 - ``final``: last prompt token, the one that predicts the answer.
 
+Where the blocks are is asked of :mod:`mechrecall.arch`, so every architecture it supports works. Architectures that
+run attention and MLP in parallel off ``resid_pre`` (GPT-NeoX / Pythia with ``use_parallel_residual``) have no
+``resid_mid``: asking for it raises a ``ValueError`` naming the architecture, and the default ``sites=None`` means
+:func:`default_sites` (``resid_pre``, ``resid_mid``, ``resid_post`` where the model has them, else without
+``resid_mid``).
+
 Shards of ``shard_size`` examples are written as they fill (atomic writes), so memory does not grow with the
 number of facts; :class:`ResidualCache` reads them back with TransformerLens-like indexing::
 
@@ -15,8 +21,10 @@ number of facts; :class:`ResidualCache` reads them back with TransformerLens-lik
     cache["resid_post", 1]            # Float[Tensor, "fact role d_model"]
     cache["resid_post", -1, "final"]  # Float[Tensor, "fact d_model"]
 
-Three backends produce the same numbers (``tests/test_cache.py``): plain Hugging Face (forward hooks, default),
-a TransformerLens bridge (``blocks.L.hook_resid_*``) and nnsight (``model.layers[L]`` inputs and outputs).
+Three backends produce the same numbers (``tests/test_cache.py``, ``tests/test_architectures.py``): plain Hugging
+Face (forward hooks through :func:`mechrecall.arch.hook_site`, default), a TransformerLens bridge
+(``blocks.L.hook_resid_*``) and nnsight (the envoys at the module paths :func:`mechrecall.arch.site_path` gives).
+Inputs go to the model's device; what is kept comes back to the CPU in float32, whatever the model's dtype.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mechrecall import arch, devices
 from mechrecall.facts import Example
 from mechrecall.io import atomic_write_json
 from mechrecall.tokenization import EncodedExample, collate_examples, encode_example
@@ -44,74 +53,133 @@ def role_positions(encoded: Sequence[EncodedExample], roles: Sequence[str]) -> t
     return torch.tensor([[e.last(r) for r in roles] for e in encoded], dtype=torch.long)
 
 
-def _decoder_layers(model) -> torch.nn.ModuleList:
-    return model.model.layers
+def default_sites(model_or_config) -> tuple[str, ...]:
+    """The residual sites a model has: :data:`SITES`, without ``resid_mid`` for parallel-residual architectures."""
+    if arch.resid_mid_module(model_or_config) is None:
+        return tuple(s for s in SITES if s != "resid_mid")
+    return SITES
 
 
-@torch.no_grad()
-def residuals_hf(
-    model, input_ids: Tensor, attention_mask: Tensor, sites: Sequence[str] = SITES
-) -> dict[str, Float[Tensor, "layer batch pos d_model"]]:
-    """Every layer's residual stream at ``sites`` for one batch, from forward hooks on a plain HF decoder."""
-    layers = _decoder_layers(model)
-    store: dict[str, list] = {s: [None] * len(layers) for s in sites}
+def _check_sites(hf_model, sites: Sequence[str]) -> tuple[str, ...]:
+    sites = tuple(sites)
+    unknown = [s for s in sites if s not in SITES]
+    if unknown:
+        raise ValueError(f"unknown residual site {unknown[0]!r}; expected one of {', '.join(SITES)}")
+    if "resid_mid" in sites and "resid_mid" not in default_sites(hf_model):
+        name = arch.spec_of(hf_model).name
+        raise ValueError(
+            f"{name} has no resid_mid: its attention and MLP run in parallel off resid_pre (use_parallel_residual); "
+            f"cache {', '.join(default_sites(hf_model))} (sites=None picks them)"
+        )
+    return sites
+
+
+def _nnsight_module(wrapper):
+    """The Hugging Face model an ``nnsight.TransformersModel`` wraps (``._module`` in nnsight 0.8, ``._model`` before)."""
+    for attr in ("_module", "_model"):
+        inner = getattr(wrapper, attr, None)
+        if isinstance(inner, torch.nn.Module):
+            return inner
+    raise TypeError(f"{type(wrapper).__name__} is not an nnsight model wrapper (no ._module)")
+
+
+def _hf_model(model, backend: str):
+    """The plain Hugging Face model behind a backend's model object (a TransformerLens bridge, an nnsight wrapper)."""
+    if backend == "tl":
+        return model.original_model
+    if backend == "nnsight":
+        return _nnsight_module(model)
+    return model
+
+
+def _states_hf(model, input_ids: Tensor, attention_mask: Tensor, sites: Sequence[str]) -> dict[str, Tensor]:
+    """``{site: [layer, batch, pos, d_model]}`` on the model's device, in its dtype."""
+    sites = _check_sites(model, sites)
+    n_layers = len(arch.blocks(model))
+    store: dict[str, list] = {s: [None] * n_layers for s in sites}
     handles = []
-    for i, layer in enumerate(layers):
-        if "resid_pre" in sites:
-            handles.append(
-                layer.register_forward_pre_hook(
-                    lambda m, a, kw, i=i: store["resid_pre"].__setitem__(
-                        i, (a[0] if a else kw["hidden_states"]).detach()
-                    ),
-                    with_kwargs=True,
-                )
-            )
-        if "resid_mid" in sites:
-            ln = layer.post_attention_layernorm
-            handles.append(
-                ln.register_forward_pre_hook(lambda m, a, i=i: store["resid_mid"].__setitem__(i, a[0].detach()))
-            )
-        if "resid_post" in sites:
-            handles.append(
-                layer.register_forward_hook(
-                    lambda m, a, out, i=i: store["resid_post"].__setitem__(
-                        i, (out[0] if isinstance(out, tuple) else out).detach()
-                    )
-                )
-            )
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask)
+        for i in range(n_layers):
+            for s in sites:
+                handles.append(arch.hook_site(model, i, s, lambda t, s=s, i=i: store[s].__setitem__(i, t.detach())))
+        device = devices.model_device(model)
+        # the decoder stack alone: its blocks see the same inputs, and no vocabulary logits are computed
+        arch.base_model(model)(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
     finally:
         for h in handles:
             h.remove()
     return {s: torch.stack(v) for s, v in store.items()}
 
 
+def _states_tl(bridge, input_ids: Tensor, attention_mask: Tensor, sites: Sequence[str]) -> dict[str, Tensor]:
+    sites = _check_sites(bridge.original_model, sites)
+    n_layers = bridge.cfg.n_layers
+    names = {f"blocks.{i}.hook_{s}" for s in sites for i in range(n_layers)}
+    missing = sorted(names - set(bridge.hook_dict))
+    if missing:
+        raise ValueError(f"this TransformerLens bridge has no hook {missing[0]!r}")
+    device = devices.model_device(bridge.original_model)
+    _, cache = bridge.run_with_cache(
+        input_ids.to(device), attention_mask=attention_mask.to(device), names_filter=lambda n: n in names
+    )
+    return {s: torch.stack([cache[f"blocks.{i}.hook_{s}"] for i in range(n_layers)]) for s in sites}
+
+
+def _envoy(root, dotted: str):
+    """``root.a.b.3.c`` for ``dotted="a.b.3.c"`` on an nnsight envoy (integer parts index module lists)."""
+    node = root
+    for part in dotted.split(".") if dotted else ():
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def _states_nnsight(model, input_ids: Tensor, attention_mask: Tensor, sites: Sequence[str]) -> dict[str, Tensor]:
+    hf = _nnsight_module(model)
+    sites = _check_sites(hf, sites)
+    n_layers = len(arch.blocks(hf))
+    device = devices.model_device(hf)
+    saved: dict[str, list] = {s: [] for s in sites}
+    with model.trace({"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}):
+        for i in range(n_layers):
+            for s in sites:
+                path, direction = arch.site_path(hf, i, s)
+                envoy = _envoy(model, path)
+                saved[s].append((envoy.input if direction == "input" else envoy.output).save())
+    return {s: torch.stack([v[0] if isinstance(v, tuple) else v for v in vals]) for s, vals in saved.items()}
+
+
+_STATES = {"hf": _states_hf, "tl": _states_tl, "nnsight": _states_nnsight}
+
+
+def _cpu(states: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {s: devices.to_cpu(v) for s, v in states.items()}
+
+
 @torch.no_grad()
-def residuals_tl(bridge, input_ids: Tensor, attention_mask: Tensor, sites: Sequence[str] = SITES) -> dict[str, Tensor]:
+def residuals_hf(
+    model, input_ids: Tensor, attention_mask: Tensor, sites: Sequence[str] | None = None
+) -> dict[str, Float[Tensor, "layer batch pos d_model"]]:
+    """Every layer's residual stream at ``sites`` (default :func:`default_sites`) for one batch, from forward hooks
+    on a plain HF causal LM; on the CPU in float32."""
+    return _cpu(_states_hf(model, input_ids, attention_mask, default_sites(model) if sites is None else sites))
+
+
+@torch.no_grad()
+def residuals_tl(
+    bridge, input_ids: Tensor, attention_mask: Tensor, sites: Sequence[str] | None = None
+) -> dict[str, Tensor]:
     """Same as :func:`residuals_hf` from a TransformerLens ``TransformerBridge`` (raw mode)."""
-    names = [f"blocks.{i}.hook_{s}" for s in sites for i in range(bridge.cfg.n_layers)]
-    _, cache = bridge.run_with_cache(input_ids, attention_mask=attention_mask, names_filter=lambda n: n in names)
-    return {s: torch.stack([cache[f"blocks.{i}.hook_{s}"] for i in range(bridge.cfg.n_layers)]) for s in sites}
+    sites = default_sites(bridge.original_model) if sites is None else sites
+    return _cpu(_states_tl(bridge, input_ids, attention_mask, sites))
 
 
 @torch.no_grad()
 def residuals_nnsight(
-    model, input_ids: Tensor, attention_mask: Tensor, sites: Sequence[str] = SITES
+    model, input_ids: Tensor, attention_mask: Tensor, sites: Sequence[str] | None = None
 ) -> dict[str, Tensor]:
     """Same as :func:`residuals_hf` from an ``nnsight.TransformersModel``."""
-    n_layers = len(model.model.layers)
-    saved: dict[str, list] = {s: [] for s in sites}
-    with model.trace({"input_ids": input_ids, "attention_mask": attention_mask}):
-        for i in range(n_layers):
-            layer = model.model.layers[i]
-            if "resid_pre" in sites:
-                saved["resid_pre"].append(layer.input.save())
-            if "resid_mid" in sites:
-                saved["resid_mid"].append(layer.post_attention_layernorm.input.save())
-            if "resid_post" in sites:
-                saved["resid_post"].append(layer.output.save())
-    return {s: torch.stack([v[0] if isinstance(v, tuple) else v for v in vals]) for s, vals in saved.items()}
+    sites = default_sites(_nnsight_module(model)) if sites is None else sites
+    return _cpu(_states_nnsight(model, input_ids, attention_mask, sites))
 
 
 _BACKENDS = {"hf": residuals_hf, "tl": residuals_tl, "nnsight": residuals_nnsight}
@@ -155,7 +223,7 @@ def cache_residuals(
     out_dir: str | Path | None = None,
     *,
     roles: Sequence[str] = DEFAULT_ROLES,
-    sites: Sequence[str] = SITES,
+    sites: Sequence[str] | None = None,
     backend: str = "hf",
     batch_size: int = 64,
     shard_size: int = 1024,
@@ -167,10 +235,16 @@ def cache_residuals(
 
     ``all_positions=True`` keeps every prompt position instead (the role axis becomes positions ``"0"``, ``"1"``,
     ... up to the longest prompt, zero-padded; ``meta["prompt_lengths"]`` says how many are real). Either way
-    ``meta["role_positions"]`` records each example's role positions."""
+    ``meta["role_positions"]`` records each example's role positions.
+
+    ``sites=None`` caches :func:`default_sites` (``resid_pre``, ``resid_mid``, ``resid_post``; no ``resid_mid`` for
+    parallel-residual models, where asking for it raises ``ValueError``). The model runs on its own device; role
+    positions are picked there and only the picked states come back to the CPU, in float32."""
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(_BACKENDS)}")
-    fn = _BACKENDS[backend]
+    fn = _STATES[backend]
+    hf = _hf_model(model, backend)
+    sites = _check_sites(hf, default_sites(hf) if sites is None else sites)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded_all = [encode_example(tokenizer, ex, add_eos=False) for ex in examples]
     width = max(e.prompt_len for e in encoded_all)
@@ -212,16 +286,18 @@ def cache_residuals(
     for start in range(0, len(examples), batch_size):
         encoded = encoded_all[start : start + batch_size]
         batch = collate_examples(encoded, pad)
-        states = fn(model, batch.input_ids, batch.attention_mask, sites)
-        rows = torch.arange(len(encoded))[:, None]
+        with torch.no_grad():
+            states = fn(model, batch.input_ids, batch.attention_mask, sites)
         for s, st in states.items():
             if all_positions:  # [layer, b, width, d], zero past each prompt
+                st = devices.to_cpu(st)
                 picked = torch.zeros(st.shape[0], len(encoded), width, st.shape[-1], dtype=st.dtype)
                 for i, e in enumerate(encoded):
                     picked[:, i, : e.prompt_len] = st[:, i, : e.prompt_len]
             else:
-                picked = st[:, rows, role_positions(encoded, roles)]  # [layer, b, r, d]
-            (pending if folder is not None else kept)[s].append(picked.float().cpu())
+                rows = torch.arange(len(encoded), device=st.device)[:, None]
+                picked = devices.to_cpu(st[:, rows, role_positions(encoded, roles).to(st.device)])  # [layer, b, r, d]
+            (pending if folder is not None else kept)[s].append(picked)
         if folder is not None:
             n_pending += len(encoded)
             if n_pending >= shard_size:

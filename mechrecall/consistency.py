@@ -8,14 +8,16 @@
   states, test on query-format states) predicting the answer.
 
 All functions take tensors (or the caches of :mod:`mechrecall.cache` / :mod:`mechrecall.gradients`) and return
-small dataclasses that convert to DataFrames.
+small dataclasses that convert to DataFrames. Cosines, CKA and probes are computed in float32 (on the device the
+tensors live on) and per-fact results come back on the CPU. Parameter groups are read through :mod:`mechrecall.arch`
+(:func:`param_group`), so every supported architecture gets layer and module groups.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechrecall import arch
 from mechrecall.facts import FactSet
 
 
@@ -80,26 +83,42 @@ def to_dataframe(results: Sequence[Consistency]) -> pd.DataFrame:
 def cosine_consistency(
     group: str, a: Float[Tensor, "fact d"], b: Float[Tensor, "fact d"], seed: int = 0
 ) -> Consistency:
-    """Cosine of row i of ``a`` with row i of ``b`` (same fact) and with a deranged row (mismatched)."""
-    perm = derangement(a.shape[0], seed)
-    return Consistency(group, F.cosine_similarity(a, b, dim=-1), F.cosine_similarity(a, b[perm], dim=-1))
+    """Cosine of row i of ``a`` with row i of ``b`` (same fact) and with a deranged row (mismatched), in float32;
+    the cosines come back on the CPU."""
+    a, b = a.float(), b.float()
+    perm = derangement(a.shape[0], seed).to(b.device)
+    same, mismatched = F.cosine_similarity(a, b, dim=-1), F.cosine_similarity(a, b[perm], dim=-1)
+    return Consistency(group, same.cpu(), mismatched.cpu())
 
 
-def param_group(name: str, by: str = "layer") -> str:
-    """Group an HF parameter name: ``by="layer"`` -> ``layer.3`` / ``embed`` / ``final_norm``;
-    ``by="module"`` -> ``attn.q_proj``, ``mlp.down_proj``, ``norm`` ...; ``by="layer_module"`` -> both."""
-    m = re.search(r"\.layers\.(\d+)\.", name)
-    layer = f"layer.{m.group(1)}" if m else ("embed" if "embed" in name else "final_norm" if "norm" in name else "head")
-    parts = name.split(".")
-    leaf = parts[-2] if len(parts) >= 2 else name
-    if "self_attn" in name:
-        module = f"attn.{leaf}"
-    elif ".mlp." in name:
-        module = f"mlp.{leaf}"
-    elif "norm" in leaf or "layernorm" in name:
-        module = "norm"
+_PLACE_GROUPS = {"embed": "embed", "pos_embed": "embed", "final_norm": "final_norm", "unembed": "head"}
+
+
+def param_group(name: str, by: str = "layer", model: Any = None) -> str:
+    """Group an HF parameter name: ``by="layer"`` -> ``layer.3`` / ``embed`` / ``final_norm`` / ``head``;
+    ``by="module"`` -> ``attn.<module>``, ``mlp.<module>``, ``norm``, ``embed``, ``head``; ``by="layer_module"`` ->
+    both (``layer.3/attn.<module>``).
+
+    ``<module>`` is the name of the module holding the parameter inside the block's attention or MLP (its last path
+    part: Llama-style models get one group per projection, the query, key, value and output ones and the gate, up
+    and down ones), and a fused weight one group for its fused module (GPT-NeoX's and GPT-2's query/key/value,
+    Phi-3's query/key/value and gate/up); every other parameter of a block is one of its norms (``norm``), the
+    embeddings (GPT-2's positions too) are ``embed``, the final norm is layer ``final_norm`` / module ``norm`` and the
+    unembedding ``head``. Where a parameter sits is read by :func:`mechrecall.arch.place_of` for ``model`` (a
+    ``*ForCausalLM`` or its config); without it, from the name alone (the same for the supported families).
+    Parameters the architecture table does not place (Gemma 3's vision tower) are ``other``.
+    """
+    if by not in ("layer", "module", "layer_module"):
+        raise ValueError(f"unknown grouping {by!r}; expected 'layer', 'module' or 'layer_module'")
+    place = arch.place_of(name, model)
+    if place is None:
+        layer = module = "other"
+    elif place.layer is not None:
+        layer = f"layer.{place.layer}"
+        module = f"{place.part}.{place.leaf}" if place.part in ("attn", "mlp") else "norm"
     else:
-        module = layer
+        layer = _PLACE_GROUPS[place.part]
+        module = "norm" if place.part == "final_norm" else layer
     return {"layer": layer, "module": module, "layer_module": f"{layer}/{module}"}[by]
 
 
@@ -108,20 +127,22 @@ def gradient_consistency(
     query: dict[str, Float[Tensor, "fact ..."]],
     by: Sequence[str] = ("layer", "module"),
     seed: int = 0,
+    model: Any = None,
 ) -> list[Consistency]:
-    """Per-fact storage-vs-query gradient cosines: ``all`` parameters first, then each group of ``by``."""
+    """Per-fact storage-vs-query gradient cosines: ``all`` parameters first, then each group of ``by``
+    (:func:`param_group` for ``model``, or from the names when it is not given). Cosines in float32."""
     if storage.keys() != query.keys():
         raise ValueError("storage and query gradients must cover the same parameters")
-    flat_s = torch.cat([g.flatten(1) for g in storage.values()], 1)
-    flat_q = torch.cat([g.flatten(1) for g in query.values()], 1)
+    flat_s = torch.cat([g.flatten(1).float() for g in storage.values()], 1)
+    flat_q = torch.cat([g.flatten(1).float() for g in query.values()], 1)
     out = [cosine_consistency("all", flat_s, flat_q, seed)]
     for kind in by:
         groups: dict[str, list[str]] = {}
         for n in storage:
-            groups.setdefault(param_group(n, kind), []).append(n)
+            groups.setdefault(param_group(n, kind, model), []).append(n)
         for gname, names in groups.items():
-            s = torch.cat([storage[n].flatten(1) for n in names], 1)
-            q = torch.cat([query[n].flatten(1) for n in names], 1)
+            s = torch.cat([storage[n].flatten(1).float() for n in names], 1)
+            q = torch.cat([query[n].flatten(1).float() for n in names], 1)
             out.append(cosine_consistency(f"{kind}:{gname}", s, q, seed))
     return out
 
@@ -144,7 +165,8 @@ def representation_consistency(
 
 
 def linear_cka(x: Float[Tensor, "n d1"], y: Float[Tensor, "n d2"]) -> float:
-    """Linear centred kernel alignment (Kornblith et al. 2019) between two sets of states of the same n items."""
+    """Linear centred kernel alignment (Kornblith et al. 2019) between two sets of states of the same n items (float32)."""
+    x, y = x.float(), y.float()
     x = x - x.mean(0)
     y = y - y.mean(0)
     hsic = (x.T @ y).pow(2).sum()
@@ -165,6 +187,8 @@ def cross_format_probe(
     """Multinomial logistic-regression probe: fit on ``train_x`` (e.g. storage-format states), score accuracy on
     ``test_x`` (query-format states of other or the same facts). Features are standardised with train statistics."""
     torch.manual_seed(seed)
+    train_x, test_x = train_x.float().cpu(), test_x.float().cpu()
+    train_y, test_y = train_y.cpu(), test_y.cpu()
     mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
     a, b = (train_x - mu) / sd, (test_x - mu) / sd
     n_classes = int(max(train_y.max(), test_y.max())) + 1
@@ -218,7 +242,8 @@ def streamed_gradient_consistency(
     """:func:`gradient_consistency` over aligned (storage, query) example lists, one batch of facts at a time.
 
     Per-example gradients are never stored for more than one batch; the mismatched baseline pairs facts inside each
-    batch (a derangement), so batches of at least two facts are needed.
+    batch (a derangement), so batches of at least two facts are needed. Groups are the model's own
+    (:func:`param_group` with ``model``).
     """
     from mechrecall.gradients import answer_batch, per_example_grads
 
@@ -231,7 +256,7 @@ def streamed_gradient_consistency(
             break
         gs = per_example_grads(model, answer_batch(tokenizer, s_ex))
         gq = per_example_grads(model, answer_batch(tokenizer, q_ex))
-        for r in gradient_consistency(gs, gq, by, seed=seed + start):
+        for r in gradient_consistency(gs, gq, by, seed=seed + start, model=model):
             parts.setdefault(r.group, []).append((r.same, r.mismatched))
     return [Consistency(g, torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for g, v in parts.items()]
 

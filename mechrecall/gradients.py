@@ -7,6 +7,13 @@ after "Answer:". :func:`per_example_grads` computes one gradient per example in 
 flattened gradient to ``project_dim`` numbers (a fixed Gaussian projection, the same for every call with the same
 seed) so that per-fact gradients fit in memory at scale. :func:`gradient_stats` streams over many examples and
 keeps per-format aggregates (mean gradient, mean absolute gradient) per parameter.
+
+Every architecture :mod:`mechrecall.arch` supports works: parameters are the ``*ForCausalLM``'s own
+``named_parameters()`` (tied weights once, under their first name: ``functional_call`` ties them again), and the
+forward gets an all-ones attention mask (GPT-2 would otherwise inspect the ids for padding, which ``vmap`` cannot).
+Inputs go to the model's device and per-example gradients are computed there in the model's dtype (the loss in
+float32); the aggregates of :func:`gradient_stats` (means, mean |g|, kept or projected per-example rows) accumulate
+in float32 on the CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
+from mechrecall.devices import model_device, to_cpu
 from mechrecall.facts import Example
 from mechrecall.tokenization import collate_examples, encode_example
 
@@ -40,10 +48,12 @@ def answer_batch(tokenizer, examples: Sequence[Example]):
 
 
 def _answer_loss(model, params, rest, ids: Int[Tensor, " pos"], labels: Int[Tensor, " pos"]):
-    # No attention mask: batches are right-padded and attention is causal, so padding (after the answer, label -100)
-    # cannot change any scored position; HF's mask construction is also not vmap-friendly.
-    logits = functional_call(model, {**rest, **params}, (ids[None],)).logits
-    return F.cross_entropy(logits[0, :-1], labels[1:], ignore_index=-100)
+    # An all-ones mask: batches are right-padded and attention is causal, so padding (after the answer, label -100)
+    # cannot change any scored position. Giving a mask at all keeps GPT-2 from looking for padding in the ids (data-
+    # dependent control flow, which vmap refuses); for the other families it gives the same logits as no mask.
+    inputs = {"input_ids": ids[None], "attention_mask": torch.ones_like(ids[None]), "use_cache": False}
+    logits = functional_call(model, {**rest, **params}, (), inputs).logits
+    return F.cross_entropy(logits[0, :-1].float(), labels[1:], ignore_index=-100)
 
 
 def per_example_grads(
@@ -51,23 +61,32 @@ def per_example_grads(
     batch,
     params: dict[str, Tensor] | None = None,
 ) -> dict[str, Float[Tensor, "batch ..."]]:
-    """One gradient of the answer loss per row of ``batch``, for ``params`` (default: all), keyed by HF name."""
+    """One gradient of the answer loss per row of ``batch``, for ``params`` (default: all), keyed by HF name.
+
+    The batch goes to the model's device; the gradients stay there, in the parameters' dtype (the loss is computed
+    in float32). ``params`` are tensors of the model's parameters under their ``named_parameters()`` names.
+    """
     params = select_params(model) if params is None else params
     rest = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+    batch = batch.to(model_device(model))
     fn = vmap(grad(lambda p, i, y: _answer_loss(model, p, rest, i, y)), in_dims=(None, 0, 0))
     return fn(params, batch.input_ids, batch.labels)
 
 
 def per_example_grads_loop(model, batch, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """Reference implementation: one ordinary backward per example (for tests and benchmarks)."""
+    """Reference implementation: one ordinary backward per example (for tests and benchmarks).
+
+    Leaves every ``.grad`` of the model ``None`` afterwards; results on the model's device, in its dtype.
+    """
     names = list((select_params(model) if params is None else params).keys())
     named = dict(model.named_parameters())
     out: dict[str, list[Tensor]] = {n: [] for n in names}
+    batch = batch.to(model_device(model))
     for i in range(len(batch)):
-        row = batch.index(torch.tensor([i]))
+        row = batch.index(torch.tensor([i], device=batch.input_ids.device))
         model.zero_grad(set_to_none=True)
-        logits = model(input_ids=row.input_ids).logits
-        F.cross_entropy(logits[0, :-1], row.labels[0, 1:], ignore_index=-100).backward()
+        logits = model(input_ids=row.input_ids, attention_mask=row.attention_mask, use_cache=False).logits
+        F.cross_entropy(logits[0, :-1].float(), row.labels[0, 1:], ignore_index=-100).backward()
         for n in names:
             g = named[n].grad
             out[n].append(torch.zeros_like(named[n]) if g is None else g.detach().clone())
@@ -86,12 +105,16 @@ class Projection:
         self.n, self.k, self.seed, self.chunk = n, k, seed, chunk
 
     def __call__(self, x: Float[Tensor, "batch n"]) -> Float[Tensor, "batch k"]:
+        """``x @ R`` on the CPU in float32; ``x`` may live on any device (each chunk's product is taken there, in
+        float32, with ``R`` generated on the CPU, so the projection is the same matrix everywhere)."""
+        if x.shape[1] != self.n:
+            raise ValueError(f"projection from {self.n} dimensions got rows of {x.shape[1]}")
         out = torch.zeros(x.shape[0], self.k)
         for j, start in enumerate(range(0, self.n, self.chunk)):
             stop = min(self.n, start + self.chunk)
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
             r = torch.randn(stop - start, self.k, generator=g) / self.k**0.5
-            out += x[:, start:stop] @ r
+            out += (x[:, start:stop].float() @ r.to(x.device)).cpu()
         return out
 
 
@@ -129,11 +152,15 @@ def gradient_stats(
     project_dim: int | None = None,
     seed: int = 0,
 ) -> GradientStats:
-    """Stream per-example gradients over ``examples`` in batches and aggregate them (memory: one batch at a time)."""
+    """Stream per-example gradients over ``examples`` in batches and aggregate them (memory: one batch at a time).
+
+    Gradients are computed where the model lives, in its dtype; sums, means and the kept (optionally projected)
+    per-example rows accumulate in float32 on the CPU.
+    """
     params = select_params(model) if params is None else params
     fmt = ",".join(sorted({e.format for e in examples}))
-    total = {n: torch.zeros_like(p) for n, p in params.items()}
-    total_abs = {n: torch.zeros_like(p) for n, p in params.items()}
+    total = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
+    total_abs = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
     kept: list[Tensor] = []
     proj = Projection(sum(p.numel() for p in params.values()), project_dim, seed) if project_dim else None
     was_training = model.training
@@ -141,11 +168,11 @@ def gradient_stats(
     for start in range(0, len(examples), batch_size):
         grads = per_example_grads(model, answer_batch(tokenizer, examples[start : start + batch_size]), params)
         for n, g in grads.items():
-            total[n] += g.sum(0)
-            total_abs[n] += g.abs().sum(0)
+            total[n] += g.sum(0, dtype=torch.float32).cpu()
+            total_abs[n] += g.abs().sum(0, dtype=torch.float32).cpu()
         if keep_per_example:
             flat = flatten(grads)
-            kept.append(proj(flat) if proj is not None else flat)
+            kept.append(proj(flat) if proj is not None else to_cpu(flat))
     model.train(was_training)
     n = len(examples)
     return GradientStats(

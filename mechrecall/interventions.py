@@ -10,7 +10,12 @@ intervention by grafting the original back: ``graft(ablate(sd, m, base=b), sd, m
 >>> grafted = graft(two_stage_sd, mixed_sd, shared)               # transplant mixed's shared parameters
 
 Modes of :func:`ablate`: ``base`` (reset to the pre-fine-tuning value), ``zero``, ``mean`` (the matrix's mean over its
-unmasked entries).
+unmasked entries, taken in float32).
+
+Names are whatever the model's ``named_parameters()`` calls them, so every architecture works (masks from
+:func:`mechrecall.masks.topk_mask` with ``model=``). Tensors may live on any device: an edited tensor stays on the
+device and in the dtype of the state it edits (masks and donor values are moved there), and :func:`loaded` copies into
+the model's parameters wherever they live.
 """
 
 from __future__ import annotations
@@ -51,13 +56,14 @@ def ablate(state: StateDict, mask: Mask, mode: str = "base", base: StateDict | N
     out = dict(state)
     for n, m in mask.items():
         t = state[n].clone()
+        m = m.to(t.device)
         if mode == "base":
-            t[m] = base[n][m].to(t.dtype)
+            t[m] = base[n].to(t.device)[m].to(t.dtype)
         elif mode == "zero":
             t[m] = 0
         else:
-            rest = state[n][~m]
-            t[m] = rest.mean() if rest.numel() else 0
+            rest = t[~m]
+            t[m] = rest.float().mean().to(t.dtype) if rest.numel() else 0
         out[n] = t
     return out
 
@@ -69,7 +75,8 @@ def graft(target: StateDict, donor: StateDict, mask: Mask) -> dict[str, Tensor]:
     out = dict(target)
     for n, m in mask.items():
         t = target[n].clone()
-        t[m] = donor[n][m].to(t.dtype)
+        m = m.to(t.device)
+        t[m] = donor[n].to(t.device)[m].to(t.dtype)
         out[n] = t
     return out
 
@@ -81,7 +88,11 @@ def state_of(model) -> dict[str, Tensor]:
 
 @contextmanager
 def loaded(model, state: StateDict) -> Iterator:
-    """Temporarily copy ``state``'s tensors into ``model``'s parameters; the originals come back on exit."""
+    """Temporarily copy ``state``'s tensors into ``model``'s parameters; the originals come back on exit.
+
+    ``state`` may hold any subset of the parameters, on any device and in any dtype (``copy_`` moves and casts them to
+    the parameter's); tensors that *are* the model's parameters are skipped.
+    """
     params = dict(model.named_parameters())
     unknown = [n for n in state if n not in params]
     if unknown:

@@ -9,8 +9,8 @@ same shapes):
 - post hoc: :func:`posthoc_importance` (mean |per-example gradient| of one format's facts on a checkpoint);
 - update-based: :func:`update_importance` (|theta_after - theta_before| of a stage that trained one format).
 
->>> storage = topk_mask(trace.importance("storage"), k=0.05)           # top 5% per weight matrix
->>> query = topk_mask(trace.importance("query"), k=0.05)
+>>> storage = topk_mask(trace.importance("storage"), k=0.05, model=model)   # top 5% per weight matrix
+>>> query = topk_mask(trace.importance("query"), k=0.05, model=model)
 >>> shared = mask_and(storage, query)
 >>> mask_fraction(shared), jaccard(storage, query), random_overlap(0.05, 0.05)
 >>> localize(shared, model.config)["per_layer"]
@@ -19,32 +19,55 @@ Rankings are *per matrix* by default (each weight matrix contributes its own top
 gradient scales do not take the whole budget) or *global* (one ranking over every selected parameter). By default only
 the transformer blocks' weight matrices are ranked (:func:`block_matrices`): embeddings, the tied unembedding and the
 norms are left out (a person's name embedding is updated by its own facts only, which says nothing about shared
-circuitry).
+circuitry). Which parameters those are is asked of :mod:`mechrecall.arch` (:func:`mechrecall.arch.is_block_matrix`
+for the model or config given as ``model=``; from the names alone otherwise), and :func:`localize` splits masks into
+heads and neurons through its layouts, so every supported architecture works: fused query/key/value weights
+(GPT-NeoX, GPT-2, Phi-3), GPT-2's transposed ``Conv1D`` weights, Phi-3's fused gate/up projection and grouped-query
+attention. Masks live on the CPU whatever device the importances came from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from mechrecall import arch
+
 Mask = dict[str, Bool[Tensor, "..."]]
 Importance = Mapping[str, Float[Tensor, "..."]]
-MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ModelOrConfig = Any  # a *ForCausalLM or its PreTrainedConfig (what mechrecall.arch accepts)
 
 
-def block_matrices(name: str) -> bool:
-    """The default selection: attention and MLP weight matrices of the transformer blocks (HF Llama names)."""
-    return ".layers." in name and name.endswith(".weight") and any(f".{m}." in name for m in MATRICES)
+def block_matrices(name: str, model: ModelOrConfig | None = None) -> bool:
+    """The default selection: attention and MLP weight matrices of the transformer blocks (no norms, biases,
+    embeddings or unembedding), by HF parameter name.
+
+    With ``model`` (a ``*ForCausalLM`` or its config) this is :func:`mechrecall.arch.is_block_matrix`. Without it the
+    name alone decides: a name is selected when some row of the architecture table lists it as a block weight matrix
+    (:func:`mechrecall.arch.place_of`); the supported families' names do not collide, so this agrees with the model's
+    own row for them, but pass ``model`` when you have it.
+    """
+    if model is not None:
+        return arch.is_block_matrix(name, model)
+    place = arch.place_of(name)
+    return place is not None and place.kind is not None
 
 
-def _select(importance: Importance, include: Callable[[str], bool] | None) -> dict[str, Tensor]:
-    include = block_matrices if include is None else include
-    out = {n: t.detach().float() for n, t in importance.items() if include(n)}
+def _select(
+    importance: Importance, include: Callable[[str], bool] | None, model: ModelOrConfig | None = None
+) -> dict[str, Tensor]:
+    if include is None:
+
+        def include(n: str) -> bool:
+            return block_matrices(n, model)
+
+    out = {n: t.detach().float().cpu() for n, t in importance.items() if include(n)}
     if not out:
         raise ValueError(f"no parameter of the importance map passes the filter (names: {list(importance)[:4]}...)")
     return out
@@ -60,12 +83,21 @@ def _top_count(values: Tensor, count: int) -> Tensor:
 
 
 def topk_mask(
-    importance: Importance, k: float, *, scope: str = "per_matrix", include: Callable[[str], bool] | None = None
+    importance: Importance,
+    k: float,
+    *,
+    scope: str = "per_matrix",
+    include: Callable[[str], bool] | None = None,
+    model: ModelOrConfig | None = None,
 ) -> Mask:
-    """The top ``k`` fraction (0 < k <= 1) of parameters by importance, ranked ``per_matrix`` or ``global``ly."""
+    """The top ``k`` fraction (0 < k <= 1) of parameters by importance, ranked ``per_matrix`` or ``global``ly.
+
+    ``include(name)`` picks the parameters ranked; by default :func:`block_matrices` for ``model`` (a ``*ForCausalLM``
+    or its config), or judged from the names when no model is given. The mask is on the CPU.
+    """
     if not 0 < k <= 1:
         raise ValueError(f"k is a fraction in (0, 1], got {k}")
-    sel = _select(importance, include)
+    sel = _select(importance, include, model)
     if scope == "per_matrix":
         return {n: _top_count(t, round(k * t.numel())) for n, t in sel.items()}
     if scope != "global":
@@ -141,57 +173,41 @@ def random_mask_like(mask: Mask, seed: int) -> Mask:
 
 
 # ------------------------------------------------------------------------------------------------ localization
-def _layer(name: str) -> int:
-    parts = name.split(".")
-    return int(parts[parts.index("layers") + 1])
+def localize(mask: Mask, config: ModelOrConfig) -> dict[str, np.ndarray]:
+    """Count selected parameters per layer, attention head, key/value head and MLP neuron.
 
-
-def _matrix(name: str) -> str | None:
-    return next((m for m in MATRICES if f".{m}." in name), None)
-
-
-def localize(mask: Mask, config) -> dict[str, np.ndarray]:
-    """Count selected parameters per layer, attention head, key/value head and MLP neuron (Llama layout).
-
-    Slices (``hd`` = head_dim, ``g`` = n_heads / n_kv_heads query heads per key/value head):
-    query head ``h``: rows ``h*hd:(h+1)*hd`` of ``q_proj`` + columns ``h*hd:(h+1)*hd`` of ``o_proj``;
-    key/value head ``j``: rows ``j*hd:(j+1)*hd`` of ``k_proj`` and ``v_proj``;
-    ``heads`` adds to each query head its key/value head's count / g (so ``heads`` sums to all attention entries);
-    MLP neuron ``i``: row ``i`` of ``gate_proj`` and ``up_proj`` + column ``i`` of ``down_proj``.
-    Returns arrays ``per_layer`` [L], ``q_heads`` [L, H], ``kv_heads`` [L, KV], ``heads`` [L, H], ``neurons`` [L, d_mlp]
-    and the same with ``_total`` (how many parameters each unit has) for fractions.
+    ``config`` is the model or its config (any architecture :mod:`mechrecall.arch` supports). Every masked parameter
+    inside block ``L`` counts for ``per_layer[L]``; block weight matrices (and their biases) are split into units by
+    :func:`mechrecall.arch.unit_counts`: a query head owns its rows of the query projection and the columns of the
+    attention output projection that read it, a key/value head its rows of the key and value projections (for fused
+    ``qkv`` weights: its parts of the fused rows or, in GPT-2, columns), an MLP neuron its row of each input
+    projection (gate and up, or the fused gate/up: both halves) and its column of the output projection (GPT-2's
+    ``Conv1D`` weights are transposed; the layout handles that). ``heads`` adds to each query head its key/value
+    head's count / g, with ``g = n_heads / n_kv_heads`` query heads per key/value head (so ``heads`` sums to all
+    attention entries). Returns arrays ``per_layer`` [L], ``q_heads`` [L, H], ``kv_heads`` [L, KV], ``heads`` [L, H],
+    ``neurons`` [L, d_mlp] and the same with ``_total`` (how many parameters each unit has) for fractions.
     """
-    L, H = config.num_hidden_layers, config.num_attention_heads
-    KV = getattr(config, "num_key_value_heads", None) or H
-    hd = getattr(config, "head_dim", None) or config.hidden_size // H
+    d = arch.dims(config)
+    L, H, KV = d.n_layers, d.n_heads, d.n_kv_heads
     out = {
         "per_layer": np.zeros(L),
         "q_heads": np.zeros((L, H)),
         "kv_heads": np.zeros((L, KV)),
-        "neurons": np.zeros((L, config.intermediate_size)),
+        "neurons": np.zeros((L, d.d_mlp)),
     }
     totals = {k: np.zeros_like(v) for k, v in out.items()}
     for name, m in mask.items():
-        if ".layers." not in name:
+        layer = arch.layer_of(name, config)
+        if layer is None:
             continue
-        layer, kind, mf = _layer(name), _matrix(name), m.float()
-        out["per_layer"][layer] += float(mf.sum())
+        out["per_layer"][layer] += float(m.sum())
         totals["per_layer"][layer] += m.numel()
-        if kind == "q_proj":
-            unit, key = mf.view(H, hd, -1).sum((1, 2)), "q_heads"
-        elif kind == "o_proj":
-            unit, key = mf.view(-1, H, hd).sum((0, 2)), "q_heads"
-        elif kind in ("k_proj", "v_proj"):
-            unit, key = mf.view(KV, hd, -1).sum((1, 2)), "kv_heads"
-        elif kind in ("gate_proj", "up_proj"):
-            unit, key = mf.sum(1), "neurons"
-        elif kind == "down_proj":
-            unit, key = mf.sum(0), "neurons"
-        else:
+        if not arch.has_layout(name, config):
             continue
-        per_unit_total = m.numel() / unit.numel()
-        out[key][layer] += unit.numpy()
-        totals[key][layer] += per_unit_total
+        sizes = arch.unit_sizes(name, m.shape, config)
+        for key, counts in arch.unit_counts(name, m, config).items():
+            out[key][layer] += counts.cpu().numpy()
+            totals[key][layer] += sizes[key]
     group = H // KV
     out["heads"] = out["q_heads"] + np.repeat(out["kv_heads"], group, axis=1) / group
     totals["heads"] = totals["q_heads"] + np.repeat(totals["kv_heads"], group, axis=1) / group
@@ -227,7 +243,9 @@ class MaskComparison:
     def shared(self) -> Mask:
         return mask_and(self.storage, self.query)
 
-    def stats(self, config=None) -> dict:
+    def stats(self, config: ModelOrConfig | None = None) -> dict:
+        """Fractions, overlap and the random expectation; with ``config`` (the model or its config) also where the
+        shared mask lies (:func:`localize`)."""
         shared = self.shared
         p, q = mask_fraction(self.storage), mask_fraction(self.query)
         out = {
@@ -259,25 +277,30 @@ def posthoc_importance(model, tokenizer, examples, *, batch_size: int = 16) -> d
 
 
 def update_importance(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """|after - before| per parameter: the update of a stage, attributed to the format that stage trained."""
+    """|after - before| per parameter (float32, CPU): the update of a stage, attributed to the format it trained."""
     missing = set(before) ^ set(after)
     if missing:
         raise ValueError(f"state dicts differ in parameters: {sorted(missing)[:4]}")
-    return {n: (after[n].float() - before[n].float()).abs() for n in after}
+    return {n: (after[n].float().cpu() - before[n].float().cpu()).abs() for n in after}
 
 
 def masked_cosines(
     grads_a: Mapping[str, Float[Tensor, "n ..."]], grads_b: Mapping[str, Float[Tensor, "n ..."]], mask: Mask
 ) -> dict[str, Float[Tensor, " n"]]:
-    """Per-example cosine of two gradient sets restricted to ``mask`` (``inside``) and to its complement (``outside``)."""
+    """Per-example cosine of two gradient sets restricted to ``mask`` (``inside``) and to its complement (``outside``).
 
-    def flat(grads, m, inside):
-        return torch.cat(
-            [grads[n].flatten(1)[:, (m.flatten() if inside else ~m.flatten())] for n, m in mask.items()], 1
-        )
+    Computed in float32 where the gradients live; the cosines come back on the CPU.
+    """
+
+    def flat(grads, inside):
+        parts = []
+        for n, m in mask.items():
+            keep = m.flatten().to(grads[n].device)
+            parts.append(grads[n].flatten(1)[:, keep if inside else ~keep].float())
+        return torch.cat(parts, 1)
 
     out = {}
     for where, inside in (("inside", True), ("outside", False)):
-        a, b = flat(grads_a, mask, inside), flat(grads_b, mask, inside)
-        out[where] = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-20)
+        a, b = flat(grads_a, inside), flat(grads_b, inside)
+        out[where] = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-20).cpu()
     return out

@@ -73,3 +73,43 @@ def test_attribute_summary(setup):
     r = attribute(model, tok, examples[:6], steps=8, max_steps=64)
     assert r["n"] == 6 and 0 <= r["subject_relation_share"] <= 1
     assert set(r["per_role"]) == set(ROLES) and sum(r["per_role"].values()) == pytest.approx(1, abs=1e-5)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_bfloat16_model_attributes_in_float32_close_to_float32(setup):
+    import copy
+
+    model, tok, examples = setup
+    inputs = role_inputs(tok, examples[:4])
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    ref = integrated_gradients(model, inputs, steps=16, max_steps=16)
+    got = integrated_gradients(half, inputs, steps=16, max_steps=64)
+    assert got.attributions.dtype == got.delta.dtype == got.gap.dtype == torch.float32
+    assert (got.delta.abs() <= 0.05 * got.gap.abs() + 1e-2).all()  # bf16 forwards: a looser completeness gap
+    assert float((got.attributions - ref.attributions).norm() / ref.attributions.norm()) < 0.05
+    torch.testing.assert_close(got.gap, ref.gap, rtol=0, atol=2e-2)
+    gxi = gradient_x_input(half, inputs)
+    assert gxi.dtype == torch.float32
+    assert (torch.nn.functional.cosine_similarity(gxi, gradient_x_input(model, inputs), dim=1) > 0.95).all()
+    occ = occlusion_by_role(half, inputs)
+    for role, drop in occlusion_by_role(model, inputs).items():
+        assert occ[role].dtype == torch.float32
+        torch.testing.assert_close(occ[role], drop, rtol=0, atol=2e-2)
+
+
+@needs_cuda
+def test_cuda_model_attributes_like_the_cpu(setup):
+    import copy
+
+    model, tok, examples = setup
+    inputs = role_inputs(tok, examples[:4])
+    cuda = copy.deepcopy(model).to("cuda")
+    ref, got = (integrated_gradients(m, inputs, steps=16, max_steps=16) for m in (model, cuda))
+    assert got.attributions.device.type == "cpu"
+    torch.testing.assert_close(got.attributions, ref.attributions, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(got.gap, ref.gap, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(gradient_x_input(cuda, inputs), gradient_x_input(model, inputs), rtol=1e-3, atol=1e-5)
+    r = attribute(cuda, tok, examples[:4], steps=8, max_steps=32)
+    assert r["n"] == 4 and 0 <= r["subject_relation_share"] <= 1

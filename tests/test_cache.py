@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -5,6 +7,7 @@ from mechrecall.cache import ResidualCache, cache_residuals
 from mechrecall.lab.config import get_preset
 from mechrecall.lab.models import build_model
 from mechrecall.loading import LoadedModel, to_nnsight, to_transformer_lens
+from mechrecall.tokenization import encode_example
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +97,48 @@ def test_all_positions_option(model_and_examples, micro_tokenizer):
             p = full.meta["role_positions"][i][role]
             torch.testing.assert_close(full["resid_mid", 1][i, p], roles["resid_mid", 1][i, j])
         assert not full["resid_mid", 1][i, lengths[i] :].any()  # zero padding past the prompt
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_public_backend_functions_return_float32_on_the_cpu(model_and_examples, micro_tokenizer):
+    from mechrecall.cache import SITES, default_sites, residuals_hf
+    from mechrecall.tokenization import collate_examples
+
+    model, storage, _ = model_and_examples
+    batch = collate_examples([encode_example(micro_tokenizer, e, add_eos=False) for e in storage[:4]], 0)
+    states = residuals_hf(model, batch.input_ids, batch.attention_mask)
+    assert tuple(states) == default_sites(model) == SITES
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in states.values())
+    with pytest.raises(ValueError, match="unknown residual site 'attn_out'"):
+        residuals_hf(model, batch.input_ids, batch.attention_mask, ("attn_out",))
+
+
+def test_bfloat16_model_caches_float32_close_to_float32(model_and_examples, micro_tokenizer):
+    model, storage, _ = model_and_examples
+    ref = cache_residuals(model, micro_tokenizer, storage[:8], batch_size=4)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    got = cache_residuals(half, micro_tokenizer, storage[:8], batch_size=4)
+    for site, states in ref.data.items():
+        assert got.data[site].dtype == torch.float32 and got.data[site].device.type == "cpu"
+        assert float((got.data[site] - states).norm() / states.norm()) < 0.05, site
+
+
+@needs_cuda
+def test_cuda_model_caches_like_the_cpu(model_and_examples, micro_tokenizer):
+    from mechrecall.loading import LoadedModel, to_nnsight
+
+    model, storage, _ = model_and_examples
+    ref = cache_residuals(model, micro_tokenizer, storage[:8], batch_size=4)
+    cuda = copy.deepcopy(model).to("cuda")
+    got = cache_residuals(cuda, micro_tokenizer, storage[:8], batch_size=4)
+    full = cache_residuals(cuda, micro_tokenizer, storage[:8], batch_size=4, all_positions=True)
+    nns = cache_residuals(
+        to_nnsight(LoadedModel(cuda, micro_tokenizer, "t", "t"), check=False), micro_tokenizer, storage[:8],
+        backend="nnsight", batch_size=4,
+    )  # fmt: skip
+    for site, states in ref.data.items():
+        assert got.data[site].device.type == "cpu" and full.data[site].device.type == "cpu"
+        torch.testing.assert_close(got.data[site], states, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(nns.data[site], states, rtol=1e-4, atol=1e-4)

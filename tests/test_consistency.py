@@ -87,3 +87,74 @@ def test_cross_format_probe_transfers_when_formats_share_a_direction():
     good = cross_format_probe(storage[:100], y[:100], query_shared[100:], y[100:])
     bad = cross_format_probe(storage[:100], y[:100], query_other[100:], y[100:])
     assert good["test_accuracy"] > 0.8 and bad["test_accuracy"] < 0.5
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_param_groups_through_the_architecture_layer():
+    from tests.tiny_models import ARCHS, tiny_model
+
+    gpt2, neox, phi3 = tiny_model("gpt2"), tiny_model("gpt_neox"), tiny_model("phi3")
+    assert param_group("transformer.h.1.attn.c_attn.weight", "layer_module", gpt2) == "layer.1/attn.c_attn"
+    assert param_group("transformer.h.1.mlp.c_proj.bias", "module", gpt2) == "mlp.c_proj"
+    assert param_group("transformer.h.0.ln_1.weight", "layer_module", gpt2) == "layer.0/norm"
+    assert param_group("transformer.wpe.weight", "layer", gpt2) == "embed"
+    assert param_group("transformer.ln_f.bias", "layer_module", gpt2) == "final_norm/norm"
+    assert param_group("gpt_neox.layers.0.attention.query_key_value.weight", "module", neox) == "attn.query_key_value"
+    assert param_group("gpt_neox.embed_in.weight", "module", neox) == "embed"
+    assert param_group("lm_head.weight", "layer_module", neox) == "head/head"
+    assert param_group("model.layers.1.mlp.gate_up_proj.weight", "module", phi3) == "mlp.gate_up_proj"
+    vision = "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert param_group(vision, "layer", tiny_model("gemma3")) == param_group(vision, "layer") == "other"
+    for name in ARCHS:  # from the names alone, every family gets the groups its own model gives
+        model = tiny_model(name)
+        for n, _ in model.named_parameters():
+            for by in ("layer", "module", "layer_module"):
+                assert param_group(n, by) == param_group(n, by, model), (name, n, by)
+    with pytest.raises(ValueError, match="grouping"):
+        param_group("lm_head.weight", "head")
+
+
+def test_param_groups_of_the_lab_model_are_the_llama_groups(micro_model):
+    groups = {n: param_group(n, "layer_module", micro_model) for n, _ in micro_model.named_parameters()}
+    assert groups["model.embed_tokens.weight"] == "embed/embed"
+    assert groups["model.norm.weight"] == "final_norm/norm"
+    assert groups["model.layers.0.self_attn.q_proj.weight"] == "layer.0/attn.q_proj"
+    assert groups["model.layers.1.mlp.down_proj.weight"] == "layer.1/mlp.down_proj"
+    assert groups["model.layers.1.input_layernorm.weight"] == "layer.1/norm"
+    assert all(g == param_group(n, "layer_module") for n, g in groups.items())
+
+
+def test_bfloat16_inputs_give_float32_cosines():
+    torch.manual_seed(1)
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.o_proj.weight"]
+    s = {n: torch.randn(6, 8, 4) for n in names}
+    q = {n: v + 0.5 * torch.randn_like(v) for n, v in s.items()}
+    ref = {r.group: r for r in gradient_consistency(s, q)}
+    got = {r.group: r for r in gradient_consistency({n: v.bfloat16() for n, v in s.items()},
+                                                    {n: v.bfloat16() for n, v in q.items()})}  # fmt: skip
+    assert got.keys() == ref.keys()
+    for g, r in got.items():
+        assert r.same.dtype == torch.float32
+        torch.testing.assert_close(r.same, ref[g].same, rtol=0, atol=2e-2)
+    x = torch.randn(50, 8)
+    assert linear_cka(x.bfloat16(), (2 * x).bfloat16()) == pytest.approx(1.0, abs=1e-2)
+
+
+@needs_cuda
+def test_cuda_tensors_give_cpu_results():
+    torch.manual_seed(2)
+    names = ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"]
+    s = {n: torch.randn(6, 8, 4) for n in names}
+    q = {n: v + torch.randn_like(v) for n, v in s.items()}
+    ref = gradient_consistency(s, q)
+    got = gradient_consistency({n: v.cuda() for n, v in s.items()}, {n: v.cuda() for n, v in q.items()})
+    for a, b in zip(got, ref):
+        assert a.group == b.group and a.same.device.type == "cpu"
+        torch.testing.assert_close(a.same, b.same, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.mismatched, b.mismatched, rtol=1e-4, atol=1e-5)
+    x, y = torch.randn(40, 8), torch.randn(40, 8)
+    assert linear_cka(x.cuda(), y.cuda()) == pytest.approx(linear_cka(x, y), abs=1e-4)
+    c = cross_format_probe(x.cuda(), torch.arange(40).cuda() % 2, y.cuda(), torch.arange(40).cuda() % 2)
+    assert 0 <= c["test_accuracy"] <= 1

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -90,3 +92,48 @@ def test_projection_is_fixed_and_preserves_cosines_roughly():
     cos_full = torch.nn.functional.cosine_similarity(x[0:1] + x[1:2], x[1:2])
     cos_proj = torch.nn.functional.cosine_similarity(p(x[0:1] + x[1:2]), p(x[1:2]))
     assert abs(float(cos_full - cos_proj)) < 0.1
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cosines(a: dict, b: dict) -> torch.Tensor:
+    """Per-example cosine of two per-example gradient sets (flattened, float32)."""
+    return torch.nn.functional.cosine_similarity(flatten(a).float().cpu(), flatten(b).float().cpu(), dim=1)
+
+
+def test_bfloat16_model_grads_in_its_dtype_aggregates_in_float32(setup, micro_tokenizer):
+    model, storage, _ = setup
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    batch = answer_batch(micro_tokenizer, storage[:4])
+    ref, got = per_example_grads(model, batch), per_example_grads(half, batch)
+    assert all(g.dtype == torch.bfloat16 for g in got.values())
+    assert (_cosines(got, ref) > 0.98).all()
+    stats = gradient_stats(half, micro_tokenizer, storage[:4], batch_size=2, keep_per_example=True, project_dim=32)
+    exact = gradient_stats(model, micro_tokenizer, storage[:4], batch_size=2, keep_per_example=True, project_dim=32)
+    for k in ref:
+        assert stats.mean[k].dtype == stats.mean_abs[k].dtype == torch.float32 and stats.mean[k].device.type == "cpu"
+    assert stats.per_example.dtype == torch.float32 and stats.per_example.shape == (4, 32)
+    flat_half = torch.cat([v.flatten() for v in stats.mean_abs.values()])
+    flat_ref = torch.cat([v.flatten() for v in exact.mean_abs.values()])
+    assert float(torch.nn.functional.cosine_similarity(flat_half, flat_ref, dim=0)) > 0.99
+    assert (torch.nn.functional.cosine_similarity(stats.per_example, exact.per_example, dim=1) > 0.98).all()
+
+
+@needs_cuda
+def test_cuda_grads_match_the_cpu(setup, micro_tokenizer):
+    model, storage, _ = setup
+    cuda = copy.deepcopy(model).to("cuda")
+    batch = answer_batch(micro_tokenizer, storage[:4])  # on the CPU: moved to the model's device
+    ref, got = per_example_grads(model, batch), per_example_grads(cuda, batch)
+    loop = per_example_grads_loop(cuda, batch)
+    for k in ref:
+        assert got[k].device.type == "cuda"
+        torch.testing.assert_close(got[k].cpu(), ref[k], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(loop[k].cpu(), ref[k], rtol=1e-3, atol=1e-5)
+    stats = gradient_stats(cuda, micro_tokenizer, storage[:6], batch_size=4, keep_per_example=True, project_dim=16)
+    exact = gradient_stats(model, micro_tokenizer, storage[:6], batch_size=4, keep_per_example=True, project_dim=16)
+    for k in exact.mean:
+        assert stats.mean[k].device.type == "cpu"
+        torch.testing.assert_close(stats.mean[k], exact.mean[k], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(stats.per_example, exact.per_example, rtol=1e-3, atol=1e-5)

@@ -62,3 +62,58 @@ def test_errors_name_the_parameter():
         ablate(_sd(0), MASK, "noise")
     with pytest.raises(ValueError, match="shape"):
         graft(_sd(0), {W: torch.zeros(3, 2), "model.norm.weight": torch.ones(3)}, MASK)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _random_mask(state, seed: int, p: float = 0.1):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(t.shape, generator=g) < p for n, t in state.items() if t.ndim == 2}
+
+
+def test_bfloat16_states_keep_their_dtype(micro_model):
+    import copy
+
+    model = copy.deepcopy(micro_model).to(torch.bfloat16)
+    sd = {n: t.clone() for n, t in state_of(model).items()}
+    mask = _random_mask(sd, seed=3)
+    donor = {n: (t.float() + 1).to(torch.bfloat16) for n, t in sd.items()}
+    for out in (
+        ablate(sd, mask, "zero"),
+        ablate(sd, mask, "mean"),
+        ablate(sd, mask, "base", donor),
+        graft(sd, donor, mask),
+    ):
+        for n, m in mask.items():
+            assert out[n].dtype == torch.bfloat16
+            assert not (out[n] != sd[n])[~m].any()  # nothing outside the mask moves
+    grafted = graft(sd, donor, mask)
+    assert all(torch.equal(grafted[n] != sd[n], m) for n, m in mask.items())
+    fp32 = {n: t.float() for n, t in grafted.items()}  # a float32 state loads into a bfloat16 model (cast on copy)
+    with loaded(model, fp32):
+        assert all(torch.equal(p.detach(), grafted[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(p.detach(), sd[n]) for n, p in model.named_parameters())
+
+
+@needs_cuda
+def test_cuda_model_loads_cpu_states_and_recalls_like_the_cpu(micro_model, micro_dataset, micro_tokenizer):
+    import copy
+
+    from mechrecall.interventions import recall_under
+
+    facts = micro_dataset.factset(micro_dataset.pids("heldout")[:20])
+    sd = {n: t.clone() for n, t in state_of(micro_model).items()}
+    mask = _random_mask(sd, seed=4, p=0.02)
+    cuda = copy.deepcopy(micro_model).to("cuda")
+    on_cuda = state_of(cuda)
+    base = {n: t + 1 for n, t in sd.items()}
+    out = ablate(on_cuda, mask, "base", base=base)  # CPU mask and base, CUDA state
+    assert all(out[n].device.type == "cuda" for n in mask)
+    ref = ablate(sd, mask, "base", base=base)
+    assert all(torch.equal(out[n].cpu(), ref[n]) for n in mask)
+    zeroed = ablate(sd, mask, "zero")  # a CPU state into the CUDA model
+    on_gpu = recall_under(cuda, micro_tokenizer, facts, zeroed)["heldout"]
+    on_cpu = recall_under(micro_model, micro_tokenizer, facts, zeroed)["heldout"]
+    assert abs(on_gpu - on_cpu) <= 0.05  # argmax ties may break differently
+    assert all(torch.equal(p.detach().cpu(), sd[n]) for n, p in cuda.named_parameters())

@@ -53,14 +53,9 @@ INTERNALS = re.compile(
 )
 
 
-# Still naming Llama internals: moved through mechrecall.arch by the open work on issue #12 (not finished, so not
-# exempted silently: this list may only shrink, and the test below fails for any other module).
-PENDING_ARCH_PORT = {"cache.py", "consistency.py", "masks.py"}
-
-
 @pytest.mark.parametrize(
     "path",
-    [p for p in TOOLKIT if p.name != "arch.py" and p.name not in PENDING_ARCH_PORT],
+    [p for p in TOOLKIT if p.name != "arch.py"],
     ids=lambda p: str(p.relative_to(PKG)),
 )
 def test_only_the_architecture_layer_names_model_internals(path):

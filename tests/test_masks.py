@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig
 
 from mechrecall.masks import (
+    MaskComparison,
     block_matrices,
     gini,
     jaccard,
@@ -154,3 +155,66 @@ def test_update_and_posthoc_importance(micro_dataset, micro_tokenizer):
     grads = per_example_grads(model, answer_batch(micro_tokenizer, ex))
     for n in (A, B):
         assert torch.allclose(imp[n], grads[n].abs().mean(0), atol=1e-6)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_default_selection_with_the_model_and_from_names(micro_model):
+    from mechrecall import arch
+
+    g = torch.Generator().manual_seed(0)
+    imp = {n: torch.rand(p.shape, generator=g) for n, p in micro_model.named_parameters()}
+    with_model = topk_mask(imp, 0.1, model=micro_model)
+    assert set(with_model) == {n for n, _ in micro_model.named_parameters() if arch.is_block_matrix(n, micro_model)}
+    for other in (topk_mask(imp, 0.1), topk_mask(imp, 0.1, model=micro_model.config)):
+        assert other.keys() == with_model.keys() and all(torch.equal(other[n], with_model[n]) for n in other)
+    assert all(block_matrices(n) == block_matrices(n, micro_model) for n in imp)
+    assert not block_matrices("model.layers.0.self_attn.q_proj.bias")
+    loc, by_config = localize(with_model, micro_model), localize(with_model, micro_model.config)
+    assert loc.keys() == by_config.keys() and all(np.array_equal(loc[k], by_config[k]) for k in loc)
+    stats = MaskComparison(with_model, topk_mask(imp, 0.2, model=micro_model), 0.1).stats(micro_model)
+    assert len(stats["per_layer_fraction"]) == micro_model.config.num_hidden_layers
+
+
+def test_fused_and_transposed_names_from_the_names_alone():
+    assert block_matrices("gpt_neox.layers.0.attention.query_key_value.weight")
+    assert block_matrices("transformer.h.1.attn.c_attn.weight") and block_matrices("transformer.h.1.mlp.c_proj.weight")
+    assert block_matrices("model.layers.2.self_attn.qkv_proj.weight") and block_matrices(
+        "model.layers.2.mlp.gate_up_proj.weight"
+    )
+    assert block_matrices("model.language_model.layers.0.mlp.down_proj.weight")
+    assert not block_matrices("transformer.h.1.ln_1.weight") and not block_matrices("transformer.wpe.weight")
+    assert not block_matrices("model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight")
+    assert not block_matrices("base_model.model.model.layers.0.self_attn.q_proj.weight")  # a wrapper's prefix
+
+
+def test_bfloat16_importances_and_models(micro_dataset, micro_tokenizer, micro_model):
+    import copy
+
+    from mechrecall.masks import posthoc_importance
+
+    g = torch.Generator().manual_seed(1)
+    imp = {n: torch.rand(p.shape, generator=g).to(torch.bfloat16) for n, p in micro_model.named_parameters()}
+    mask = topk_mask(imp, 0.05, model=micro_model)
+    assert all(m.dtype == torch.bool and m.device.type == "cpu" for m in mask.values())
+    assert all(int(m.sum()) == round(0.05 * m.numel()) for m in mask.values())
+    ex = micro_dataset.query_examples(micro_dataset.pids("heldout")[:2], templates=[0])[:4]
+    ref = posthoc_importance(micro_model, micro_tokenizer, ex, batch_size=2)
+    half = posthoc_importance(copy.deepcopy(micro_model).to(torch.bfloat16), micro_tokenizer, ex, batch_size=2)
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in half.values())
+    a, b = torch.cat([v.flatten() for v in ref.values()]), torch.cat([half[n].flatten() for n in ref])
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.99
+
+
+@needs_cuda
+def test_cuda_importances_give_cpu_masks(micro_model):
+    g = torch.Generator().manual_seed(2)
+    imp = {n: torch.rand(p.shape, generator=g) for n, p in micro_model.named_parameters()}
+    ref = topk_mask(imp, 0.05, model=micro_model)
+    got = topk_mask({n: v.cuda() for n, v in imp.items()}, 0.05, model=micro_model)
+    assert all(got[n].device.type == "cpu" and torch.equal(got[n], ref[n]) for n in ref)
+    grads = {n: torch.randn(3, *m.shape, generator=g) for n, m in ref.items()}
+    cos = masked_cosines({n: v.cuda() for n, v in grads.items()}, {n: -v.cuda() for n, v in grads.items()}, ref)
+    assert cos["inside"].device.type == "cpu"
+    torch.testing.assert_close(cos["inside"], -torch.ones(3))
