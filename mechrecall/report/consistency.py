@@ -1,4 +1,9 @@
-"""Run :func:`mechrecall.consistency.measure` on several checkpoints and write JSON + plotly figures."""
+"""Run :func:`mechrecall.consistency.measure` on several checkpoints and write JSON + plotly figures.
+
+The lab default measures each lab checkpoint on the held-out people of the dataset it was trained on; with
+``facts=`` (a fact file, ``datasets.Dataset`` or :class:`~mechrecall.facts.FactSet`) any checkpoints (registry name,
+folder, Hugging Face id, GGUF) are measured on those facts instead.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,38 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mechrecall.consistency import measure
+from mechrecall.devices import model_device, model_dtype
+from mechrecall.facts import FactFormatError, FactSet, load_facts
 from mechrecall.io import atomic_write_json, atomic_write_text
 from mechrecall.lab.models import lab_dataset
 from mechrecall.loading import load_model, to_nnsight, to_transformer_lens
+
+
+def unique_labels(names: Sequence[str]) -> list[str]:
+    """``names`` made unique in order: a repeated name gets ``#2``, ``#3``, ... (two runs of one checkpoint)."""
+    out, seen = [], {}
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return out
+
+
+def check_labels(labels: Sequence[str] | None, n: int) -> list[str] | None:
+    """``labels`` if there is one per checkpoint and no two are equal (else a ``ValueError`` saying so)."""
+    if labels is None:
+        return None
+    if len(labels) != n or len(set(labels)) != len(labels):
+        raise ValueError(f"--labels {' '.join(labels)}: give {n} different names, one per checkpoint")
+    return list(labels)
+
+
+def user_facts(facts, split: str | None = None, count: int | None = None, formats=("storage", "query")) -> FactSet:
+    """A fact file / dataset / :class:`FactSet`, one ``split`` of it (``None``: all), its first ``count`` facts."""
+    fs = load_facts(facts)
+    chosen = fs.split(split)
+    if not len(chosen):
+        raise FactFormatError(f"{fs.source}: no fact has split {split!r} (splits: {', '.join(fs.splits) or 'none'})")
+    return (chosen[:count] if count else chosen).require(*formats)
 
 
 def run(
@@ -19,26 +53,56 @@ def run(
     n_people: int = 200,
     grad_facts: int = 240,
     labels: Sequence[str] | None = None,
+    facts=None,
+    split: str | None = None,
+    device=None,
+    dtype=None,
+    parity: bool = True,
 ) -> dict:
+    """Consistency of each checkpoint; the lab's held-out people by default, or ``facts`` (a fact file, dataset or
+    :class:`FactSet`: its ``split``, first ``n_people`` facts) on any checkpoint, on ``device`` in ``dtype``."""
     out = Path(out)
-    models = {}
-    for i, source in enumerate(checkpoints):
-        loaded = load_model(source, registry=registry)
-        dataset = lab_dataset(loaded)
-        pids = dataset.pids("heldout")[:n_people]
-        label = labels[i] if labels else loaded.meta.get("regime", source)
-        parity = {
-            "transformer_lens": to_transformer_lens(loaded).cfg.parity_max_abs_diff,
-            "nnsight": to_nnsight(loaded).parity_max_abs_diff,
-        }
-        models[label] = {
+    labels = check_labels(labels, len(checkpoints))
+    fs = user_facts(facts, split, n_people) if facts is not None else None
+    cache: dict = {}  # a checkpoint given twice is loaded and measured once
+    for src in checkpoints:
+        if src not in cache:
+            cache[src] = load_model(src, registry=registry, device=device, dtype=dtype, supported_only=True)
+    loads = [cache[src] for src in checkpoints]
+    if labels is None:
+        names = [lm.meta.get("regime", src) if fs is None else src for lm, src in zip(loads, checkpoints)]
+        labels = unique_labels(names)
+    models, done = {}, {}
+    for label, source, loaded in zip(labels, checkpoints, loads):
+        if id(loaded) in done:
+            models[label] = {**done[id(loaded)], "source": source}
+            continue
+        if fs is None:
+            dataset = lab_dataset(loaded)
+            these = dataset.factset(dataset.pids("heldout")[:n_people])
+        else:
+            these = fs.check_tokenization(loaded.tokenizer, ("subject", "relation", "final"), source)
+        parity_diff = (
+            {
+                "transformer_lens": to_transformer_lens(loaded).cfg.parity_max_abs_diff,
+                "nnsight": to_nnsight(loaded).parity_max_abs_diff,
+            }
+            if parity
+            else {}
+        )
+        models[label] = done[id(loaded)] = {
             "source": source,
-            "backend_parity_max_abs_logit_diff": parity,
-            **measure(loaded.model, loaded.tokenizer, dataset.factset(pids), grad_facts=grad_facts),
+            "backend_parity_max_abs_logit_diff": parity_diff,
+            **measure(loaded.model, loaded.tokenizer, these, grad_facts=grad_facts),
         }
-    result = {
-        "people": "heldout",
-        "n_people": n_people,
+    if fs is None:
+        result = {"people": "heldout", "n_people": n_people}
+    else:
+        result = {"facts": fs.source, "split": split, "n_facts": len(fs), "device": str(model_device(loads[0].model)),
+                  "dtype": str(model_dtype(loads[0].model)).removeprefix("torch.")}  # fmt: skip
+    if fs is not None:
+        result["labels"] = list(models)  # (the lab's consistency.json keeps its keys)
+    result |= {
         "backend_parity": {k: v["backend_parity_max_abs_logit_diff"] for k, v in models.items()},
         "gradient": {k: {"source": v["source"], **v["gradient"]} for k, v in models.items()},
         "representation": {k: {"source": v["source"], **v["representation"]} for k, v in models.items()},
@@ -88,7 +152,8 @@ def figures(result: dict) -> list:
             )
         )
     grad.update_layout(
-        title="Gradient consistency: cos(∇ storage-format answer loss, ∇ query-format answer loss), held-out facts",
+        title="Gradient consistency: cos(∇ storage-format answer loss, ∇ query-format answer loss), "
+        + ("held-out facts" if "facts" not in result else f"facts of {Path(result['facts']).name}"),
         yaxis_title="cosine (95% bootstrap CI)",
         barmode="group",
     )

@@ -8,6 +8,11 @@ invariant retrieval, finding 2/5) the hit rate is high. Also recorded: ROME nois
 the clean state of one layer x role after noising the subject) and an attribution-patching screen checked against
 exact patching. Attribution: integrated gradients (plus gradient x input and occlusion) on storage-format prompts of
 held-out people, grouped by role (:mod:`mechrecall.attribution`).
+
+With ``facts=`` (a fact file, ``datasets.Dataset`` or :class:`~mechrecall.facts.FactSet`) both run on any two
+checkpoints instead (registry names, folders, Hugging Face ids, GGUF; the same one twice is fine): pairs are drawn
+within each relation of the facts, results are keyed by checkpoint label (``labels`` in the JSON), and ``sites`` /
+``layers`` narrow the sweep (a 30-layer model has 4 x 30 x 3 cells per pair otherwise).
 """
 
 from __future__ import annotations
@@ -17,11 +22,15 @@ from pathlib import Path
 import torch
 
 from mechrecall.attribution import attribute
+from mechrecall.devices import model_device, model_dtype
+from mechrecall.facts import FactSet
 from mechrecall.io import atomic_write_json, atomic_write_text
 from mechrecall.lab.models import lab_dataset
 from mechrecall.loading import load_model
 from mechrecall.patching import GaussianNoise, activation_patch, fact_inputs, fact_pairs
 from mechrecall.patching.atp import attribution_patch, check_attribution
+from mechrecall.patching.prompts import DEFAULT_ROLES
+from mechrecall.report.consistency import check_labels, unique_labels, user_facts
 from mechrecall.report.plotting import page as html
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
@@ -31,14 +40,48 @@ def _summ(r) -> dict:
     return {"mean": r.mean().tolist(), "layers": r.labels["layer"], "pos": r.labels["pos"]}
 
 
-def patching_one(model, tokenizer, dataset, *, n_people: int = 40, n_pairs: int = 120, seed: int = 0) -> dict:
-    pids = dataset.pids("heldout")[:n_people]
-    base, source, rows = fact_pairs(dataset.factset(pids), tokenizer, source_format="storage", base_format="query", n=n_pairs,
-                                    seed=seed)  # fmt: skip
+def _layers_of(result, layers):
+    """``result`` (every layer) cut to ``layers`` (as an exact sweep over those layers labels them)."""
+    from dataclasses import replace
+
+    if layers is None:
+        return result
+    idx = [result.labels["layer"].index(L) for L in layers]
+    return replace(result, values=result.values[idx], labels={**result.labels, "layer": list(layers)})
+
+
+def patch_roles(facts: FactSet, formats=("storage", "query")) -> tuple[str, ...]:
+    """The roles every first text of ``formats`` has: subject, relation (when located), final."""
+    texts = [ex for fmt in formats for ex in facts.examples(fmt, templates=[0])]
+    return tuple(r for r in DEFAULT_ROLES if r == "final" or all(ex.spans.get(r) for ex in texts))
+
+
+def patching_one(
+    model,
+    tokenizer,
+    facts,
+    *,
+    n_people: int = 40,
+    n_pairs: int = 120,
+    seed: int = 0,
+    sites=SITES,
+    layers=None,
+    roles=None,
+) -> dict:
+    """Cross-format patching on ``facts`` (a :class:`FactSet`; a lab dataset: its first ``n_people`` held-out people),
+    at ``sites`` x ``layers`` (default: every layer) x ``roles`` (default: those every text has), then AtP (checked
+    against the ``attn_out`` sweep when it ran) and noise tracing on the facts' query prompts."""
+    if not isinstance(facts, FactSet):  # a lab dataset
+        facts = facts.factset(facts.pids("heldout")[:n_people])
+    roles = patch_roles(facts) if roles is None else tuple(roles)
+    base, source, rows = fact_pairs(facts, tokenizer, source_format="storage", base_format="query", n=n_pairs,
+                                    seed=seed, roles=roles)  # fmt: skip
     out: dict = {"n_pairs": len(rows), "pairs": rows, "sites": {}}
     sweeps: dict = {}
-    for site in SITES:
-        sweeps[site] = activation_patch(model, base, source, site=site, metric=["logit_diff", "hit"])  # same forwards
+    for site in sites:
+        sweeps[site] = activation_patch(
+            model, base, source, site=site, layers=layers, metric=["logit_diff", "hit"]
+        )  # same forwards; fmt: skip
         ld, hit = sweeps[site]["logit_diff"], sweeps[site]["hit"]
         out["sites"][site] = {
             "logit_diff": _summ(ld),
@@ -47,11 +90,13 @@ def patching_one(model, tokenizer, dataset, *, n_people: int = 40, n_pairs: int 
             "hit_rate_base": float(hit.base.mean()),
             "per_example_logit_diff": ld.values.tolist(),
         }
-    atp = attribution_patch(model, base, source, site="attn_out")
-    out["atp_check_attn_out"] = check_attribution(atp, sweeps["attn_out"]["logit_diff"])
-    # ROME tracing on the query prompts of the same people: noise on the subject, restore one clean state
-    clean = fact_inputs(tokenizer, dataset.query_examples(pids, templates=[0])[:n_pairs])
-    trace = activation_patch(model, clean, clean, site="resid_pre", corruption=GaussianNoise(3.0, seed), metric="prob")
+    if "attn_out" in sweeps:
+        atp = attribution_patch(model, base, source, site="attn_out")
+        out["atp_check_attn_out"] = check_attribution(_layers_of(atp, layers), sweeps["attn_out"]["logit_diff"])
+    # ROME tracing on the query prompts of the same facts: noise on the subject, restore one clean state
+    clean = fact_inputs(tokenizer, facts.examples("query", templates=[0])[:n_pairs], roles=roles)
+    trace = activation_patch(model, clean, clean, site="resid_pre", layers=layers, corruption=GaussianNoise(3.0, seed),
+                             metric="prob")  # fmt: skip
     out["noise_tracing_resid_pre"] = {
         "clean_prob": float(trace.source.mean()),
         "corrupted_prob": float(trace.base.mean()),
@@ -62,58 +107,142 @@ def patching_one(model, tokenizer, dataset, *, n_people: int = 40, n_pairs: int 
     return out
 
 
+def _pair(two_stage: str, mixed: str, facts, labels) -> list[tuple[str, str]]:
+    """(label, source) per checkpoint: the lab's regimes, or the given labels / the sources (made unique)."""
+    if facts is None and labels is None:
+        return [("two_stage", two_stage), ("mixed", mixed)]
+    return list(zip(check_labels(labels, 2) or unique_labels([two_stage, mixed]), (two_stage, mixed)))
+
+
+def _load_pair(pair, registry, device, dtype) -> list:
+    """One :class:`~mechrecall.loading.LoadedModel` per (label, source); a source given twice is loaded once."""
+    cache: dict = {}
+    for _, src in pair:
+        if src not in cache:
+            cache[src] = load_model(src, registry=registry, device=device, dtype=dtype, supported_only=True)
+    return [cache[src] for _, src in pair]
+
+
+def _settings(facts: FactSet | None, loaded) -> dict:
+    if facts is None:
+        return {"people": "heldout"}
+    return {"facts": facts.source, "n_facts": len(facts), "device": str(model_device(loaded.model)),
+            "dtype": str(model_dtype(loaded.model)).removeprefix("torch.")}  # fmt: skip
+
+
 def run_patching(
-    two_stage: str, mixed: str, out: str | Path, *, registry=None, n_people: int = 40, n_pairs: int = 120
+    two_stage: str,
+    mixed: str,
+    out: str | Path,
+    *,
+    registry=None,
+    n_people: int = 40,
+    n_pairs: int = 120,
+    facts=None,
+    split: str | None = None,
+    labels=None,
+    sites=SITES,
+    layers=None,
+    device=None,
+    dtype=None,
 ) -> dict:
+    """Patching of a lab pair (held-out people), or of any two checkpoints on ``facts`` (its ``split``, first
+    ``n_people`` facts), on ``device`` in ``dtype``; writes ``patching.json`` and ``patching.html``."""
     out = Path(out)
-    result: dict = {"people": "heldout", "source_format": "storage", "base_format": "query", "mode": "cross_fact"}
-    for label, src in (("two_stage", two_stage), ("mixed", mixed)):
-        lm = load_model(src, registry=registry)
-        ds = lab_dataset(lm)
-        result[label] = {"source": src, **patching_one(lm.model, lm.tokenizer, ds, n_people=n_people, n_pairs=n_pairs)}
+    fs = user_facts(facts, split, n_people) if facts is not None else None
+    pair = _pair(two_stage, mixed, fs, labels)
+    loads = _load_pair(pair, registry, device, dtype)
+    result: dict = {**_settings(fs, loads[0]), "source_format": "storage", "base_format": "query",
+                    "mode": "cross_fact"}  # fmt: skip
+    if fs is not None:
+        result["labels"] = [label for label, _ in pair]
+    done: dict = {}  # the same checkpoint twice: measured once (the sweep is deterministic)
+    for (label, src), lm in zip(pair, loads):
+        if fs is None:
+            these = lab_dataset(lm)
+        else:
+            these = fs.check_tokenization(lm.tokenizer, patch_roles(fs), src)
+        if id(lm) not in done:
+            done[id(lm)] = patching_one(lm.model, lm.tokenizer, these, n_people=n_people, n_pairs=n_pairs, sites=sites,
+                                        layers=layers)  # fmt: skip
+        result[label] = {"source": src, **done[id(lm)]}
     atomic_write_json(out / "patching.json", result)
     atomic_write_text(out / "patching.html", html(patching_figures(result), "mechrecall patching"))
     return result
 
 
 def run_attribution(
-    two_stage: str, mixed: str, out: str | Path, *, registry=None, n_people: int = 20, steps: int = 16
+    two_stage: str,
+    mixed: str,
+    out: str | Path,
+    *,
+    registry=None,
+    n_people: int = 20,
+    steps: int = 16,
+    max_steps: int = 256,
+    facts=None,
+    split: str | None = None,
+    labels=None,
+    device=None,
+    dtype=None,
 ) -> dict:
+    """Token-role attribution of a lab pair (storage prompts of held-out people), or of any two checkpoints on the
+    first storage text of each of ``facts`` (its ``split``, first ``n_people`` facts); IG doubles its ``steps`` up to
+    ``max_steps`` until complete; writes ``attribution.json`` and ``attribution.html``."""
     out = Path(out)
-    result: dict = {"people": "heldout", "format": "storage", "target": "log-prob of the value's first token",
+    fs = user_facts(facts, split, n_people, formats=("storage",)) if facts is not None else None
+    pair = _pair(two_stage, mixed, fs, labels)
+    loads = _load_pair(pair, registry, device, dtype)
+    result: dict = {**_settings(fs, loads[0]), "format": "storage", "target": "log-prob of the value's first token",
                     "method": "integrated gradients on input embeddings (baseline: mean embedding)"}  # fmt: skip
-    for label, src in (("two_stage", two_stage), ("mixed", mixed)):
-        lm = load_model(src, registry=registry)
-        ds = lab_dataset(lm)
-        examples = ds.storage_examples(ds.pids("heldout")[:n_people])
-        r = attribute(lm.model, lm.tokenizer, examples, steps=steps, max_steps=256)  # 128 did not converge on bioS
+    if fs is not None:
+        result["labels"] = [label for label, _ in pair]
+    done: dict = {}  # the same checkpoint twice: attributed once (deterministic)
+    for (label, src), lm in zip(pair, loads):
+        if id(lm) in done:
+            result[label] = {**done[id(lm)], "source": src}
+            continue
+        if fs is None:
+            ds = lab_dataset(lm)
+            examples = ds.storage_examples(ds.pids("heldout")[:n_people])
+        else:
+            examples = fs.check_tokenization(lm.tokenizer, ("subject", "final"), src).examples("storage", templates=[0])
+        r = attribute(lm.model, lm.tokenizer, examples, steps=steps, max_steps=max_steps)  # 128: short on bioS
         sr = torch.tensor(r["subject_relation_share_per_fact"])
         g = torch.Generator().manual_seed(0)
         boots = torch.stack([sr[torch.randint(len(sr), (len(sr),), generator=g)].mean() for _ in range(1000)])
         r["subject_relation_share_ci"] = [float(boots.quantile(0.025)), float(boots.quantile(0.975))]
-        r["subject_relation_share_std"] = float(sr.std())
-        result[label] = {"source": src, **r}
+        r["subject_relation_share_std"] = float(sr.std()) if len(sr) > 1 else 0.0
+        result[label] = done[id(lm)] = {"source": src, **r}
     atomic_write_json(out / "attribution.json", result)
     atomic_write_text(out / "attribution.html", html(attribution_figures(result), "mechrecall attribution"))
     return result
+
+
+def labels_of(result: dict) -> list[str]:
+    """The checkpoints of a patching / attribution result: its ``labels``, else the lab's two regimes."""
+    return list(result.get("labels", ("two_stage", "mixed")))
 
 
 def patching_figures(result: dict) -> list:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    regimes = ("two_stage", "mixed")
+    regimes = labels_of(result)
     figs = []
-    fig = make_subplots(rows=1, cols=2, subplot_titles=[f"{r}: hit rate, storage(A) -> query(B)" for r in regimes])
+    fig = make_subplots(rows=1, cols=len(regimes),
+                        subplot_titles=[f"{r}: hit rate, storage(A) -> query(B)" for r in regimes])  # fmt: skip
     for i, r in enumerate(regimes):
         s = result[r]["sites"]
+        sites = list(s)
+        first = s[sites[0]]["logit_diff"]
         z = [
-            [s[site]["hit_rate"][L][j] for site in SITES for j in range(3)]
-            for L in range(len(s["resid_pre"]["hit_rate"]))
+            [s[site]["hit_rate"][L][j] for site in sites for j in range(len(first["pos"]))]
+            for L in range(len(first["layers"]))
         ]
-        x = [f"{site}·{pos}" for site in SITES for pos in s["resid_pre"]["logit_diff"]["pos"]]
+        x = [f"{site}·{pos}" for site in sites for pos in first["pos"]]
         fig.add_trace(
-            go.Heatmap(z=z, x=x, y=[f"L{L}" for L in range(len(z))], zmin=0, zmax=1, coloraxis="coloraxis"),
+            go.Heatmap(z=z, x=x, y=[f"L{L}" for L in first["layers"]], zmin=0, zmax=1, coloraxis="coloraxis"),
             row=1,
             col=i + 1,
         )
@@ -121,14 +250,15 @@ def patching_figures(result: dict) -> list:
                       coloraxis={"colorscale": "Viridis"}, height=420)  # fmt: skip
     figs.append(fig)
     fig = make_subplots(
-        rows=1, cols=2, subplot_titles=[f"{r}: P(answer) restored after subject noise" for r in regimes]
+        rows=1, cols=len(regimes), subplot_titles=[f"{r}: P(answer) restored after subject noise" for r in regimes]
     )
     for i, r in enumerate(regimes):
         t = result[r]["noise_tracing_resid_pre"]
         fig.add_trace(go.Heatmap(z=t["restored_prob"], x=t["pos"], y=[f"L{L}" for L in t["layers"]], zmin=0, zmax=1,
                                  coloraxis="coloraxis"), row=1, col=i + 1)  # fmt: skip
+    which = "held-out" if "facts" not in result else "the facts'"
     fig.update_layout(
-        title="Noise tracing (resid_pre) on held-out query prompts", coloraxis={"colorscale": "Viridis"}, height=380
+        title=f"Noise tracing (resid_pre) on {which} query prompts", coloraxis={"colorscale": "Viridis"}, height=380
     )
     figs.append(fig)
     return figs
@@ -138,13 +268,15 @@ def attribution_figures(result: dict) -> list:
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    roles = list(result["mixed"]["per_role"])
-    for r in ("two_stage", "mixed"):
+    regimes = labels_of(result)
+    roles = list(result[regimes[-1]]["per_role"])
+    for r in regimes:
         fig.add_trace(go.Bar(name=r, x=roles, y=[result[r]["per_role"][k] for k in roles]))
-    fig.update_layout(title="Integrated-gradients share of |attribution| by role (storage format, held-out people)",
+    which = "held-out people" if "facts" not in result else "the facts' storage texts"
+    fig.update_layout(title=f"Integrated-gradients share of |attribution| by role (storage format, {which})",
                       yaxis_title="share", barmode="group")  # fmt: skip
     box = go.Figure()
-    for r in ("two_stage", "mixed"):
+    for r in regimes:
         box.add_trace(go.Box(y=result[r]["subject_relation_share_per_fact"], name=r, boxpoints="all"))
     box.update_layout(title="Subject + relation share per fact", yaxis_title="share")
     return [fig, box]
@@ -157,17 +289,18 @@ def summary_rows(patching: dict | None, attribution: dict | None) -> list[str]:
             "| regime | hit rate: resid_pre subject L0 | best layer x role (resid_pre) | base hit rate |",
             "|---|---|---|---|",
         ]
-        for r in ("two_stage", "mixed"):
+        for r in labels_of(patching):
             s = patching[r]["sites"]["resid_pre"]
             hr = torch.tensor(s["hit_rate"])
-            L, j = divmod(int(hr.argmax()), hr.shape[1])
+            li, j = divmod(int(hr.argmax()), hr.shape[1])
+            L = s["logit_diff"].get("layers", list(range(hr.shape[0])))[li]
             lines.append(
                 f"| {r} | {hr[0, 0]:.3f} | L{L} {s['logit_diff']['pos'][j]}: {hr.max():.3f} | {s['hit_rate_base']:.3f} |"
             )
     if attribution:
         lines += ["", "| regime | subject+relation share (IG) [95% CI] | subject | relation | answer-preceding | subject elsewhere | other context |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in ("two_stage", "mixed"):
+        for r in labels_of(attribution):
             a = attribution[r]
             pr = a["per_role"]
             lines.append(
