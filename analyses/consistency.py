@@ -9,7 +9,7 @@ Writes OUT/consistency.json and OUT/consistency.html (or, with --trajectory, the
 saved during training: OUT/consistency_trajectory.{json,html}). Facts: the held-out people of the dataset a lab
 checkpoint was trained on, or with --facts FILE your own facts on any checkpoints (registry name, folder, Hugging
 Face id, .gguf). Per-example gradients of every parameter are compared in batches of up to 16 facts, so keep
---grad-facts small for large models (about 4 x 4 bytes x parameters x min(grad-facts, 16) of memory).
+--grad-facts / --grad-batch small for large models (about 2 x 4 bytes x parameters x min(grad-facts, grad-batch)).
 """
 
 import argparse
@@ -31,6 +31,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--people", "--count", dest="people", type=int, default=200,
                     help="held-out people, or with --facts the first facts, to use (default 200)")  # fmt: skip
     ap.add_argument("--grad-facts", type=int, default=240)
+    ap.add_argument("--grad-batch", type=int, default=16,
+                    help="facts per per-example-gradient batch (memory ~ 2 x this x 4 bytes x parameters; >= 2)")  # fmt: skip
     ap.add_argument("--no-parity", action="store_true", help="skip the TransformerLens / nnsight logit checks")
     add_model_args(ap)
     return ap
@@ -49,6 +51,7 @@ def _main(args) -> int:
         return 0
     result = run(
         args.checkpoints, args.out, registry=args.registry, n_people=args.people, grad_facts=args.grad_facts,
+        grad_batch=args.grad_batch,
         labels=args.labels, facts=args.facts, split=args.split, device=args.device, dtype=args.dtype,
         parity=not args.no_parity,
     )  # fmt: skip

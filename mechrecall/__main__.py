@@ -2,7 +2,7 @@
 
     python -m mechrecall reproduce [--preset default] [--out runs/default] [--seeds 0 1 2] [--force]
     python -m mechrecall train --regime mixed --out runs/x          (same as python -m mechrecall.lab.train)
-    python -m mechrecall eval CHECKPOINT                             (registry name or folder)
+    python -m mechrecall eval CHECKPOINT [--facts FILE] [--device cuda] (registry name, folder, HF id, .gguf)
     python -m mechrecall registry                                    (list checkpoints.yaml)
     python -m mechrecall presets                                     (list presets and their settings)
     python -m mechrecall report runs/default                         (rebuild runs/default/report.html)
@@ -41,20 +41,42 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mechrecall.lab.evaluate import evaluate
-    from mechrecall.lab.models import lab_dataset
     from mechrecall.loading import load_model
 
-    loaded = load_model(args.checkpoint, registry=args.registry)
-    dataset = lab_dataset(loaded)
+    loaded = load_model(args.checkpoint, registry=args.registry, device=args.device, dtype=args.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
-    metrics = evaluate(model, tokenizer, dataset)
+    if args.facts is not None:
+        print(json.dumps(_eval_facts(model, tokenizer, args.facts, args.split, args.checkpoint), indent=2))
+        return 0
+    from mechrecall.lab.evaluate import evaluate
+    from mechrecall.lab.models import lab_dataset
+
+    metrics = evaluate(model, tokenizer, lab_dataset(loaded))
     print(
         json.dumps(
             metrics if args.per_attribute else {k: v for k, v in metrics.items() if k != "per_attribute"}, indent=2
         )
     )
     return 0
+
+
+def _eval_facts(model, tokenizer, path: str, split: str | None, source: str) -> dict:
+    """Exact match (every answer token, + end-of-text for queries) of a fact file's texts, per format and split."""
+    from mechrecall.facts import load_facts
+    from mechrecall.recall import recall
+
+    facts = load_facts(path).split(split)
+    if not len(facts):
+        raise ValueError(f"{path}: no fact has split {split!r}")
+    facts.check_tokenization(tokenizer, ("subject",), source)
+    out: dict = {"facts": str(path), "n_facts": len(facts)}
+    for fmt in ("storage", "query"):
+        if not facts.examples(fmt):
+            continue
+        out[fmt] = recall(model, tokenizer, facts, fmt=fmt)
+        out[f"{fmt}_per_split"] = {s: recall(model, tokenizer, facts, s, fmt=fmt) for s in facts.splits
+                                   if facts.examples(fmt, s)}  # fmt: skip
+    return out
 
 
 def _cmd_registry(args: argparse.Namespace) -> int:
@@ -82,6 +104,12 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    from mechrecall.loading import add_model_args as add
+
+    add(ap)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m mechrecall", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -103,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint")
     ev.add_argument("--registry", default=None)
     ev.add_argument("--per-attribute", action="store_true")
+    ev.add_argument("--facts", default=None, metavar="FILE", help="your own facts (any checkpoint; mechrecall.facts)")
+    ev.add_argument("--split", default=None, help="with --facts: only this split's facts")
+    add_model_args(ev)
     ev.set_defaults(func=_cmd_eval)
     rg = sub.add_parser("registry", help="list registered checkpoints")
     rg.add_argument("--registry", default=None)

@@ -412,16 +412,18 @@ def resid_to_logits(model: nn.Module, resid: Tensor) -> Tensor:
     Final norm, unembedding, then Gemma 2's final-logit soft-capping ``cap * tanh(logits / cap)`` where configured;
     applying it to the last block's ``resid_post`` reproduces ``model(...).logits`` (the logit lens for earlier ones).
     """
-    spec = spec_of(model)
-    logits = unembed(model)(final_norm(model)(resid))
-    cap = getattr(_text_config(_config(model)), spec.logit_softcap_key, None) if spec.logit_softcap_key else None
-    return torch.tanh(logits / cap) * cap if cap else logits
+    return normed_to_logits(model, final_norm(model)(resid))
 
 
 def normed_to_logits(model: nn.Module, normed: Tensor) -> Tensor:
     """Logits from final-normed hidden states (what :func:`base_model` returns): unembedding + soft-capping."""
+    return softcap_logits(model, unembed(model)(normed))
+
+
+def softcap_logits(model: nn.Module, logits: Tensor) -> Tensor:
+    """The unembedding's output as the model's forward returns it: Gemma 2's final-logit soft-capping
+    ``cap * tanh(logits / cap)`` where configured, else unchanged (for backends that read the unembedding)."""
     spec = spec_of(model)
-    logits = unembed(model)(normed)
     cap = getattr(_text_config(_config(model)), spec.logit_softcap_key, None) if spec.logit_softcap_key else None
     return torch.tanh(logits / cap) * cap if cap else logits
 

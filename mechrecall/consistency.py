@@ -261,10 +261,12 @@ def streamed_gradient_consistency(
     return [Consistency(g, torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for g, v in parts.items()]
 
 
-def measure(model, tokenizer, facts: FactSet, *, grad_facts: int = 240, seed: int = 0) -> dict:
+def measure(model, tokenizer, facts: FactSet, *, grad_facts: int = 240, seed: int = 0, grad_batch: int = 16) -> dict:
     """Gradient and representation consistency of one model on ``facts`` (first storage and first query text each).
 
-    Returns a JSON-able dict; ``gradient`` uses the first ``grad_facts`` facts (per-example gradients are costly).
+    Returns a JSON-able dict; ``gradient`` uses the first ``grad_facts`` facts (per-example gradients are costly:
+    ``grad_batch`` facts at a time hold about 2 x ``grad_batch`` x 4 bytes x parameters; the mismatched baseline
+    pairs facts within each batch, so a different ``grad_batch`` draws a different baseline).
     """
     from mechrecall.cache import cache_residuals
 
@@ -273,7 +275,9 @@ def measure(model, tokenizer, facts: FactSet, *, grad_facts: int = 240, seed: in
     if len(storage) != len(query):
         raise ValueError("every fact needs a storage and a query text for consistency measures")
     model.eval()
-    grads = streamed_gradient_consistency(model, tokenizer, storage[:grad_facts], query[:grad_facts], seed=seed)
+    grads = streamed_gradient_consistency(
+        model, tokenizer, storage[:grad_facts], query[:grad_facts], seed=seed, batch_size=grad_batch
+    )
     gsum = {r.group: r.summary(seed=seed) for r in grads}
     cs = cache_residuals(model, tokenizer, storage)
     cq = cache_residuals(model, tokenizer, query)

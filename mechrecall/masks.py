@@ -76,9 +76,21 @@ def _select(
 def _top_count(values: Tensor, count: int) -> Tensor:
     """Boolean mask of the ``count`` largest entries (stable: ties go to the earlier index, so masks are deterministic)."""
     flat = values.flatten()
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
-    if count > 0:
+    n = flat.numel()
+    if count <= 0:
+        return torch.zeros(values.shape, dtype=torch.bool)
+    if count >= n:
+        return torch.ones(values.shape, dtype=torch.bool)
+    if torch.isnan(flat).any():  # NaN orders by the sort's rules; keep the reference path
+        keep = torch.zeros(n, dtype=torch.bool)
         keep[torch.argsort(flat, descending=True, stable=True)[:count]] = True
+        return keep.view(values.shape)
+    # The same mask as a stable descending argsort, without sorting (a sort of 10^8 scores takes tens of seconds):
+    # everything above the count-th largest value, then the earliest of the entries equal to it.
+    threshold = flat.kthvalue(n - count + 1).values
+    keep = flat > threshold
+    ties = torch.nonzero(flat == threshold)[:, 0]
+    keep[ties[: count - int(keep.sum())]] = True
     return keep.view(values.shape)
 
 

@@ -26,10 +26,18 @@ def reference_patch(model, base, source, site, L, j, head=None, metric="logit_di
 
     handles = arch.hook_site_write(model, L, site, write)
     try:
-        logits = model(input_ids=base.input_ids).logits[b, base.readout].float()
+        full = model(input_ids=base.input_ids).logits.float()
     finally:
         for h in handles:
             h.remove()
+    if metric == "answer_logprob":  # the whole teacher-forced answer: token k is predicted at readout + k
+        total = torch.zeros(len(base))
+        for i in range(len(base)):
+            for k, tok in enumerate(base.answer_ids[i].tolist()):
+                if tok >= 0:
+                    total[i] += full[i, base.readout[i] + k].log_softmax(-1)[tok]
+        return total
+    logits = full[b, base.readout]
     if metric == "logprob":
         return logits.log_softmax(-1).gather(1, base.answer[:, None])[:, 0]
     return logits.gather(1, base.answer[:, None])[:, 0] - logits.gather(1, base.foil[:, None])[:, 0]

@@ -318,3 +318,29 @@ def test_integrated_gradients_are_complete(name, facts, tok):
     assert r.attributions.dtype == torch.float32 and r.attributions.device.type == "cpu"
     assert r.converged and (r.delta.abs() <= 0.05 * r.gap.abs() + 1e-3).all(), (r.delta, r.gap, r.steps)
     assert (r.attributions[inputs.fixed] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------ patching backends
+@pytest.mark.parametrize("backend", ["tl", "nnsight"])
+@pytest.mark.parametrize("name", ARCHS)
+def test_patching_backends_agree_with_hugging_face(name, backend, facts, tok):
+    """The TransformerLens / nnsight sweeps equal the HF one (Gemma 2's soft-capped logits included)."""
+    from mechrecall.loading import LoadedModel, to_nnsight, to_transformer_lens
+    from mechrecall.patching import activation_patch, fact_pairs
+
+    model = tiny_model(name, VOCAB)
+    wrap = to_transformer_lens if backend == "tl" else to_nnsight
+    try:
+        wrapped = wrap(LoadedModel(model, tok, "tiny", "tiny"))
+    except Exception as e:
+        if name in CANNOT_BOOT[backend]:
+            pytest.skip(f"{CANNOT_BOOT[backend][name]} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        raise
+    base, source, _ = fact_pairs(facts, tok, whole_answer=True)
+    for site in ("resid_pre", "mlp_out"):
+        ref = activation_patch(model, base, source, site=site, metric=["logit_diff", "answer_logprob"])
+        for metric in ("logit_diff", "answer_logprob"):
+            got = activation_patch(wrapped, base, source, site=site, metric=metric,
+                                   backend="transformer_lens" if backend == "tl" else "nnsight")  # fmt: skip
+            torch.testing.assert_close(got.values, ref[metric].values, rtol=0, atol=1e-4)
+            torch.testing.assert_close(got.base, ref[metric].base, rtol=0, atol=1e-4)

@@ -226,3 +226,38 @@ def test_several_metrics_from_the_same_forwards_equal_separate_sweeps(lab, pairs
         one = activation_patch(model, base, source, site="mlp_out", metric=name)
         assert both[name].metric == name and torch.equal(both[name].values, one.values)
         assert torch.equal(both[name].base, one.base)
+
+
+def test_whole_answer_pairs_teacher_force_the_source_facts_answer(lab):
+    model, tok, ds = lab
+    facts = ds.factset(ds.pids("heldout")[:12])
+    first, _, _ = fact_pairs(facts, tok, n=24)
+    base, source, rows = fact_pairs(facts, tok, n=24, whole_answer=True)
+    assert torch.equal(base.answer, first.answer) and torch.equal(base.readout, first.readout)
+    by_id = {f.id: f for f in facts}
+    for i, row in enumerate(rows):
+        ans = [t for t in base.answer_ids[i].tolist() if t >= 0]
+        r = int(base.readout[i])
+        assert base.input_ids[i, r + 1 : r + 1 + len(ans)].tolist() == ans  # teacher-forced after the prompt
+        want = tok(" " + by_id[row["source_fact"]].answer, add_special_tokens=False)["input_ids"]
+        assert ans == want, (row, ans, want)  # the source fact's answer, as the base format tokenizes it
+        assert ans[0] == int(base.answer[i])
+        foil = [t for t in base.foil_ids[i].tolist() if t >= 0]
+        assert foil == tok(" " + by_id[row["base_fact"]].answer, add_special_tokens=False)["input_ids"]
+    assert (base.answer_ids >= 0).sum(1).max() > 1  # the lab's answers are multi-token
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "mlp_out"])
+def test_backends_agree_on_the_whole_answer_metric(lab, site):
+    from mechrecall.loading import LoadedModel, to_nnsight, to_transformer_lens
+
+    model, tok, ds = lab
+    base, source, _ = fact_pairs(ds.factset(ds.pids("heldout")[:12]), tok, n=16, whole_answer=True)
+    loaded = LoadedModel(model, tok, "micro", "micro")
+    hf = activation_patch(model, base, source, site=site, metric="answer_logprob")
+    tl = activation_patch(to_transformer_lens(loaded), base, source, site=site, metric="answer_logprob",
+                          backend="transformer_lens")  # fmt: skip
+    nn = activation_patch(to_nnsight(loaded), base, source, site=site, metric="answer_logprob", backend="nnsight")
+    assert torch.allclose(hf.values, tl.values, atol=1e-4)
+    assert torch.allclose(hf.values, nn.values, atol=1e-4)
+    assert torch.allclose(hf.base, nn.base, atol=1e-4) and torch.allclose(hf.source, tl.source, atol=1e-4)

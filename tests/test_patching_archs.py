@@ -27,6 +27,22 @@ def _inputs(seed: int, lengths=(9, 7, 8, 9)) -> PatchInputs:
     return PatchInputs(ids, positions, readout, answer, foil, ["early", "middle", "final"], subj)
 
 
+def _with_answers(inputs: PatchInputs, lengths, seed: int) -> PatchInputs:
+    """``inputs`` with whole answers of ``lengths`` tokens teacher-forced after each readout (padded with -1)."""
+    g = torch.Generator().manual_seed(seed)
+    K = max(lengths)
+    ids = torch.cat([inputs.input_ids, torch.zeros(len(inputs), K, dtype=torch.long)], 1)
+    answer_ids = torch.full((len(inputs), K), -1)
+    for i, n in enumerate(lengths):
+        a = torch.randint(3, 500, (n,), generator=g)
+        answer_ids[i, :n] = a
+        r = int(inputs.readout[i])
+        ids[i, r + 1 : r + 1 + n] = a
+        ids[i, r + 1 + n :] = 0
+    return PatchInputs(ids, inputs.positions, inputs.readout, answer_ids[:, 0].clone(), inputs.foil,
+                       inputs.pos_labels, inputs.subject_positions, answer_ids, answer_ids.clone())  # fmt: skip
+
+
 def _sites(model):
     return [s for s in SITES if not (s == "resid_mid" and arch.resid_mid_module(model) is None)]
 
@@ -112,3 +128,33 @@ def test_cuda_equals_cpu(name, pair):
         a = activation_patch(model, *pair, site=site)
         b = activation_patch(gpu, *pair, site=site)
         assert b.values.device.type == "cpu" and torch.allclose(a.values, b.values, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gpt_neox", "gemma2"])
+def test_whole_answer_metric_equals_teacher_forced_reference(name, pair):
+    """``answer_logprob`` sums every answer token's log-probability after the patch, on both paths."""
+    model = tiny_model(name, vocab_size=512)
+    base = _with_answers(pair[0], (3, 1, 2, 3), seed=5)
+    source = _with_answers(pair[1], (2, 2, 1, 3), seed=6)
+    paths = ("ragged", "hooked") if arch.fast_blocks(model, 16) is not None else ("hooked",)
+    for path in paths:
+        for site in ("resid_pre", "mlp_out", "head"):
+            r = activation_patch(model, base, source, site=site, metric=["answer_logprob", "logit_diff"], path=path,
+                                 max_rows=7)  # fmt: skip
+            first = activation_patch(model, base, source, site=site, metric="logit_diff", path=path)
+            assert torch.allclose(r["logit_diff"].values, first.values, atol=2e-5)  # first-token metrics do not move
+            for L in range(arch.n_layers(model)):
+                for j in range(base.positions.shape[1]):
+                    if site == "head":
+                        ref = reference_patch(model, base, source, site, L, j, 1, metric="answer_logprob")
+                        got = r["answer_logprob"].values[L, 1, j]
+                    else:
+                        ref = reference_patch(model, base, source, site, L, j, metric="answer_logprob")
+                        got = r["answer_logprob"].values[L, j]
+                    assert torch.allclose(got, ref, atol=5e-5), (name, path, site, L, j)
+
+
+def test_whole_answer_metric_needs_whole_answer_inputs(pair):
+    model = tiny_model("llama", vocab_size=512)
+    with pytest.raises(ValueError, match="whole_answer=True"):
+        activation_patch(model, *pair, metric="answer_logprob")

@@ -74,7 +74,11 @@ def test_patching_cli_same_fact_mode_on_one_split(smollm2, tmp_path, capsys):
     rc = patching_main(["--checkpoint", SMOL, "--facts", str(FACTS), "--split", "heldout", "--mode", "same_fact",
                         "--count", "4", "--layers", "15", "--out", str(out)])  # fmt: skip
     assert rc == 0
-    assert json.loads((out / "patching.json").read_text())["models"][SMOL]["n"] == 4
+    result = json.loads((out / "patching.json").read_text())
+    assert result["models"][SMOL]["n"] == 4
+    # with --facts the default metric scores the whole (multi-token) answer: a log-probability, <= 0
+    site = result["models"][SMOL]["sites"]["resid_pre"]
+    assert result["settings"]["metric"] == "answer_logprob" and site["base_mean"] <= 0 and site["source_mean"] <= 0
     fails_cleanly(capsys, lambda extra, o: patching_main(["--model", SMOL, "--facts", "heldout", "--out", o]), [],
                   tmp_path / "lab", "no mechrecall.json", "pass --facts FILE")  # fmt: skip
 
@@ -121,8 +125,25 @@ def test_attribution_and_patching_analyses_on_smollm2(smollm2, tmp_path, capsys)
     p = json.loads((tmp_path / "patching.json").read_text())
     assert p["labels"] == [SMOL, f"{SMOL}#2"] and p[SMOL]["n_pairs"] == 3
     assert p[SMOL]["sites"]["resid_pre"]["logit_diff"]["layers"] == [29]
+    whole = p[SMOL]["sites"]["resid_pre"]
+    assert whole["answer_logprob"]["layers"] == [29] and whole["answer_logprob_base"] <= 0
+    assert 0 <= whole["answer_match_rate_base"] <= 1
     assert p[SMOL]["noise_tracing_resid_pre"]["layers"] == [29]
     assert plotly_page(tmp_path / "patching.html")
+
+
+def test_eval_cli_scores_a_fact_file_on_any_checkpoint(smollm2, capsys):
+    from mechrecall.__main__ import main
+
+    reg = str(ROOT / "checkpoints.yaml")
+    assert (
+        main(["eval", SMOL, "--registry", reg, "--facts", str(FACTS), "--split", "validation", "--device", "cpu"]) == 0
+    )
+    r = json.loads(capsys.readouterr().out)
+    assert r["n_facts"] == 5 and 0 <= r["storage"] <= 1 and 0 <= r["query"] <= 1
+    assert set(r["query_per_split"]) == {"validation"}
+    assert main(["eval", SMOL, "--registry", reg, "--facts", str(FACTS), "--split", "nope"]) == 2
+    assert "no fact has split 'nope'" in capsys.readouterr().err
 
 
 def test_recall_analysis_on_smollm2(smollm2, tmp_path, capsys):

@@ -5,7 +5,9 @@ output moves. Here the source is the SOURCE_FORMAT prompt of fact A and the base
 fact B of the same relation (--mode cross_fact), or of A itself (--mode same_fact); positions are matched by role
 (subject, relation, final = the token before the answer), since the formats differ in length. The metric is read at
 the base's answer position: logit_diff = logit(A's value) - logit(B's value), hit = the base now answers A's
-value, logprob / prob / rank of A's value.
+value, logprob / prob / rank of A's value (first answer token); answer_logprob = log P(A's whole value, every token,
+teacher-forced) and answer_match = every token of A's value is the argmax (the default with --facts: BPE answers are
+often several tokens).
 
 With --corruption noise the experiment is ROME's causal tracing instead: base = the BASE_FORMAT prompts with noise
 (3 x embedding std) on the subject tokens, source = the same prompts clean; --granularity position then sweeps every
@@ -67,7 +69,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sites", nargs="+", choices=SITES, default=["resid_pre"], help="activation sites")
     ap.add_argument("--layers", nargs="+", type=int, default=None, help="layers to patch (default: every layer)")
     ap.add_argument("--granularity", choices=["role", "position"], default="role", help="position needs --corruption")
-    ap.add_argument("--metric", choices=sorted(METRICS), default="logit_diff")
+    ap.add_argument("--metric", choices=sorted(METRICS), default=None,
+                    help="default: answer_logprob (the whole answer, teacher-forced) with --facts, else logit_diff "
+                         "(first answer token, A's value - B's value); answer_match = every answer token is the argmax")  # fmt: skip
     ap.add_argument("--backend", choices=BACKENDS, default="hf")
     ap.add_argument("--corruption", choices=["none", "noise"], default="none")
     ap.add_argument("--seed", type=int, default=0)
@@ -100,6 +104,8 @@ def _check(args) -> None:
         args.facts, args.split = None, args.facts
     if args.count < 1:
         raise ValueError(f"--count {args.count}: need at least one pair")
+    if args.metric is None:
+        args.metric = "answer_logprob" if args.facts is not None else "logit_diff"
 
 
 def _facts(args, loaded, user):
@@ -119,10 +125,12 @@ def _facts(args, loaded, user):
 def run(args) -> dict:
     from mechrecall.arch import n_layers
     from mechrecall.loading import load_model
+    from mechrecall.patching.core import WHOLE_ANSWER_METRICS
     from mechrecall.report.consistency import unique_labels, user_facts
     from mechrecall.report.patching import patch_roles
 
     _check(args)
+    whole = args.metric in WHOLE_ANSWER_METRICS
     out = Path(args.out)
     user = user_facts(args.facts, args.split, None, formats=()) if args.facts is not None else None
     names = unique_labels(args.checkpoint)
@@ -148,17 +156,17 @@ def run(args) -> dict:
             facts.check_tokenization(loaded.tokenizer, roles, source_name)
         if args.corruption == "noise":
             examples = facts.examples(args.base_format, templates=[0])
-            base = fact_inputs(loaded.tokenizer, examples[: args.count], roles=roles)
+            base = fact_inputs(loaded.tokenizer, examples[: args.count], roles=roles, whole_answer=whole)
             source, corruption = base, GaussianNoise(3.0, seed=args.seed)
             if args.granularity == "position":  # positions are comparable only across prompts of one length
                 readout = base.readout.tolist()
                 common = max(set(readout), key=readout.count)
                 kept = [ex for ex, r in zip(examples[: args.count], readout) if r == common]
-                base = source = fact_inputs(loaded.tokenizer, kept, roles=roles).all_positions()
+                base = source = fact_inputs(loaded.tokenizer, kept, roles=roles, whole_answer=whole).all_positions()
         else:
             base, source, _ = fact_pairs(
                 facts, loaded.tokenizer, source_format=args.source_format, base_format=args.base_format,
-                mode=args.mode, n=args.count, seed=args.seed, roles=roles,
+                mode=args.mode, n=args.count, seed=args.seed, roles=roles, whole_answer=whole,
             )  # fmt: skip
             corruption = None
         model = _wrap(loaded, args.backend)

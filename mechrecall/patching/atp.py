@@ -23,6 +23,9 @@ from mechrecall.patching.core import (
     activation_patch,
     capture,
     get_metric,
+    metric_on,
+    n_read,
+    read_positions,
 )
 
 ATP_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -34,7 +37,10 @@ def attribution_patch(
     if site not in ATP_SITES:
         raise ValueError(f"attribution patching supports {ATP_SITES}, not {site!r}")
     fn = get_metric(metric)
-    src_acts, _, src_logits = capture(model, source.input_ids, site, readout=source.readout)
+    k_src = n_read([fn], source)
+    src_acts, _, src_logits = capture(
+        model, source.input_ids, site, readout=source.span(k_src) if k_src > 1 else source.readout
+    )
     dev = model_device(model)
     n_layers = arch.n_layers(model)
     acts: list = [None] * n_layers
@@ -53,7 +59,8 @@ def attribution_patch(
         with torch.enable_grad():
             logits = model(input_ids=base.input_ids.to(dev)).logits
             b = torch.arange(len(base), device=dev)
-            values = fn(logits[b, base.readout.to(dev)].float(), base.answer.to(dev), base.foil.to(dev))
+            span = base.span(n_read([fn], base)).to(dev)
+            values = metric_on(fn, read_positions(logits, b, span).float(), base)
             values.sum().backward()
     finally:
         for h in handles:
@@ -70,7 +77,7 @@ def attribution_patch(
         a = acts[i].detach()[rows, pos]
         g = acts[i].grad[rows, pos]
         est.append(((src - a).float() * g.float()).sum(-1).T.cpu())  # [n_pos, B]
-    (src_val,) = _metrics([fn], src_logits, source.answer, source.foil)
+    (src_val,) = _metrics([fn], src_logits, source)
     values = values.detach().cpu()
     labels = {"layer": list(range(len(acts))), "pos": base.pos_labels, "example": list(range(len(base)))}
     return PatchResult(

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from mechrecall import arch
-from mechrecall.patching.core import PatchInputs, PatchResult
+from mechrecall.patching.core import PatchInputs, PatchResult, metric_on, n_read, read_positions
 
 BACKEND_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 
@@ -44,7 +44,7 @@ def _tl_sweep(bridge, base, source, site, layers, fn):
             return act
 
         logits = bridge.run_with_hooks(base.input_ids[b_of], fwd_hooks=[(f"blocks.{L}.hook_{site}", hook)])
-        out[li] = fn(logits[rows, base.readout[b_of]], base.answer[b_of], base.foil[b_of]).view(n_pos, len(base))
+        out[li] = _read_metric(fn, logits, rows, base, b_of).view(n_pos, len(base))
     return out, base_logits, src_logits
 
 
@@ -83,7 +83,12 @@ class _NnSite:
 
 
 def _nn_logits(model):
+    """The unembedding's output inside a trace (soft-capped afterwards by :func:`_capped`, as the model's forward)."""
     return _envoy(model, arch.spec_of(model._module).unembed).output
+
+
+def _capped(model, logits: Tensor) -> Tensor:
+    return arch.softcap_logits(model._module, logits)
 
 
 @torch.no_grad()
@@ -104,8 +109,8 @@ def _nnsight_sweep(model, base, source, site, layers, fn):
         with model.trace(base.input_ids[b_of]):
             _NnSite(model, L, site).set(rows, tgt, val)
             logits = _nn_logits(model).save()
-        out[li] = fn(logits[rows, base.readout[b_of]], base.answer[b_of], base.foil[b_of]).view(n_pos, len(base))
-    return out, base_logits, src_logits
+        out[li] = _read_metric(fn, _capped(model, logits), rows, base, b_of).view(n_pos, len(base))
+    return out, _capped(model, base_logits), _capped(model, src_logits)
 
 
 def activation_patch_backend(
@@ -135,10 +140,16 @@ def activation_patch_backend(
     layers = list(range(n_layers)) if layers is None else [range(n_layers)[L] for L in layers]
     out, base_logits, src_logits = sweep(model, base, source, site, layers, metric)
     b = torch.arange(len(base))
-    base_val = metric(_t(base_logits)[b, base.readout], base.answer, base.foil)
-    src_val = metric(_t(src_logits)[b, source.readout], source.answer, source.foil)
+    base_val = _read_metric(metric, _t(base_logits), b, base, b)
+    src_val = _read_metric(metric, _t(src_logits), b, source, b)
     labels = {"layer": layers, "pos": base.pos_labels, "example": list(range(len(base)))}
     return PatchResult(out, ("layer", "pos", "example"), labels, base_val, src_val, site, metric_name)
+
+
+def _read_metric(fn, logits: Tensor, rows: Tensor, inputs: PatchInputs, b_of: Tensor) -> Tensor:
+    """``fn`` on full-forward ``logits [rows, pos, vocab]`` read at row ``b_of``'s readout (or answer span)."""
+    span = inputs.span(n_read([fn], inputs))[b_of]
+    return metric_on(fn, read_positions(logits, rows, span), inputs, b_of).cpu()
 
 
 def _t(x) -> Tensor:

@@ -16,8 +16,11 @@ B?\\nAnswer:"), the source the storage prompt of person A ("A was born in"); pos
 - **site**: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out`` (``[batch, pos, d_model]``) or
   ``head`` (one attention head's output before the attention output projection, ``[batch, pos, head, d_head]``);
 - **axes**: ``layer x pos`` (``pos`` = the named role positions given) or ``layer x head x pos`` for ``head``;
-- **metric**: a name from :data:`METRICS` (answer log-prob, logit difference answer - foil, rank, top-1 hit) or
-  any ``f(logits [rows, vocab], answer [rows], foil [rows]) -> [rows]``, read at each base row's ``readout`` position.
+- **metric**: a name from :data:`METRICS` or any ``f(logits [rows, vocab], answer [rows], foil [rows]) -> [rows]``,
+  read at each base row's ``readout`` position: first-token metrics (answer log-prob, logit difference answer -
+  foil, rank, top-1 hit), or whole-answer metrics (``answer_logprob``: the summed log-probability of every answer
+  token, teacher-forced; ``answer_match``: every answer token is the argmax), which read every answer-predicting
+  position of inputs built with ``whole_answer=True`` (:func:`register_metric` ``whole_answer=True`` for your own).
 
 The generic function is :func:`activation_patch`; a setter (:data:`SETTERS`) writes the source value for one site.
 Sweeps are batched: every (layer, variant, example) patch of a sweep is one row of a single ragged forward that
@@ -41,7 +44,7 @@ Everything runs on the model's device and dtype; metric values are computed in f
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
@@ -77,18 +80,46 @@ def _hit(logits, answer, foil):
     return (logits.argmax(-1) == answer).float()
 
 
+# Whole-answer metrics read the logits at every answer-predicting position (the answer teacher-forced after the
+# prompt): ``fn(logits [rows, n_answer, vocab], answer_ids [rows, n_answer], foil_ids) -> [rows]``, where
+# ``answer_ids`` is right-padded with -1. A multi-token answer ("Princeton, NJ") is then scored as a whole, not
+# by its first token only.
+def _answer_logprob(logits, answer_ids, foil_ids):
+    valid = answer_ids >= 0
+    lp = logits.log_softmax(-1).gather(2, answer_ids.clamp(min=0)[..., None])[..., 0]
+    return (lp * valid).sum(1)
+
+
+def _answer_match(logits, answer_ids, foil_ids):
+    return ((logits.argmax(-1) == answer_ids) | (answer_ids < 0)).all(1).float()
+
+
+_answer_logprob.whole_answer = _answer_match.whole_answer = True
+
 METRICS: dict[str, Metric] = {
     "logprob": _logprob,
     "prob": _prob,
     "logit_diff": _logit_diff,
     "rank": _rank,
     "hit": _hit,
+    "answer_logprob": _answer_logprob,
+    "answer_match": _answer_match,
 }
+WHOLE_ANSWER_METRICS = ("answer_logprob", "answer_match")
 
 
-def register_metric(name: str, fn: Metric) -> None:
-    """Add a metric ``fn(logits [rows, vocab], answer [rows], foil [rows]) -> [rows]`` under ``name``."""
+def register_metric(name: str, fn: Metric, *, whole_answer: bool = False) -> None:
+    """Add a metric under ``name``: ``fn(logits [rows, vocab], answer [rows], foil [rows]) -> [rows]`` read at the
+    readout, or with ``whole_answer=True`` ``fn(logits [rows, n_answer, vocab], answer_ids, foil_ids) -> [rows]``
+    read at every answer-predicting position (ids right-padded with -1)."""
+    if whole_answer:
+        fn.whole_answer = True
     METRICS[name] = fn
+
+
+def is_whole_answer(fn: Metric) -> bool:
+    """Whether ``fn`` reads the whole (teacher-forced) answer rather than the readout's next token."""
+    return bool(getattr(fn, "whole_answer", False))
 
 
 def get_metric(metric: str | Metric) -> Metric:
@@ -106,8 +137,10 @@ class PatchInputs:
 
     ``positions[b, j]`` is row ``b``'s token position for the ``j``-th named position (``pos_labels[j]``, e.g. a
     role); ``readout[b]`` the position whose next-token logits the metric reads (the last prompt token);
-    ``answer``/``foil`` the token ids the metric compares. Build them from facts with
-    :func:`mechrecall.patching.prompts.fact_inputs`.
+    ``answer``/``foil`` the token ids the metric compares. For whole-answer metrics, ``answer_ids`` /
+    ``foil_ids`` hold every answer token (right-padded with -1) and ``input_ids`` carries ``answer_ids``
+    teacher-forced after the readout, so answer token ``k`` is predicted at position ``readout + k``. Build them from
+    facts with :func:`mechrecall.patching.prompts.fact_inputs` (``whole_answer=True``).
     """
 
     input_ids: Int[Tensor, "batch pos"]
@@ -117,15 +150,57 @@ class PatchInputs:
     foil: Int[Tensor, " batch"]
     pos_labels: list[str]
     subject_positions: list[list[int]] = field(default_factory=list)  # every subject token (for corruption)
+    answer_ids: Int[Tensor, "batch n_answer"] | None = None
+    foil_ids: Int[Tensor, "batch n_answer_foil"] | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def all_positions(self) -> PatchInputs:
-        """The same prompts with every token position as a named position (for equal-length prompts)."""
-        T = self.input_ids.shape[1]
-        return PatchInputs(self.input_ids, torch.arange(T).expand(len(self), -1).clone(), self.readout, self.answer,
-                           self.foil, [str(i) for i in range(T)], self.subject_positions)  # fmt: skip
+        """The same prompts with every prompt position as a named position (for equal-length prompts)."""
+        T = int(self.readout.max()) + 1
+        return replace(
+            self, positions=torch.arange(T).expand(len(self), -1).clone(), pos_labels=[str(i) for i in range(T)]
+        )
+
+    def span(self, k: int) -> Int[Tensor, "batch k"]:
+        """The ``k`` positions read per row: ``readout .. readout + k - 1`` (the answer-predicting positions)."""
+        return (self.readout[:, None] + torch.arange(k)).clamp(max=self.input_ids.shape[1] - 1)
+
+
+def n_read(fns: Sequence[Metric], inputs: PatchInputs) -> int:
+    """Positions read per row: the whole answer's when a metric needs it, else the readout alone."""
+    if not any(is_whole_answer(f) for f in fns):
+        return 1
+    if inputs.answer_ids is None:
+        raise ValueError("a whole-answer metric needs inputs built with whole_answer=True (fact_inputs / fact_pairs)")
+    return inputs.answer_ids.shape[1]
+
+
+def read_positions(logits: Tensor, rows: Tensor, span: Tensor) -> Tensor:
+    """``logits [n, pos, vocab]`` at each row's ``span [n, k]`` positions: ``[n, k, vocab]``."""
+    if span.shape[1] == 1:
+        return logits[rows, span[:, 0]][:, None]
+    return logits[rows[:, None], span]
+
+
+def metric_on(fn: Metric, logits: Tensor, inputs: PatchInputs, idx: Tensor | None = None) -> Tensor:
+    """``fn`` on ``logits [rows, k, vocab]`` (or ``[rows, vocab]``) read for ``inputs``' rows ``idx`` (default: all)."""
+    if logits.dim() == 2:
+        logits = logits[:, None]
+    dev = logits.device
+
+    def rows(t: Tensor) -> Tensor:
+        return (t if idx is None else t[idx.to(t.device)]).to(dev)
+
+    if is_whole_answer(fn):
+        if inputs.answer_ids is None:
+            raise ValueError("a whole-answer metric needs inputs built with whole_answer=True")
+        a = rows(inputs.answer_ids)
+        return fn(
+            logits[:, : a.shape[1]], a, rows(inputs.foil_ids if inputs.foil_ids is not None else inputs.answer_ids)
+        )
+    return fn(logits[:, 0], rows(inputs.answer), rows(inputs.foil))
 
 
 @dataclass
@@ -209,11 +284,10 @@ def _first(x):
     return x[0] if isinstance(x, tuple) else x
 
 
-def _metrics(fns, logits: Tensor, answer: Tensor, foil: Tensor) -> list[Tensor]:
-    """Metric values in float32 on the CPU (logits may be bf16 on a GPU)."""
+def _metrics(fns, logits: Tensor, inputs: PatchInputs, idx: Tensor | None = None) -> list[Tensor]:
+    """Metric values in float32 on the CPU (logits may be bf16 on a GPU) for ``inputs``' rows ``idx``."""
     logits = logits.float()
-    answer, foil = answer.to(logits.device), foil.to(logits.device)
-    return [fn(logits, answer, foil).cpu() for fn in fns]
+    return [metric_on(fn, logits, inputs, idx).cpu() for fn in fns]
 
 
 @torch.no_grad()
@@ -228,8 +302,9 @@ def capture(
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """(site activation per layer, resid_pre per layer, logits) of one plain-HF forward, on the model's device.
 
-    Logits are ``[batch, pos, vocab]``, or ``[batch, vocab]`` at one ``readout`` position per row if given (the
-    unembedding of the other positions is skipped: with a large vocabulary it costs as much as several layers).
+    Logits are ``[batch, pos, vocab]``, or ``[batch, vocab]`` at one ``readout`` position per row if given, or
+    ``[batch, k, vocab]`` at a ``readout`` span ``[batch, k]`` (the unembedding of the other positions is skipped:
+    with a large vocabulary it costs as much as several layers).
     A list passed as ``kv`` receives every layer's (keys, values), for forwards that reuse the prefix.
     """
     dev = model_device(model)
@@ -251,7 +326,9 @@ def capture(
         else:
             res = arch.base_model(model)(input_ids=ids, use_cache=kv is not None)
             hidden = res.last_hidden_state  # after the final norm
-            logits = arch.normed_to_logits(model, hidden[torch.arange(hidden.shape[0], device=dev), readout.to(dev)])
+            rows = torch.arange(hidden.shape[0], device=dev)
+            at = hidden[rows, readout.to(dev)] if readout.dim() == 1 else read_positions(hidden, rows, readout.to(dev))
+            logits = arch.normed_to_logits(model, at)
             if kv is not None:
                 kv.extend((layer.keys, layer.values) for layer in res.past_key_values.layers)
     finally:
@@ -346,31 +423,33 @@ def _chunks(sizes: list[int], max_rows: int, max_tokens: int):
 
 @torch.no_grad()
 def _ragged_forward(
-    model, fast: list, rows: _Rows, site: str, base_pre: list[Tensor], base_kv: list, readout: Tensor
+    model, fast: list, rows: _Rows, site: str, base_pre: list[Tensor], base_kv: list, readout: Tensor, k: int = 1
 ) -> Tensor:
-    """Logits ``[rows, vocab]`` at each row's readout after its patch, computing only what the patch can change.
+    """Logits ``[rows, k, vocab]`` at each row's ``k`` positions from its readout on, after its patch, computing only
+    what the patch can change.
 
     A patch at (layer ``l``, position ``p``) leaves every position ``< p`` and every layer ``< l`` as in the base run
     (attention is causal), and positions after the readout cannot reach the metric. So each row contributes the
     tokens ``p..readout`` and enters the stack at layer ``l``; all rows' tokens are packed into one ``[tokens, d]``
     tensor (rows sorted by layer, so the tokens active at a layer are a prefix) and every layer runs one set of
     matrix products over the active tokens. Attention reads the base run's cached keys and values for the unchanged
-    prefix. At the last layer only the readout token's query, output and MLP are computed. ``fast`` holds the blocks'
-    modules (:func:`mechrecall.arch.fast_blocks`: the Llama form, with Qwen3's per-head q/k norms).
+    prefix. At the last layer only the read tokens' queries, outputs and MLPs are computed (``k`` per row: the
+    readout, then the teacher-forced answer tokens a whole-answer metric scores). ``fast`` holds the blocks' modules
+    (:func:`mechrecall.arch.fast_blocks`: the Llama form, with Qwen3's per-head q/k norms).
     """
     dev = base_pre[0].device
     rows = _Rows(rows.b.to(dev), rows.layer.to(dev), rows.pos.to(dev),
                  None if rows.head is None else rows.head.to(dev), rows.value)  # fmt: skip
     readout = readout.to(dev)
     n_layers, R = len(fast), len(rows.b)
-    end = readout[rows.b]
+    end = readout[rows.b] + k - 1  # the last position read
     n_tok = end - rows.pos + 1
     offsets = torch.cumsum(n_tok, 0) - n_tok
     N = int(n_tok.sum())
     row_of = torch.repeat_interleave(torch.arange(R, device=dev), n_tok)
     tok_pos = rows.pos[row_of] + torch.arange(N, device=dev) - offsets[row_of]
     tok_b = rows.b[row_of]
-    read_tok = offsets + n_tok - 1
+    read_tok = (offsets + n_tok - k)[:, None] + torch.arange(k, device=dev)  # [rows, k]: the read tokens
     T = int(end.max()) + 1
     dtype = base_pre[0].dtype
     cos, sin = arch.rotary_tables(model, base_pre[0][:1, :T], T)  # [T, d_head]
@@ -403,19 +482,21 @@ def _ragged_forward(
         h[n0:n1] = base_pre[li][tok_b[n0:n1], tok_pos[n0:n1]]
         hh, rr, pos = patch(h[:n1], "resid_pre", offsets[join]), row_of[:n1], tok_pos[:n1]
         x = blk.attn_norm(hh)
-        k = heads(blk.k, x, blk.k_norm, n1)
+        key = heads(blk.k, x, blk.k_norm, n1)
         v = blk.v(x).view(n1, -1, hd)
         c, s = cos[pos][:, None], sin[pos][:, None]
         K = base_kv[li][0][rows.b[:r1], :, :T]  # advanced indexing copies: the cache stays intact
         V = base_kv[li][1][rows.b[:r1], :, :T]
-        K[rr, :, pos], V[rr, :, pos] = k * c + arch.rotate_half(k) * s, v
-        if last:  # one query per row, at its readout; patches after attention here sit at the readout (see caller)
-            qt = read_tok[:r1]
-            q = heads(blk.q, x[qt], blk.q_norm, r1)
-            c, s = cos[end[:r1]][:, None], sin[end[:r1]][:, None]
-            q = (q * c + arch.rotate_half(q) * s)[:, :, None]  # [rows, heads, 1, d_head]
-            z = arch.eager_attention(blk, q, K, V, mask[end[:r1]][:, None, None])
-            z, hh, tok = z.reshape(r1, -1), hh[qt], join  # row layout: token i of these tensors is row i's readout
+        K[rr, :, pos], V[rr, :, pos] = key * c + arch.rotate_half(key) * s, v
+        if last:  # k queries per row, from its readout on; patches after attention here sit at the readout
+            qt = read_tok[:r1].reshape(-1)
+            qpos = (end[:r1, None] - k + 1 + torch.arange(k, device=dev)).reshape(-1)
+            q = heads(blk.q, x[qt], blk.q_norm, r1 * k)
+            c, s = cos[qpos][:, None], sin[qpos][:, None]
+            q = q * c + arch.rotate_half(q) * s
+            q = q[:, :, None] if k == 1 else q.view(r1, k, *q.shape[1:]).transpose(1, 2)  # [rows, heads, k, d_head]
+            z = arch.eager_attention(blk, q, K, V, mask[qpos].view(r1, 1, k, T))
+            z, hh, tok = z.reshape(r1 * k, -1), hh[qt], join * k  # row i's readout is token i * k of these tensors
         else:
             q = heads(blk.q, x, blk.q_norm, n1)
             Q = torch.zeros(r1, q.shape[1], T, hd, dtype=dtype, device=dev)
@@ -426,20 +507,20 @@ def _ragged_forward(
         mid = patch(hh + a, "resid_mid", tok)
         out = patch(mid + patch(blk.mlp(blk.mlp_norm(mid)), "mlp_out", tok), "resid_post", tok)
         if last:
-            return arch.resid_to_logits(model, out)
+            return arch.resid_to_logits(model, out).view(r1, k, -1)
         h[:n1] = out
         r0, n0 = r1, n1
     raise AssertionError("unreachable: the loop returns at the last layer")
 
 
 @torch.no_grad()
-def _hooked_forward(model, rows: _Rows, site: str, base: PatchInputs, embed_noise: Tensor | None) -> Tensor:
-    """Logits ``[rows, vocab]`` at each row's readout: one batched whole-prompt forward of the rows' base prompts,
+def _hooked_forward(model, rows: _Rows, site: str, base: PatchInputs, embed_noise: Tensor | None, k: int = 1) -> Tensor:
+    """Logits ``[rows, k, vocab]`` from each row's readout on: one batched whole-prompt forward of the rows' base prompts,
     a hook on each patched layer's site writing the row's value at its position (the exact path for every
     architecture). Rows are sorted by layer; each layer's hook touches only its own rows."""
     dev = model_device(model)
     ids = base.input_ids[rows.b].to(dev)
-    readout = base.readout[rows.b].to(dev)
+    span = base.span(k)[rows.b].to(dev)
     r_all = torch.arange(len(rows.b), device=dev)
     tgt = rows.pos.to(dev)
     handles = []
@@ -467,7 +548,7 @@ def _hooked_forward(model, rows: _Rows, site: str, base: PatchInputs, embed_nois
     finally:
         for hd in handles:
             hd.remove()
-    return arch.resid_to_logits(model, last[0][r_all, readout])
+    return arch.resid_to_logits(model, read_positions(last[0], r_all, span))
 
 
 def _check_inputs(base: PatchInputs, source: PatchInputs, site: str) -> None:
@@ -544,31 +625,34 @@ def activation_patch(
     fast = None if path == "hooked" else arch.fast_blocks(model, base.input_ids.shape[1])
     if path == "ragged" and fast is None:
         raise ValueError(f"the ragged path implements {', '.join(arch._FAST)} blocks, not {arch.spec_of(model).name}")
+    k = n_read(fns, base)
     noise = corruption.noise(model, base) if corruption is not None else None
     kv: list | None = [] if fast is not None else None
     base_acts, base_pre, base_logits = capture(
-        model, base.input_ids, site, embed_noise=noise, readout=base.readout, kv=kv
+        model, base.input_ids, site, embed_noise=noise, readout=base.readout if k == 1 else base.span(k), kv=kv
     )
-    src_acts, _, src_logits = capture(model, source.input_ids, site, readout=source.readout)
-    base_vals = _metrics(fns, base_logits, base.answer, base.foil)
-    src_vals = _metrics(fns, src_logits, source.answer, source.foil)
+    k_src = n_read(fns, source)
+    src_read = source.readout if k_src == 1 else source.span(k_src)
+    src_acts, _, src_logits = capture(model, source.input_ids, site, readout=src_read)
+    base_vals = _metrics(fns, base_logits, base)
+    src_vals = _metrics(fns, src_logits, source)
 
     sw = _sweep_table(base, source, site, layers, n_layers, n_heads, base_acts, src_acts, skip_identical)
     outs = [v[sw.b].clone() for v in base_vals]
     idx = torch.nonzero(sw.live)[:, 0]
     idx = idx[torch.argsort(sw.layer[idx] * base.input_ids.shape[1] + sw.tgt[idx], stable=True)]
     if fast is not None:  # each row costs its suffix tokens
-        sizes = (base.readout[sw.b[idx]] - sw.tgt[idx] + 1).tolist()
+        sizes = (base.readout[sw.b[idx]] - sw.tgt[idx] + k).tolist()
     else:  # each row is a whole prompt
         sizes = [base.input_ids.shape[1]] * len(idx)
-    for start, stop in _chunks(sizes, max_rows, max_tokens):
+    for start, stop in _chunks(sizes, max(1, max_rows // k), max_tokens):  # k logit rows per patch
         c = idx[start:stop]
         rows = sw.rows(c)
         if fast is not None:
-            logits = _ragged_forward(model, fast, rows, site, base_pre, kv, base.readout)
+            logits = _ragged_forward(model, fast, rows, site, base_pre, kv, base.readout, k)
         else:
-            logits = _hooked_forward(model, rows, site, base, noise)
-        for out, v in zip(outs, _metrics(fns, logits, base.answer[sw.b[c]], base.foil[sw.b[c]])):
+            logits = _hooked_forward(model, rows, site, base, noise, k)
+        for out, v in zip(outs, _metrics(fns, logits, base, sw.b[c])):
             out[c] = v
     shape, axes, labels = _result_axes(site, layers, n_heads, base)
     results = {

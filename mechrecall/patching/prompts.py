@@ -36,28 +36,58 @@ def _encode(tokenizer, ex: Example, roles: Sequence[str]):
     return enc, positions
 
 
+def _padded(seqs: Sequence[Sequence[int]], fill: int) -> torch.Tensor:
+    out = torch.full((len(seqs), max(len(q) for q in seqs)), fill, dtype=torch.long)
+    for i, q in enumerate(seqs):
+        out[i, : len(q)] = torch.tensor(list(q), dtype=torch.long)
+    return out
+
+
 def fact_inputs(
-    tokenizer, examples: Sequence[Example], *, roles: Sequence[str] = DEFAULT_ROLES, foils: Sequence[int] | None = None
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    roles: Sequence[str] = DEFAULT_ROLES,
+    foils: Sequence[int] | None = None,
+    whole_answer: bool = False,
+    answers: Sequence[Sequence[int]] | None = None,
+    foil_answers: Sequence[Sequence[int]] | None = None,
 ) -> PatchInputs:
-    """:class:`PatchInputs` for ``examples`` (answer = each example's first answer token; ``foils`` token ids)."""
+    """:class:`PatchInputs` for ``examples`` (answer = each example's first answer token; ``foils`` token ids).
+
+    ``whole_answer=True`` also fills ``answer_ids`` / ``foil_ids`` for the whole-answer metrics and appends the
+    answer to each prompt, teacher-forced: each example's own answer tokens, or ``answers[i]`` (e.g. another fact's
+    answer, for cross-fact patching); ``foil_answers`` default to the same.
+    """
     if not examples:
         raise ValueError("no examples to patch")
     encs = [_encode(tokenizer, ex, roles) for ex in examples]
-    width = max(e.prompt_len for e, _ in encs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(encs), width), pad, dtype=torch.long)
-    for i, (e, _) in enumerate(encs):
-        ids[i, : e.prompt_len] = torch.tensor(e.input_ids[: e.prompt_len])
+    prompts = [e.input_ids[: e.prompt_len] for e, _ in encs]
     answer = torch.tensor([e.input_ids[e.prompt_len] for e, _ in encs])
+    extra: dict = {}
+    if whole_answer:
+        full = [_answer_tokens(e) for e, _ in encs] if answers is None else [list(a) for a in answers]
+        if len(full) != len(encs) or any(not a for a in full):
+            raise ValueError("answers: need one non-empty token list per example")
+        extra["answer_ids"] = _padded(full, -1)
+        extra["foil_ids"] = extra["answer_ids"].clone() if foil_answers is None else _padded(foil_answers, -1)
+        prompts = [(*p, *a) for p, a in zip(prompts, full)]  # teacher-forced: token k is read at readout + k
     return PatchInputs(
-        input_ids=ids,
+        input_ids=_padded(prompts, pad),
         positions=torch.tensor([p for _, p in encs], dtype=torch.long),
         readout=torch.tensor([e.prompt_len - 1 for e, _ in encs]),
         answer=answer,
         foil=answer.clone() if foils is None else torch.as_tensor(foils, dtype=torch.long),
         pos_labels=list(roles),
         subject_positions=[list(e.roles["subject"]) for e, _ in encs],
+        **extra,
     )
+
+
+def _answer_tokens(enc) -> list[int]:
+    """The answer's token ids as the example's own text tokenizes them (no end-of-text)."""
+    return [enc.input_ids[i] for i in enc.roles["answer"]]
 
 
 def _first_answer_token(tokenizer, ex: Example) -> int:
@@ -76,12 +106,15 @@ def fact_pairs(
     n: int | None = None,
     roles: Sequence[str] = DEFAULT_ROLES,
     seed: int = 0,
+    whole_answer: bool = False,
 ) -> tuple[PatchInputs, PatchInputs, list[dict]]:
     """(base, source, rows) for patching ``source_format`` prompts into ``base_format`` prompts of ``facts``.
 
     Facts are paired within each relation (``relations``: default all, in order of first appearance), by a seeded
     fixed-point-free shuffle; each side uses the fact's first text of its format. ``rows`` describes each pair
-    (source fact, base fact, relation) for the results table.
+    (source fact, base fact, relation) for the results table. ``whole_answer=True`` adds the whole answers for the
+    whole-answer metrics: the base prompt is followed by the *source* fact's answer (as the base format tokenizes
+    it), which a successful patch makes likely; its foil is the base fact's own answer.
     """
     if mode not in ("cross_fact", "same_fact"):
         raise ValueError(f"unknown pairing mode {mode!r}; expected 'cross_fact' or 'same_fact'")
@@ -89,7 +122,7 @@ def fact_pairs(
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     rng = random.Random(seed)
-    src_ex, base_ex, answers, foils, rows = [], [], [], [], []
+    src_ex, base_ex, answers, foils, rows, whole, whole_foil = [], [], [], [], [], [], []
     for relation in facts.relations if relations is None else relations:
         group = [f for f in facts if f.relation == relation and f.texts(source_format) and f.texts(base_format)]
         if len(group) < 2:
@@ -107,6 +140,9 @@ def fact_pairs(
             base_ex.append(t)
             answers.append(ans_a)
             foils.append(ans_b)
+            if whole_answer:
+                whole.append(_answer_tokens(encode_example(tokenizer, a.texts(base_format)[0])))
+                whole_foil.append(_answer_tokens(encode_example(tokenizer, b.texts(base_format)[0])))
             rows.append({"source_fact": a.id, "base_fact": a.id if mode == "same_fact" else b.id, "relation": relation})
     if not rows:
         raise ValueError("no pair of facts has answers that differ in their first token")
@@ -116,7 +152,11 @@ def fact_pairs(
     keep = sorted(keep)
     src_ex, base_ex = [src_ex[i] for i in keep], [base_ex[i] for i in keep]
     answers, foils, rows = [answers[i] for i in keep], [foils[i] for i in keep], [rows[i] for i in keep]
-    source = fact_inputs(tokenizer, src_ex, roles=roles, foils=foils)
-    base = fact_inputs(tokenizer, base_ex, roles=roles, foils=foils)
+    source = fact_inputs(tokenizer, src_ex, roles=roles, foils=foils, whole_answer=whole_answer)
+    base = fact_inputs(
+        tokenizer, base_ex, roles=roles, foils=foils, whole_answer=whole_answer,
+        answers=[whole[i] for i in keep] if whole_answer else None,
+        foil_answers=[whole_foil[i] for i in keep] if whole_answer else None,
+    )  # fmt: skip
     base.answer = torch.tensor(answers)  # the source's fact is what a successful patch makes the base say
     return base, source, rows

@@ -52,6 +52,7 @@ def run(
     registry: str | Path | None = None,
     n_people: int = 200,
     grad_facts: int = 240,
+    grad_batch: int = 16,
     labels: Sequence[str] | None = None,
     facts=None,
     split: str | None = None,
@@ -93,7 +94,7 @@ def run(
         models[label] = done[id(loaded)] = {
             "source": source,
             "backend_parity_max_abs_logit_diff": parity_diff,
-            **measure(loaded.model, loaded.tokenizer, these, grad_facts=grad_facts),
+            **measure(loaded.model, loaded.tokenizer, these, grad_facts=grad_facts, grad_batch=grad_batch),
         }
     if fs is None:
         result = {"people": "heldout", "n_people": n_people}

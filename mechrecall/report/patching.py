@@ -67,21 +67,23 @@ def patching_one(
     sites=SITES,
     layers=None,
     roles=None,
+    whole_answer: bool = False,
 ) -> dict:
     """Cross-format patching on ``facts`` (a :class:`FactSet`; a lab dataset: its first ``n_people`` held-out people),
     at ``sites`` x ``layers`` (default: every layer) x ``roles`` (default: those every text has), then AtP (checked
-    against the ``attn_out`` sweep when it ran) and noise tracing on the facts' query prompts."""
+    against the ``attn_out`` sweep when it ran) and noise tracing on the facts' query prompts. ``whole_answer``
+    adds the whole-answer metrics (``answer_logprob`` of the source fact's whole answer, ``answer_match``: every
+    answer token is the argmax) to the first-token ones, from the same forwards."""
     if not isinstance(facts, FactSet):  # a lab dataset
         facts = facts.factset(facts.pids("heldout")[:n_people])
     roles = patch_roles(facts) if roles is None else tuple(roles)
     base, source, rows = fact_pairs(facts, tokenizer, source_format="storage", base_format="query", n=n_pairs,
-                                    seed=seed, roles=roles)  # fmt: skip
+                                    seed=seed, roles=roles, whole_answer=whole_answer)  # fmt: skip
     out: dict = {"n_pairs": len(rows), "pairs": rows, "sites": {}}
     sweeps: dict = {}
+    metrics = ["logit_diff", "hit", *(("answer_logprob", "answer_match") if whole_answer else ())]
     for site in sites:
-        sweeps[site] = activation_patch(
-            model, base, source, site=site, layers=layers, metric=["logit_diff", "hit"]
-        )  # same forwards; fmt: skip
+        sweeps[site] = activation_patch(model, base, source, site=site, layers=layers, metric=metrics)  # same forwards
         ld, hit = sweeps[site]["logit_diff"], sweeps[site]["hit"]
         out["sites"][site] = {
             "logit_diff": _summ(ld),
@@ -90,6 +92,15 @@ def patching_one(
             "hit_rate_base": float(hit.base.mean()),
             "per_example_logit_diff": ld.values.tolist(),
         }
+        if whole_answer:
+            lp, match = sweeps[site]["answer_logprob"], sweeps[site]["answer_match"]
+            out["sites"][site] |= {
+                "answer_logprob": _summ(lp),
+                "answer_logprob_base": float(lp.base.mean()),
+                "answer_logprob_source": float(lp.source.mean()),
+                "answer_match_rate": match.mean().tolist(),
+                "answer_match_rate_base": float(match.base.mean()),
+            }
     if "attn_out" in sweeps:
         atp = attribution_patch(model, base, source, site="attn_out")
         out["atp_check_attn_out"] = check_attribution(_layers_of(atp, layers), sweeps["attn_out"]["logit_diff"])
@@ -164,7 +175,7 @@ def run_patching(
             these = fs.check_tokenization(lm.tokenizer, patch_roles(fs), src)
         if id(lm) not in done:
             done[id(lm)] = patching_one(lm.model, lm.tokenizer, these, n_people=n_people, n_pairs=n_pairs, sites=sites,
-                                        layers=layers)  # fmt: skip
+                                        layers=layers, whole_answer=fs is not None)  # fmt: skip
         result[label] = {"source": src, **done[id(lm)]}
     atomic_write_json(out / "patching.json", result)
     atomic_write_text(out / "patching.html", html(patching_figures(result), "mechrecall patching"))
