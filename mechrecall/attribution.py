@@ -44,6 +44,20 @@ from mechrecall.devices import model_device, to_cpu
 from mechrecall.facts import Example
 from mechrecall.patching.prompts import fact_inputs
 
+__all__ = [
+    "ROLES",
+    "RoleInputs",
+    "role_inputs",
+    "baseline_embeds",
+    "IGResult",
+    "integrated_gradients",
+    "gradient_x_input",
+    "occlusion_by_role",
+    "role_shares",
+    "attribute",
+    "to_dataframe",
+]
+
 ROLES = ("subject", "relation", "answer_preceding", "subject_elsewhere", "other_context")
 
 

@@ -44,6 +44,18 @@ from mechrecall.facts import Example
 from mechrecall.io import atomic_write_json
 from mechrecall.tokenization import EncodedExample, collate_examples, encode_example
 
+__all__ = [
+    "SITES",
+    "DEFAULT_ROLES",
+    "role_positions",
+    "default_sites",
+    "residuals_hf",
+    "residuals_tl",
+    "residuals_nnsight",
+    "ResidualCache",
+    "cache_residuals",
+]
+
 SITES = ("resid_pre", "resid_mid", "resid_post")
 DEFAULT_ROLES = ("subject", "relation", "final")
 

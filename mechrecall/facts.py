@@ -76,6 +76,23 @@ from typing import Literal
 
 from mechrecall.io import atomic_write_text
 
+__all__ = [
+    "Format",
+    "FORMATS",
+    "ROLES",
+    "CharSpan",
+    "FIELDS",
+    "TEXT_FIELDS",
+    "FactFormatError",
+    "Example",
+    "Fact",
+    "FactSet",
+    "fact_from_record",
+    "facts_from_records",
+    "load_facts",
+    "example_record",
+]
+
 Format = Literal["storage", "query"]
 FORMATS: tuple[Format, ...] = ("storage", "query")
 ROLES: tuple[str, ...] = ("subject", "relation", "cue", "answer")

@@ -33,6 +33,18 @@ from mechrecall.devices import model_device, to_cpu
 from mechrecall.facts import Example
 from mechrecall.tokenization import collate_examples, encode_example
 
+__all__ = [
+    "ParamFilter",
+    "select_params",
+    "answer_batch",
+    "per_example_grads",
+    "per_example_grads_loop",
+    "flatten",
+    "Projection",
+    "GradientStats",
+    "gradient_stats",
+]
+
 ParamFilter = Callable[[str], bool]
 
 

@@ -31,6 +31,17 @@ from mechrecall.facts import FactSet
 from mechrecall.masks import Mask, mask_count, random_mask_like
 from mechrecall.recall import recall
 
+__all__ = [
+    "StateDict",
+    "ABLATIONS",
+    "ablate",
+    "graft",
+    "state_of",
+    "loaded",
+    "recall_under",
+    "with_random_controls",
+]
+
 StateDict = Mapping[str, Tensor]
 ABLATIONS = ("base", "zero", "mean")
 

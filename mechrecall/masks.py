@@ -39,6 +39,31 @@ from torch import Tensor
 
 from mechrecall import arch
 
+__all__ = [
+    "Mask",
+    "Importance",
+    "ModelOrConfig",
+    "block_matrices",
+    "topk_mask",
+    "mask_and",
+    "mask_or",
+    "mask_not",
+    "mask_minus",
+    "mask_count",
+    "mask_size",
+    "mask_fraction",
+    "jaccard",
+    "random_overlap",
+    "random_mask_like",
+    "localize",
+    "gini",
+    "top_share",
+    "MaskComparison",
+    "posthoc_importance",
+    "update_importance",
+    "masked_cosines",
+]
+
 Mask = dict[str, Bool[Tensor, "..."]]
 Importance = Mapping[str, Float[Tensor, "..."]]
 ModelOrConfig = Any  # a *ForCausalLM or its PreTrainedConfig (what mechrecall.arch accepts)

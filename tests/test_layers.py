@@ -61,3 +61,46 @@ INTERNALS = re.compile(
 def test_only_the_architecture_layer_names_model_internals(path):
     hits = [f"{i}: {line.strip()}" for i, line in enumerate(path.read_text().splitlines(), 1) if INTERNALS.search(line)]
     assert not hits, f"{path.relative_to(PKG)} reaches into model internals:\n" + "\n".join(hits)
+
+
+# ------------------------------------------------------------------------------------------------ public API
+ROOT = PKG.parent
+TOOLKIT_MODULES = sorted(
+    ".".join(("mechrecall", *p.relative_to(PKG).with_suffix("").parts)).removesuffix(".__init__")
+    for p in TOOLKIT
+    if p.name != "__init__.py" or p.parent != PKG
+)
+
+
+@pytest.mark.parametrize("module", TOOLKIT_MODULES)
+def test_every_toolkit_module_says_what_is_public(module):
+    import importlib
+
+    mod = importlib.import_module(module)
+    assert hasattr(mod, "__all__"), f"{module} has no __all__"
+    assert [n for n in mod.__all__ if not hasattr(mod, n)] == [], f"{module}.__all__ names what it does not define"
+
+
+def _user_code() -> list[tuple[str, str]]:
+    """(where, source) of the analyses/ scripts and the notebooks' code cells: the toolkit's users in this repo."""
+    import json
+
+    out = [(str(p.relative_to(ROOT)), p.read_text()) for p in sorted((ROOT / "analyses").glob("*.py"))]
+    for nb in sorted((ROOT / "examples").glob("*.ipynb")):
+        cells = json.loads(nb.read_text())["cells"]
+        code = [c for c in cells if c["cell_type"] == "code"]
+        out += [(f"{nb.name} cell {i}", "".join(c["source"])) for i, c in enumerate(code)]
+    return out
+
+
+def test_analyses_and_notebooks_import_only_public_toolkit_names():
+    import importlib
+
+    public = {m: set(importlib.import_module(m).__all__) for m in TOOLKIT_MODULES}
+    bad = []
+    for where, src in _user_code():
+        src = "\n".join(line for line in src.splitlines() if not line.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.ImportFrom) and node.module in public:
+                bad += [f"{where}: {node.module}.{a.name}" for a in node.names if a.name not in public[node.module]]
+    assert bad == []

@@ -28,6 +28,13 @@ from mechrecall.patching.core import (
     read_positions,
 )
 
+__all__ = [
+    "ATP_SITES",
+    "attribution_patch",
+    "check_attribution",
+    "validate_top_k",
+]
+
 ATP_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
 

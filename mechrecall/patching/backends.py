@@ -16,6 +16,11 @@ from torch import Tensor
 from mechrecall import arch
 from mechrecall.patching.core import PatchInputs, PatchResult, metric_on, n_read, read_positions
 
+__all__ = [
+    "BACKEND_SITES",
+    "activation_patch_backend",
+]
+
 BACKEND_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 
 

@@ -54,6 +54,29 @@ from torch import Tensor
 from mechrecall import arch
 from mechrecall.devices import model_device
 
+__all__ = [
+    "RESID_SITES",
+    "SITES",
+    "Metric",
+    "METRICS",
+    "WHOLE_ANSWER_METRICS",
+    "register_metric",
+    "is_whole_answer",
+    "get_metric",
+    "PatchInputs",
+    "n_read",
+    "read_positions",
+    "metric_on",
+    "GaussianNoise",
+    "PatchResult",
+    "set_resid",
+    "set_head",
+    "SETTERS",
+    "capture",
+    "activation_patch",
+    "full_patch_logits",
+]
+
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 SITES = (*RESID_SITES, "head")
 Metric = Callable[[Tensor, Tensor, Tensor], Tensor]

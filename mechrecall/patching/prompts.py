@@ -24,6 +24,13 @@ from mechrecall.facts import FORMATS, Example, FactSet
 from mechrecall.patching.core import PatchInputs
 from mechrecall.tokenization import RoleAlignmentError, encode_example
 
+__all__ = [
+    "FORMATS",
+    "DEFAULT_ROLES",
+    "fact_inputs",
+    "fact_pairs",
+]
+
 DEFAULT_ROLES = ("subject", "relation", "final")
 
 
