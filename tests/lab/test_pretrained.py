@@ -1,0 +1,108 @@
+"""Both regimes from a pretrained base (``model.source``): any architecture, its own (BPE) tokenizer, resumable.
+
+The base here is a tiny random model of a real architecture saved as a ``save_pretrained`` folder with a byte-level
+BPE tokenizer trained on the lab's texts (multi-token names and values, no padding token): the same code path as
+SmolLM2 or Pythia, at test size.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from mechrecall.lab.bios import generate
+from mechrecall.lab.config import get_preset
+from mechrecall.lab.train import train
+from mechrecall.loading import load_model
+from tests.tiny_models import tiny_model
+
+TINY = [
+    "data.n_people=12",
+    "data.name_style=multi_token",
+    "mixed.steps=6",
+    "mixed.eval_every=3",
+    "mixed.batch_storage=4",
+    "mixed.batch_query=4",
+    "save_every=4",
+    "two_stage.stage1.steps=4",
+    "two_stage.stage1.batch_storage=4",
+    "two_stage.stage2.steps=4",
+    "two_stage.stage2.batch_query=4",
+    "two_stage.stage2.eval_every=2",
+    "two_stage.stage2.stop_at_trained_qa=null",
+]
+
+
+def _bpe(texts) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    trainer = trainers.BpeTrainer(vocab_size=480, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module", params=["gpt_neox", "qwen2"])
+def base(request, tmp_path_factory):
+    """A pretrained-base folder: tiny ``arch`` model + BPE tokenizer (no pad token), and the preset overrides."""
+    preset = get_preset("micro", TINY)
+    ds = generate(preset.data.spec(), preset.seed)
+    tok = _bpe([d for d in ds.documents()] + [ex.text for ex in ds.query_examples()])
+    assert tok.pad_token_id is None and len(tok) <= 512
+    folder = tmp_path_factory.mktemp(f"base_{request.param}")
+    tiny_model(request.param, vocab_size=512).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return request.param, folder, [*TINY, f"model.source={folder}"]
+
+
+@pytest.mark.parametrize("regime", ["two_stage", "mixed"])
+def test_both_regimes_train_from_a_pretrained_base_with_its_own_tokenizer(base, regime, tmp_path):
+    name, folder, overrides = base
+    preset = get_preset("micro", overrides)
+    meta = train(preset, regime, tmp_path, progress=False)
+    start = load_file(folder / "model.safetensors")
+    data_base = load_file(tmp_path / "data" / "base" / "model.safetensors")
+    final = load_file(tmp_path / regime / "final" / "model.safetensors")
+    assert data_base.keys() == start.keys() and all(torch.equal(data_base[k], start[k]) for k in start)
+    assert any(not torch.equal(final[k], start[k]) for k in start)  # it trained the pretrained weights
+    loaded = load_model(str(tmp_path / regime / "final"))
+    assert loaded.model.config.model_type == name
+    assert loaded.tokenizer.pad_token == "<|endoftext|>" and len(loaded.tokenizer) == len(
+        PreTrainedTokenizerFast.from_pretrained(folder)
+    )
+    m = meta["metrics"]
+    assert all(0 <= m[k] <= 1 for k in ("heldout_qa", "trained_qa", "storage"))
+    assert meta["config"]["model"]["source"] == str(folder)
+    from mechrecall.lab.trace import GradientTrace
+
+    trace = GradientTrace.load(tmp_path / regime / "final")
+    fmt = "query" if regime == "two_stage" else "storage"
+    names = {n for n, _ in loaded.model.named_parameters()}  # (a file may store legacy names: GPT-NeoX embed_out)
+    assert set(trace.sums["abs_grad"][fmt]) == names  # per-format importance under the base's HF names
+
+
+def test_a_pretrained_run_resumes_exactly(base, tmp_path):
+    _, _, overrides = base
+    preset = get_preset("micro", overrides)
+    train(preset, "mixed", tmp_path / "full", progress=False)
+    assert train(preset, "mixed", tmp_path / "cut", progress=False, stop_after=5) == {"interrupted_at": 5}
+    train(preset, "mixed", tmp_path / "cut", progress=False)
+    a = load_file(tmp_path / "full" / "mixed" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "mixed" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_tokenizer_that_cannot_place_the_roles_fails_in_one_line(tmp_path):
+    """A tokenizer whose one token spans prompt and answer (no pre-tokenizer: a whole text is one word): one error
+    naming the fact, the text and the base, and nothing written."""
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<|endoftext|>": 1}, unk_token="<unk>"))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
+    folder = tmp_path / "base"
+    tiny_model("llama", vocab_size=512).save_pretrained(folder)
+    hf.save_pretrained(folder)
+    with pytest.raises(ValueError, match=rf"fact '0/\w+', storage\[0\] with the tokenizer of {folder}: .*straddles"):
+        train(get_preset("micro", [*TINY, f"model.source={folder}"]), "mixed", tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "data" / "base").exists()
