@@ -1,0 +1,108 @@
+"""Training throughput: tokens per second of the trainer's optimizer step, against this machine's matmul rate.
+
+    .venv/bin/python benchmarks/train_throughput.py [--model lab smollm2] [--steps 6] [--device cpu]
+
+For each model, times the lab trainer's own step (``mechrecall.lab.train._optimizer_step``: one storage and one query
+batch of the micro dataset, each format back-propagated separately for the gradient trace, AdamW) after a warm-up
+step, with the trace on and off. Reports tokens per second (every position of the padded batches, and the scored ones)
+and the model-FLOP utilisation: ``6 x parameters x tokens / s`` (forward + backward of the matrix products; attention
+scores left out) over the rate of a large float32 matrix multiply measured in the same run on the same device
+(``torch.mm`` of two 2048 x 2048 matrices). On a GPU the same script measures there (``--device cuda``, ``--dtype``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of an ``n x n`` matrix product on ``device`` (median of ``repeats``)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        t = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times[1:])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _run(model, tokenizer, device, steps: int, batch: int, trace: bool) -> dict:
+    from mechrecall.lab.bios import generate
+    from mechrecall.lab.config import get_preset
+    from mechrecall.lab.trace import GradientTrace
+    from mechrecall.lab.train import StageConfig, TrainingData, _optimizer_step, _Run, _step_batches
+
+    preset = get_preset("micro")
+    ds = generate(preset.data.spec(), 0)
+    data = TrainingData.build(ds, tokenizer)
+    cfg = StageConfig(steps=steps + 1, lr=1e-4, batch_storage=batch, batch_query=batch)
+    run = _Run(preset, "mixed", Path("."), ds, tokenizer, data, model, {"global_step": 0}, 0.0,
+               GradientTrace() if trace else None)  # fmt: skip
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    model.train()
+    seconds, tokens, scored = [], 0, 0
+    for step in range(steps + 1):
+        batches = {f: b.to(device) for f, b in _step_batches(run, cfg, 0, step).items()}
+        _sync(device)
+        t = time.perf_counter()
+        _optimizer_step(run, opt, cfg, "mixed", step, batches, ())
+        _sync(device)
+        if step:  # the first step warms up allocators and kernels
+            seconds.append(time.perf_counter() - t)
+            tokens += sum(b.input_ids.numel() for b in batches.values())
+            scored += sum(int((b.labels != -100).sum()) for b in batches.values())
+    total = sum(seconds)
+    return {"steps": steps, "seconds": total, "tokens_per_s": tokens / total, "scored_tokens_per_s": scored / total}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", nargs="+", default=["lab", "smollm2"], choices=["lab", "smollm2", "pythia-70m-shape"])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=16, help="rows per format per step")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    args = ap.parse_args()
+    from _models import get
+
+    from mechrecall.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    peak = matmul_rate(device, dtype)
+    out = {"device": str(device), "dtype": str(dtype), "threads": torch.get_num_threads(), "matmul_flops": peak}
+    for name in args.model:
+        lm = get(name)
+        if lm.tokenizer.pad_token_id is None:
+            lm.tokenizer.pad_token = lm.tokenizer.eos_token
+        model = lm.model.to(device, dtype)
+        n_params = sum(p.numel() for p in model.parameters())
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        rows = {}
+        for trace in (False, True):
+            model.load_state_dict(state)
+            r = _run(model, lm.tokenizer, device, args.steps, args.batch, trace)
+            r["mfu"] = 6 * n_params * r["tokens_per_s"] / peak
+            rows["traced" if trace else "untraced"] = r
+        out[name] = {"parameters": n_params, **rows}
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
