@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from mechrecall.lab.reproduce import reproduce
+    from mechrecall.lab.train import training_device_kwargs
 
     out = args.out or f"runs/{args.preset}"
     results = reproduce(
@@ -32,6 +33,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         registry=args.registry,
         progress=not args.quiet,
         analyses=not args.no_analyses,
+        training=training_device_kwargs(args),
     )
     from mechrecall.lab.reproduce import markdown_table
 
@@ -126,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--quiet", action="store_true")
     rp.add_argument("--no-analyses", action="store_true", help="train and evaluate only (no analyses, no report)")
+    from mechrecall.lab.train import add_training_device_args
+
+    add_training_device_args(rp)
     rp.set_defaults(func=_cmd_reproduce)
     ev = sub.add_parser("eval", help="exact-match recall of one checkpoint")
     ev.add_argument("checkpoint")

@@ -158,3 +158,20 @@ def test_whole_answer_metric_needs_whole_answer_inputs(pair):
     model = tiny_model("llama", vocab_size=512)
     with pytest.raises(ValueError, match="whole_answer=True"):
         activation_patch(model, *pair, metric="answer_logprob")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_neox"])
+def test_whole_answer_rows_with_a_long_prompt_and_a_short_answer(name, pair):
+    """Inputs only as wide as their longest prompt + answer (the longest answer after a short prompt): every row
+    still reads its own answer, on the ragged path too."""
+    model = tiny_model(name, vocab_size=512)
+    base = _with_answers(pair[0], (1, 3, 2, 1), seed=7)  # readouts 8, 6, 7, 8
+    width = int((base.readout + 1 + (base.answer_ids >= 0).sum(1)).max())
+    base.input_ids = base.input_ids[:, :width]
+    assert width < int(base.readout.max()) + base.answer_ids.shape[1]
+    source = _with_answers(pair[1], (2, 2, 1, 3), seed=8)
+    r = activation_patch(model, base, source, site="resid_pre", metric="answer_logprob")
+    for L in range(arch.n_layers(model)):
+        for j in range(base.positions.shape[1]):
+            ref = reference_patch(model, base, source, "resid_pre", L, j, metric="answer_logprob")
+            assert torch.allclose(r.values[L, j], ref, atol=5e-5), (name, L, j)

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from mechrecall.devices import model_device
 from mechrecall.facts import Example
 from mechrecall.lab.bios import ATTRIBUTES, SPLITS, Biography, FactDataset, Split
 from mechrecall.recall import correct_answers, exact_match, row_chunks
@@ -89,7 +90,7 @@ def storage_recall(
     correct, person_ids, attributes = [], [], []
     for rows in row_chunks(len(batch), batch_size):
         sub = batch.index(rows)
-        hits = correct_answers(model, sub)
+        hits = correct_answers(model, sub.to(model_device(model))).cpu()
         for r, row in enumerate(rows.tolist()):
             for attribute in ATTRIBUTES:
                 correct.append(bool(hits[r, encoded[row][1][attribute]].all()))

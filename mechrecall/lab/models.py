@@ -43,7 +43,8 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int) -> LlamaForCausalLM:
 def pretrained_base(source: str, dataset, *, registry=None) -> tuple[torch.nn.Module, object]:
     """(model in float32, its tokenizer) of the pretrained ``source``, checked against ``dataset``'s texts.
 
-    A tokenizer without a padding token pads with end-of-text (padding is never scored). Every storage and query
+    Dropout is switched off (training stays deterministic and exactly resumable). A tokenizer without a padding token
+    pads with end-of-text (padding is never scored). Every storage and query
     text must tokenize into whole-token roles (:meth:`~mechrecall.facts.FactSet.check_tokenization`): a tokenizer that
     merges a name or value with its neighbour fails here with one line naming the fact, the text and ``source``.
     """
@@ -56,7 +57,24 @@ def pretrained_base(source: str, dataset, *, registry=None) -> tuple[torch.nn.Mo
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     dataset.factset().check_tokenization(tok, ("subject", "relation", "final"), source)
-    return loaded.model.eval(), tok
+    return _without_dropout(loaded.model).eval(), tok
+
+
+def _without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off in the config (what the saved base is rebuilt from) and in the built modules: the lab's training is
+    a pure function of seed, stage and step (dropout would draw from a random state checkpoints do not keep)."""
+    configs = [
+        model.config,
+        *(getattr(model.config, k) for k in ("text_config", "vision_config") if hasattr(model.config, k)),
+    ]
+    for cfg in configs:
+        for key, value in cfg.to_dict().items():
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0:
+                setattr(cfg, key, 0.0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
 
 
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, object, dict]:

@@ -194,8 +194,12 @@ def reproduce(
     registry: str | Path | None = None,
     progress: bool = True,
     analyses: bool = True,
+    training: dict | None = None,
 ) -> dict:
-    """Run the whole pipeline and return the results dict that is also written to ``out/results.json``."""
+    """Run the whole pipeline and return the results dict that is also written to ``out/results.json``.
+
+    ``training`` holds :func:`mechrecall.lab.train.train`'s device options (``device``, ``autocast``,
+    ``gradient_checkpointing``); the analyses then read the checkpoints on the CPU."""
     out = Path(out)
     if (out / "results.json").exists():
         if not force:
@@ -210,7 +214,7 @@ def reproduce(
         run_dir = out / f"seed{seed}"
         regimes = {}
         for regime in ("two_stage", "mixed"):
-            meta = train(preset, regime, run_dir, progress=progress)
+            meta = train(preset, regime, run_dir, progress=progress, **(training or {}))
             if "stages" not in meta:  # finished earlier: stage metrics live in the stage checkpoints
                 stage1 = read_meta(run_dir / "two_stage" / "stage1") if regime == "two_stage" else None
                 meta["stages"] = {"stage1": stage1["metrics"]} if stage1 else {}

@@ -48,7 +48,8 @@ class GradientTrace:
             self._seen[name] = g.clone()
             grads[name] = own
             acc = self.sums["abs_grad"].setdefault(fmt, {})
-            acc[name] = acc[name] + own.abs() if name in acc else own.abs()
+            # (a resumed trace comes back on the CPU; it accumulates where the model lives)
+            acc[name] = acc[name].to(own.device) + own.abs() if name in acc else own.abs()
         self._step_grads[fmt] = grads
         self.steps[fmt] = self.steps.get(fmt, 0) + 1
 
@@ -63,7 +64,7 @@ class GradientTrace:
             acc = self.sums["grad_x_update"].setdefault(fmt, {})
             for name, g in grads.items():
                 contrib = (g * (params[name].detach() - self._before[name])).abs()
-                acc[name] = acc[name] + contrib if name in acc else contrib
+                acc[name] = acc[name].to(contrib.device) + contrib if name in acc else contrib
         self._seen, self._step_grads, self._before = {}, {}, {}
 
     # ------------------------------------------------------------------ reading
@@ -88,7 +89,9 @@ class GradientTrace:
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict:
-        return {"sums": self.sums, "steps": dict(self.steps)}
+        """The accumulated sums on the CPU (what a checkpoint stores) and the step counts."""
+        sums = {k: {f: {n: t.cpu() for n, t in d.items()} for f, d in v.items()} for k, v in self.sums.items()}
+        return {"sums": sums, "steps": dict(self.steps)}
 
     @classmethod
     def from_state(cls, state: dict | None) -> GradientTrace:
@@ -100,7 +103,7 @@ class GradientTrace:
         """Write ``folder/trace.safetensors`` (the caller makes the folder write atomic)."""
         path = Path(folder) / TRACE_FILE
         tensors = {
-            f"{kind}/{fmt}/{name}": t.contiguous()
+            f"{kind}/{fmt}/{name}": t.detach().cpu().contiguous()
             for kind in KINDS
             for fmt, d in self.sums[kind].items()
             for name, t in d.items()

@@ -198,6 +198,12 @@ def prepare_data(preset: Preset, run_dir: str | Path) -> tuple[FactDataset, obje
                 f"{data_dir} holds dataset {meta.get('dataset_hash')} but preset {preset.name!r} seed {preset.seed} "
                 f"generates {dataset.hash}: use another --out or --force"
             )
+        held = (meta.get("config") or {}).get("model", {}).get("source")
+        if held != preset.model.source:
+            raise ValueError(
+                f"{base} was built from model.source={held!r} but the preset asks for {preset.model.source!r}: "
+                f"use another --out or --force"
+            )
         _, tokenizer, _ = load_checkpoint(base)
         return dataset, tokenizer
     if preset.model.source is not None:  # a pretrained base and its own tokenizer
@@ -242,6 +248,8 @@ class _Run:
     state: dict
     t0: float
     tracer: GradientTrace | None
+    device: torch.device = torch.device("cpu")
+    autocast: torch.dtype | None = None  # mixed precision of the forward (bf16 / fp16); weights stay float32
 
     @property
     def writers(self) -> tuple:
@@ -313,7 +321,9 @@ def _optimizer_step(
     model, tracer = run.model, run.tracer
     for group in opt.param_groups:
         group["lr"] = lr_at(cfg, step)
-    losses = {fmt: lm_loss(model, b) for fmt, b in batches.items()}
+    batches = {fmt: b.to(run.device) for fmt, b in batches.items()}
+    with torch.autocast(run.device.type, dtype=run.autocast, enabled=run.autocast is not None):
+        losses = {fmt: lm_loss(model, b) for fmt, b in batches.items()}
     weights = {f: cfg.query_weight if f == "query" else 1.0 for f in losses}
     if tracer is None:
         sum(losses[f] * weights[f] for f in losses).backward()
@@ -379,11 +389,19 @@ def train(
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
     stop_after: int | None = None,
+    device: str | torch.device | None = None,
+    autocast: str | torch.dtype | None = None,
+    gradient_checkpointing: bool = False,
 ) -> dict:
     """Train one regime into ``run_dir/<regime>`` and return the final checkpoint's metadata (with metrics).
 
     ``resume`` continues from the newest checkpoint (a finished run is returned as is). ``stop_after`` ends the run
     after that many global steps without writing ``final/`` (simulates an interruption; used by tests).
+
+    ``device`` (default CPU) is where the model trains; ``autocast`` (``"bf16"`` / ``"fp16"``) runs the forward in
+    that precision under ``torch.autocast`` with float32 weights, optimizer state and loss; ``gradient_checkpointing``
+    recomputes activations in the backward (Hugging Face's, for models larger than memory allows). None of them
+    changes the data order or the checkpoints' layout, so a run can resume on another device.
     """
     regime = normalize_regime(regime)
     run_dir = Path(run_dir)
@@ -391,7 +409,17 @@ def train(
         return read_meta(run_dir / regime / "final")
     if preset.threads:
         torch.set_num_threads(preset.threads)
+    from mechrecall.devices import resolve_device, resolve_dtype
+
+    dev = torch.device("cpu") if device is None else resolve_device(device)
+    amp = None if autocast is None else resolve_dtype(autocast, dev)
+    if amp is not None and amp not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast {autocast!r}: choose bf16 or fp16 (the weights stay float32)")
     run = _start(preset, regime, run_dir, resume)
+    run.device, run.autocast = dev, amp
+    run.model.to(dev)
+    if gradient_checkpointing:
+        run.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     state, plan = run.state, stage_plan(preset, regime)
     for stage_index in range(state["stage_index"], len(plan)):
         stage, cfg = plan[stage_index]
@@ -438,6 +466,17 @@ def _save_resumable(run: _Run, opt, cfg: StageConfig, stage: str, stage_index: i
     save_checkpoint(path, saved, run.tokenizer, meta, state, writers=run.writers)
 
 
+def add_training_device_args(ap: argparse.ArgumentParser) -> None:
+    """``--device`` (default CPU: the lab's numbers are CPU numbers), ``--autocast``, ``--gradient-checkpointing``."""
+    ap.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:N, mps (default: cpu)")
+    ap.add_argument("--autocast", default=None, choices=["bf16", "fp16"], help="mixed-precision forward (GPU)")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
+
+
+def training_device_kwargs(args: argparse.Namespace) -> dict:
+    return {"device": args.device, "autocast": args.autocast, "gradient_checkpointing": args.gradient_checkpointing}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mechrecall.lab.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="default")
@@ -447,11 +486,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_training_device_args(ap)
     args = ap.parse_args(argv)
     try:
         overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
         preset = get_preset(args.preset, overrides)
-        meta = train(preset, args.regime, args.out, resume=not args.no_resume, progress=not args.quiet)
+        meta = train(preset, args.regime, args.out, resume=not args.no_resume, progress=not args.quiet,
+                     **training_device_kwargs(args))  # fmt: skip
     except (KeyError, ValueError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

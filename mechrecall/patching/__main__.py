@@ -125,12 +125,12 @@ def _facts(args, loaded, user):
 def run(args) -> dict:
     from mechrecall.arch import n_layers
     from mechrecall.loading import load_model
-    from mechrecall.patching.core import WHOLE_ANSWER_METRICS
+    from mechrecall.patching.core import get_metric, is_whole_answer
     from mechrecall.report.consistency import unique_labels, user_facts
     from mechrecall.report.patching import patch_roles
 
     _check(args)
-    whole = args.metric in WHOLE_ANSWER_METRICS
+    whole = is_whole_answer(get_metric(args.metric))
     out = Path(args.out)
     user = user_facts(args.facts, args.split, None, formats=()) if args.facts is not None else None
     names = unique_labels(args.checkpoint)

@@ -108,9 +108,8 @@ def _hit(logits, answer, foil):
 # ``answer_ids`` is right-padded with -1. A multi-token answer ("Princeton, NJ") is then scored as a whole, not
 # by its first token only.
 def _answer_logprob(logits, answer_ids, foil_ids):
-    valid = answer_ids >= 0
     lp = logits.log_softmax(-1).gather(2, answer_ids.clamp(min=0)[..., None])[..., 0]
-    return (lp * valid).sum(1)
+    return torch.where(answer_ids >= 0, lp, torch.zeros_like(lp)).sum(1)  # padding adds 0 (even against -inf)
 
 
 def _answer_match(logits, answer_ids, foil_ids):
@@ -188,7 +187,18 @@ class PatchInputs:
 
     def span(self, k: int) -> Int[Tensor, "batch k"]:
         """The ``k`` positions read per row: ``readout .. readout + k - 1`` (the answer-predicting positions)."""
-        return (self.readout[:, None] + torch.arange(k)).clamp(max=self.input_ids.shape[1] - 1)
+        return (self.readout[:, None] + torch.arange(k, device=self.readout.device)).clamp(
+            max=self.input_ids.shape[1] - 1
+        )
+
+    def widened(self, k: int) -> PatchInputs:
+        """The same inputs, right-padded so that every row has ``k`` positions from its readout on (rows with a short
+        answer after a long prompt would otherwise read past the end; the padding is never scored)."""
+        need = int(self.readout.max()) + k
+        if self.input_ids.shape[1] >= need:
+            return self
+        pad = self.input_ids.new_zeros(len(self), need - self.input_ids.shape[1])
+        return replace(self, input_ids=torch.cat([self.input_ids, pad], 1))
 
 
 def n_read(fns: Sequence[Metric], inputs: PatchInputs) -> int:
@@ -239,7 +249,11 @@ class GaussianNoise:
         emb = model.get_input_embeddings().weight
         std = float(emb.detach().float().std()) * arch.embed_scale(model)
         g = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn(*inputs.input_ids.shape, emb.shape[1], generator=g) * self.scale * std
+        # drawn over the prompts only, so teacher-forced answers appended to them do not change the noise
+        B, T = inputs.input_ids.shape
+        P = min(T, int(inputs.readout.max()) + 1)
+        noise = torch.zeros(B, T, emb.shape[1])
+        noise[:, :P] = torch.randn(B, P, emb.shape[1], generator=g) * self.scale * std
         keep = torch.zeros(inputs.input_ids.shape, dtype=torch.bool)
         for b, ps in enumerate(inputs.subject_positions):
             keep[b, ps] = True
@@ -649,6 +663,7 @@ def activation_patch(
     if path == "ragged" and fast is None:
         raise ValueError(f"the ragged path implements {', '.join(arch._FAST)} blocks, not {arch.spec_of(model).name}")
     k = n_read(fns, base)
+    base, source = base.widened(k), source.widened(n_read(fns, source))
     noise = corruption.noise(model, base) if corruption is not None else None
     kv: list | None = [] if fast is not None else None
     base_acts, base_pre, base_logits = capture(

@@ -80,6 +80,8 @@ def fact_inputs(
         extra["answer_ids"] = _padded(full, -1)
         extra["foil_ids"] = extra["answer_ids"].clone() if foil_answers is None else _padded(foil_answers, -1)
         prompts = [(*p, *a) for p, a in zip(prompts, full)]  # teacher-forced: token k is read at readout + k
+        width = max(e.prompt_len for e, _ in encs) + extra["answer_ids"].shape[1] - 1
+        prompts[0] = (*prompts[0], *[pad] * (width - len(prompts[0])))  # every row reads the longest answer's span
     return PatchInputs(
         input_ids=_padded(prompts, pad),
         positions=torch.tensor([p for _, p in encs], dtype=torch.long),
@@ -129,7 +131,7 @@ def fact_pairs(
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     rng = random.Random(seed)
-    src_ex, base_ex, answers, foils, rows, whole, whole_foil = [], [], [], [], [], [], []
+    src_ex, base_ex, answers, foils, rows, whole, whole_foil, src_foil = [], [], [], [], [], [], [], []
     for relation in facts.relations if relations is None else relations:
         group = [f for f in facts if f.relation == relation and f.texts(source_format) and f.texts(base_format)]
         if len(group) < 2:
@@ -150,6 +152,7 @@ def fact_pairs(
             if whole_answer:
                 whole.append(_answer_tokens(encode_example(tokenizer, a.texts(base_format)[0])))
                 whole_foil.append(_answer_tokens(encode_example(tokenizer, b.texts(base_format)[0])))
+                src_foil.append(_answer_tokens(encode_example(tokenizer, b.texts(source_format)[0])))
             rows.append({"source_fact": a.id, "base_fact": a.id if mode == "same_fact" else b.id, "relation": relation})
     if not rows:
         raise ValueError("no pair of facts has answers that differ in their first token")
@@ -159,7 +162,8 @@ def fact_pairs(
     keep = sorted(keep)
     src_ex, base_ex = [src_ex[i] for i in keep], [base_ex[i] for i in keep]
     answers, foils, rows = [answers[i] for i in keep], [foils[i] for i in keep], [rows[i] for i in keep]
-    source = fact_inputs(tokenizer, src_ex, roles=roles, foils=foils, whole_answer=whole_answer)
+    source = fact_inputs(tokenizer, src_ex, roles=roles, foils=foils, whole_answer=whole_answer,
+                         foil_answers=[src_foil[i] for i in keep] if whole_answer else None)  # fmt: skip
     base = fact_inputs(
         tokenizer, base_ex, roles=roles, foils=foils, whole_answer=whole_answer,
         answers=[whole[i] for i in keep] if whole_answer else None,

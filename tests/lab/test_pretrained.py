@@ -106,3 +106,25 @@ def test_a_tokenizer_that_cannot_place_the_roles_fails_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=rf"fact '0/\w+', storage\[0\] with the tokenizer of {folder}: .*straddles"):
         train(get_preset("micro", [*TINY, f"model.source={folder}"]), "mixed", tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "data" / "base").exists()
+
+
+def test_a_base_with_dropout_trains_without_it_and_a_changed_source_is_refused(base, tmp_path):
+    """GPT-2's configs carry dropout 0.1: the base is saved without it (deterministic, exactly resumable); a run
+    folder built from one source refuses another."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mechrecall.lab.models import pretrained_base
+
+    _, folder, overrides = base
+    preset = get_preset("micro", overrides)
+    ds = generate(preset.data.spec(), preset.seed)
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=1, n_head=2, n_positions=256)).save_pretrained(gpt2)
+    PreTrainedTokenizerFast.from_pretrained(folder).save_pretrained(gpt2)
+    model, _ = pretrained_base(str(gpt2), ds)
+    assert (model.config.resid_pdrop, model.config.embd_pdrop, model.config.attn_pdrop) == (0.0, 0.0, 0.0)
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    train(preset, "mixed", tmp_path / "run", progress=False, stop_after=1)
+    other = get_preset("micro", [*TINY, f"model.source={gpt2}"])
+    with pytest.raises(ValueError, match=r"built from model.source=.* but the preset asks for"):
+        train(other, "mixed", tmp_path / "run", progress=False)

@@ -79,3 +79,39 @@ def test_lora_merge_matches_parametrized_model(micro_tokenizer):
 def test_unknown_regime():
     with pytest.raises(ValueError, match="unknown regime 'both'"):
         train(get_preset("micro"), "both", "/nonexistent")
+
+
+def test_gradient_checkpointing_and_bf16_autocast_are_options(tmp_path):
+    """Checkpointing recomputes the same activations (same weights); bf16 autocast trains float32 weights close by."""
+    preset = get_preset("micro", ["mixed.steps=12", "mixed.eval_every=12", "save_every=100"])
+    plain = train(preset, "mixed", tmp_path / "plain", progress=False)
+    ckpt = train(preset, "mixed", tmp_path / "ckpt", progress=False, gradient_checkpointing=True)
+    amp = train(preset, "mixed", tmp_path / "amp", progress=False, autocast="bf16")
+    a, b, c = (_weights(tmp_path / r, "mixed") for r in ("plain", "ckpt", "amp"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+        assert c[k].dtype == torch.float32
+    drift = max(float((a[k] - c[k]).abs().max()) for k in a)
+    assert 0 < drift < 0.05  # bf16 forwards move the weights a little, not a lot
+    assert ckpt["metrics"]["storage"] == plain["metrics"]["storage"]
+    assert 0 <= amp["metrics"]["storage"] <= 1
+
+
+def test_training_on_a_missing_device_fails_in_one_line(tmp_path, capsys):
+    from mechrecall.lab.train import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["--preset", "micro", "--regime", "mixed", "--out", str(tmp_path / "x"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --device 'cuda': no CUDA GPU is available on this machine"]
+    assert not (tmp_path / "x" / "mixed").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_matches_cpu(tmp_path):
+    preset = get_preset("micro", ["mixed.steps=8", "mixed.eval_every=8", "save_every=100"])
+    train(preset, "mixed", tmp_path / "cpu", progress=False)
+    train(preset, "mixed", tmp_path / "gpu", progress=False, device="cuda")
+    a, b = _weights(tmp_path / "cpu", "mixed"), _weights(tmp_path / "gpu", "mixed")
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
