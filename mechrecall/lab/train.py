@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from mechrecall.checkpoint import read_meta, save_checkpoint
 from mechrecall.io import atomic_write_json
 from mechrecall.lab.bios import SPLITS, FactDataset, generate
 from mechrecall.lab.config import Preset, StageConfig, get_preset
+from mechrecall.lab.distributed import Processes, processes, sharded_lm_loss
 from mechrecall.lab.evaluate import evaluate
 from mechrecall.lab.models import build_model, load_checkpoint, pretrained_base
 from mechrecall.lab.tokenizer import train_tokenizer
@@ -250,6 +252,8 @@ class _Run:
     tracer: GradientTrace | None
     device: torch.device = torch.device("cpu")
     autocast: torch.dtype | None = None  # mixed precision of the forward (bf16 / fp16); weights stay float32
+    procs: Processes = field(default_factory=Processes)  # this process's place in a multi-process launch
+    net: nn.Module | None = None  # what forwards run through: the model, or DDP over it under a launch
 
     @property
     def writers(self) -> tuple:
@@ -279,6 +283,12 @@ def _start(preset: Preset, regime: str, run_dir: Path, resume: bool) -> _Run:
     if latest is not None:
         model, _, _ = load_checkpoint(latest)
         state = torch.load(latest / "trainer_state.pt", weights_only=False)
+        saved_world, world = state.get("world_size", 1), int(os.environ.get("WORLD_SIZE", "1"))
+        if saved_world != world:
+            raise ValueError(
+                f"{latest} was written by a run of {saved_world} process(es) and this launch has {world}: resume with "
+                f"the same number of processes (the shards of each batch depend on it)"
+            )
     t0 = time.perf_counter() - state.get("seconds", 0.0)
     tracer = GradientTrace.from_state(state.get("trace")) if preset.trace else None
     return _Run(preset, regime, regime_dir, dataset, tokenizer, data, model, state, t0, tracer)
@@ -303,13 +313,14 @@ def _step_batches(run: _Run, cfg: StageConfig, stage_index: int, step: int) -> d
     """This step's storage and query batches (a deterministic function of seed, stage and step)."""
     seed, data = run.preset.seed, run.data
     batches: dict[str, Batch] = {}
+    shard = run.procs.shard  # every process builds the global batch and keeps its rows (all of them alone)
     if cfg.batch_storage:
         batches["storage"] = data.storage.index(
-            batch_rows(len(data.storage), cfg.batch_storage, step, seed, 2 * stage_index)
+            shard(batch_rows(len(data.storage), cfg.batch_storage, step, seed, 2 * stage_index))
         )
     if cfg.batch_query:
         batches["query"] = data.query.index(
-            batch_rows(len(data.query), cfg.batch_query, step, seed, 2 * stage_index + 1)
+            shard(batch_rows(len(data.query), cfg.batch_query, step, seed, 2 * stage_index + 1))
         )
     return batches
 
@@ -322,19 +333,21 @@ def _optimizer_step(
     for group in opt.param_groups:
         group["lr"] = lr_at(cfg, step)
     batches = {fmt: b.to(run.device) for fmt, b in batches.items()}
-    with torch.autocast(run.device.type, dtype=run.autocast, enabled=run.autocast is not None):
-        losses = {fmt: lm_loss(model, b) for fmt, b in batches.items()}
-    weights = {f: cfg.query_weight if f == "query" else 1.0 for f in losses}
-    if tracer is None:
-        sum(losses[f] * weights[f] for f in losses).backward()
-    else:  # one backward per format so that each format's own gradient can be traced
-        for f in losses:
-            (losses[f] * weights[f]).backward()
-            tracer.capture(f, model)
-    event = StepEvent(
-        run.regime, stage, step, run.state["global_step"], model, batches,
-        {f: float(v.detach()) for f, v in losses.items()},
-    )  # fmt: skip
+    weights = {f: cfg.query_weight if f == "query" else 1.0 for f in batches}
+    autocast = torch.autocast(run.device.type, dtype=run.autocast, enabled=run.autocast is not None)
+    if run.procs.world > 1:
+        logged = _sharded_step(run, batches, weights, autocast)
+    else:
+        with autocast:
+            losses = {fmt: lm_loss(model, b) for fmt, b in batches.items()}
+        if tracer is None:
+            sum(losses[f] * weights[f] for f in losses).backward()
+        else:  # one backward per format so that each format's own gradient can be traced
+            for f in losses:
+                (losses[f] * weights[f]).backward()
+                tracer.capture(f, model)
+        logged = {f: float(v.detach()) for f, v in losses.items()}
+    event = StepEvent(run.regime, stage, step, run.state["global_step"], model, batches, logged)
     for cb in callbacks:
         cb(event)
     if tracer is not None:
@@ -346,6 +359,20 @@ def _optimizer_step(
     return event
 
 
+def _sharded_step(run: _Run, batches: dict[str, Batch], weights: dict[str, float], autocast) -> dict[str, float]:
+    """Forward and backward of each format in turn through DDP (a forward per backward, as DDP needs); returns the
+    global batch's mean loss per format. The trace captures each format's gradient after its all-reduce."""
+    logged = {}
+    for f, b in batches.items():
+        with autocast:
+            loss = sharded_lm_loss(run.net, b, run.procs)
+        (loss * weights[f]).backward()
+        if run.tracer is not None:
+            run.tracer.capture(f, run.model)
+        logged[f] = run.procs.total(float(loss.detach())) / run.procs.world
+    return logged
+
+
 def _log_evaluation(run: _Run, cfg: StageConfig, stage: str, step: int, event: StepEvent) -> bool:
     """Evaluate, append to ``history.json``; True when the stage's stop rule (trained QA only) is met."""
     # held-out numbers are logged for trajectories only; the stop rule reads trained QA alone
@@ -354,7 +381,8 @@ def _log_evaluation(run: _Run, cfg: StageConfig, stage: str, step: int, event: S
     entry.update({f"loss_{f}": v for f, v in event.losses.items()})
     entry.update({k: v for k, v in m.items() if k != "per_attribute"})
     run.state["history"].append(entry)
-    atomic_write_json(run.regime_dir / "history.json", run.state["history"])
+    if run.procs.main:
+        atomic_write_json(run.regime_dir / "history.json", run.state["history"])
     return cfg.stop_at_trained_qa is not None and m.get("trained_qa", 0.0) >= cfg.stop_at_trained_qa
 
 
@@ -373,11 +401,15 @@ def _finish_stage(run: _Run, cfg: StageConfig, stage: str, stage_index: int, n_s
     state["trace"] = run.tracer.state() if run.tracer is not None else None
     meta = _meta(run.preset, run.dataset, run.regime, stage, state["global_step"], metrics)
     meta["train_seconds"] = state["seconds"]
+    if run.procs.world > 1:
+        state["world_size"] = meta["processes"] = run.procs.world
     name = "final" if stage_index == n_stages - 1 else stage
-    save_checkpoint(run.regime_dir / name, model, run.tokenizer, meta, writers=run.writers)
-    if stage_index < n_stages - 1:
-        path = run.regime_dir / "checkpoints" / f"step-{state['global_step']:06d}"
-        save_checkpoint(path, model, run.tokenizer, meta, state, writers=run.writers)
+    if run.procs.main:
+        save_checkpoint(run.regime_dir / name, model, run.tokenizer, meta, writers=run.writers)
+        if stage_index < n_stages - 1:
+            path = run.regime_dir / "checkpoints" / f"step-{state['global_step']:06d}"
+            save_checkpoint(path, model, run.tokenizer, meta, state, writers=run.writers)
+    run.procs.barrier()
 
 
 def train(
@@ -415,8 +447,15 @@ def train(
     amp = None if autocast is None else resolve_dtype(autocast, dev)
     if amp is not None and amp not in (torch.bfloat16, torch.float16):
         raise ValueError(f"autocast {autocast!r}: choose bf16 or fp16 (the weights stay float32)")
+    procs = processes(dev)
+    if procs.world > 1:
+        dev = procs.accelerator.device
+        procs.agree("preset, regime and run folder", f"{preset.model_dump_json()}|{regime}|{run_dir.resolve()}")
+        if procs.main:
+            prepare_data(preset, run_dir)  # the main process writes data/; the others then read it
+        procs.barrier()
     run = _start(preset, regime, run_dir, resume)
-    run.device, run.autocast = dev, amp
+    run.device, run.autocast, run.procs = dev, amp, procs
     run.model.to(dev)
     if gradient_checkpointing:
         run.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -425,6 +464,7 @@ def train(
         stage, cfg = plan[stage_index]
         start = state["step"] if stage_index == state["stage_index"] else 0
         opt = _stage_optimizer(run, cfg, stage_index, start)
+        run.net = procs.wrap(run.model)  # after the stage's adapters are in place
         run.model.train()
         # disable=None: bars only on a terminal (logs and CI get none)
         bar = tqdm(
@@ -448,7 +488,9 @@ def train(
                 _save_resumable(run, opt, cfg, stage, stage_index, step)
         bar.close()
         _finish_stage(run, cfg, stage, stage_index, len(plan), step, stopped)
-    atomic_write_json(run.regime_dir / "history.json", state["history"])
+    if procs.main:
+        atomic_write_json(run.regime_dir / "history.json", state["history"])
+    procs.barrier()
     meta = read_meta(run.regime_dir / "final")
     meta["stages"] = state["metrics"]
     return meta
@@ -461,9 +503,13 @@ def _save_resumable(run: _Run, opt, cfg: StageConfig, stage: str, stage_index: i
     state["trace"] = run.tracer.state() if run.tracer is not None else None
     meta = _meta(run.preset, run.dataset, run.regime, stage, state["global_step"], {})
     # with LoRA the HF folder gets merged weights; the raw factors travel in trainer_state.pt
-    saved = merged_copy(model) if cfg.trainable == "lora" else model
-    path = run.regime_dir / "checkpoints" / f"step-{state['global_step']:06d}"
-    save_checkpoint(path, saved, run.tokenizer, meta, state, writers=run.writers)
+    if run.procs.world > 1:
+        state["world_size"] = meta["processes"] = run.procs.world
+    if run.procs.main:
+        saved = merged_copy(model) if cfg.trainable == "lora" else model
+        path = run.regime_dir / "checkpoints" / f"step-{state['global_step']:06d}"
+        save_checkpoint(path, saved, run.tokenizer, meta, state, writers=run.writers)
+    run.procs.barrier()
 
 
 def add_training_device_args(ap: argparse.ArgumentParser) -> None:
@@ -487,12 +533,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     add_training_device_args(ap)
+    ap.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate an interruption
     args = ap.parse_args(argv)
     try:
         overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
         preset = get_preset(args.preset, overrides)
         meta = train(preset, args.regime, args.out, resume=not args.no_resume, progress=not args.quiet,
-                     **training_device_kwargs(args))  # fmt: skip
+                     stop_after=args.stop_after, **training_device_kwargs(args))  # fmt: skip
+        if "interrupted_at" in meta:
+            print(f"interrupted after global step {meta['interrupted_at']} (resumable)")
+            return 0
     except (KeyError, ValueError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
