@@ -157,19 +157,24 @@ def test_residual_cache_at_roles(name, facts, tok):
             cache_residuals(model, tok, examples, sites=("resid_pre", "resid_mid"))
 
 
-@pytest.mark.parametrize("backend", ["tl", "nnsight"])
-@pytest.mark.parametrize("name", ARCHS)
-def test_residual_backends_agree_with_hugging_face(name, backend, facts, tok):
+def _wrapped(name: str, backend: str, model, tok):
+    """``model`` in TransformerLens (``"tl"``) or nnsight; skips the test where that backend cannot boot it."""
     from mechrecall.loading import LoadedModel, to_nnsight, to_transformer_lens
 
-    model = tiny_model(name, VOCAB)
     wrap = to_transformer_lens if backend == "tl" else to_nnsight
     try:
-        wrapped = wrap(LoadedModel(model, tok, "tiny", "tiny"))
+        return wrap(LoadedModel(model, tok, "tiny", "tiny"))
     except Exception as e:
         if name in CANNOT_BOOT[backend]:
             pytest.skip(f"{CANNOT_BOOT[backend][name]} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
         raise
+
+
+@pytest.mark.parametrize("backend", ["tl", "nnsight"])
+@pytest.mark.parametrize("name", ARCHS)
+def test_residual_backends_agree_with_hugging_face(name, backend, facts, tok):
+    model = tiny_model(name, VOCAB)
+    wrapped = _wrapped(name, backend, model, tok)
     examples = facts.examples("storage") + facts.examples("query")
     ref = cache_residuals(model, tok, examples, batch_size=3)
     got = cache_residuals(wrapped, tok, examples, backend=backend, batch_size=3)
@@ -325,17 +330,10 @@ def test_integrated_gradients_are_complete(name, facts, tok):
 @pytest.mark.parametrize("name", ARCHS)
 def test_patching_backends_agree_with_hugging_face(name, backend, facts, tok):
     """The TransformerLens / nnsight sweeps equal the HF one (Gemma 2's soft-capped logits included)."""
-    from mechrecall.loading import LoadedModel, to_nnsight, to_transformer_lens
     from mechrecall.patching import activation_patch, fact_pairs
 
     model = tiny_model(name, VOCAB)
-    wrap = to_transformer_lens if backend == "tl" else to_nnsight
-    try:
-        wrapped = wrap(LoadedModel(model, tok, "tiny", "tiny"))
-    except Exception as e:
-        if name in CANNOT_BOOT[backend]:
-            pytest.skip(f"{CANNOT_BOOT[backend][name]} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-        raise
+    wrapped = _wrapped(name, backend, model, tok)
     base, source, _ = fact_pairs(facts, tok, whole_answer=True)
     for site in ("resid_pre", "mlp_out"):
         ref = activation_patch(model, base, source, site=site, metric=["logit_diff", "answer_logprob"])
