@@ -17,7 +17,7 @@ from mechrecall.lab.trace import GradientTrace
 from mechrecall.lab.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
-SHORT = ["mixed.steps=8", "mixed.eval_every=4", "save_every=4", "mixed.warmup=2"]
+SHORT = ["data.n_people=40", "mixed.steps=8", "mixed.eval_every=4", "save_every=4", "mixed.warmup=2"]
 
 
 def _launch(out: Path, *extra: str, n: int = 2) -> subprocess.CompletedProcess:

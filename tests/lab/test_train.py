@@ -83,7 +83,7 @@ def test_unknown_regime():
 
 def test_gradient_checkpointing_and_bf16_autocast_are_options(tmp_path):
     """Checkpointing recomputes the same activations (same weights); bf16 autocast trains float32 weights close by."""
-    preset = get_preset("micro", ["mixed.steps=12", "mixed.eval_every=12", "save_every=100"])
+    preset = get_preset("micro", ["data.n_people=40", "mixed.steps=8", "mixed.eval_every=8", "save_every=100"])
     plain = train(preset, "mixed", tmp_path / "plain", progress=False)
     ckpt = train(preset, "mixed", tmp_path / "ckpt", progress=False, gradient_checkpointing=True)
     amp = train(preset, "mixed", tmp_path / "amp", progress=False, autocast="bf16")
