@@ -85,7 +85,8 @@ def model_device(model) -> torch.device:
         emb = model.get_input_embeddings()
         if emb is not None:
             return emb.weight.device
-    return next(model.parameters()).device
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")  # a parameter-free stand-in runs on the CPU
 
 
 def model_dtype(model) -> torch.dtype:
