@@ -16,8 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
     "script, outputs, extra",
     [
         ("recall_gap.py", ["recall.json", "recall.html"], []),
-        ("gradient_consistency.py", ["gradient_consistency.json", "gradient_consistency.html"], []),
-        ("representation_consistency.py", ["representation_consistency.json", "representation_consistency.html"], []),
+        # (sizes cut for CI time: these check each script's plumbing and outputs, not the measures' values)
+        (
+            "gradient_consistency.py",
+            ["gradient_consistency.json", "gradient_consistency.html"],
+            ["--count", "40", "--grad-facts", "32"],
+        ),
+        (
+            "representation_consistency.py",
+            ["representation_consistency.json", "representation_consistency.html"],
+            ["--count", "40", "--grad-facts", "32", "--no-parity"],
+        ),
         ("masks.py", ["masks.json", "masks.html"], ["--draws", "2"]),
         ("patching.py", ["patching.json", "patching.html"], ["--pairs", "24"]),
         ("attribution.py", ["attribution.json", "attribution.html"], ["--people", "4"]),
