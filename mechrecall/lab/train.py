@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
 import time
@@ -272,7 +271,7 @@ def _fresh_state() -> dict:
     }
 
 
-def _start(preset: Preset, regime: str, run_dir: Path, resume: bool) -> _Run:
+def _start(preset: Preset, regime: str, run_dir: Path, resume: bool, world: int = 1) -> _Run:
     """Data, tokenizer and model of a run: from the base checkpoint, or from the newest resumable checkpoint."""
     dataset, tokenizer = prepare_data(preset, run_dir)
     data = TrainingData.build(dataset, tokenizer)
@@ -283,7 +282,7 @@ def _start(preset: Preset, regime: str, run_dir: Path, resume: bool) -> _Run:
     if latest is not None:
         model, _, _ = load_checkpoint(latest)
         state = torch.load(latest / "trainer_state.pt", weights_only=False)
-        saved_world, world = state.get("world_size", 1), int(os.environ.get("WORLD_SIZE", "1"))
+        saved_world = state.get("world_size", 1)
         if saved_world != world:
             raise ValueError(
                 f"{latest} was written by a run of {saved_world} process(es) and this launch has {world}: resume with "
@@ -454,7 +453,7 @@ def train(
         if procs.main:
             prepare_data(preset, run_dir)  # the main process writes data/; the others then read it
         procs.barrier()
-    run = _start(preset, regime, run_dir, resume)
+    run = _start(preset, regime, run_dir, resume, procs.world)
     run.device, run.autocast, run.procs = dev, amp, procs
     run.model.to(dev)
     if gradient_checkpointing:

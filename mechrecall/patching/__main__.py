@@ -124,9 +124,8 @@ def _facts(args, loaded, user):
 
 def run(args) -> dict:
     from mechrecall.arch import n_layers
-    from mechrecall.loading import load_model
     from mechrecall.patching.core import get_metric, is_whole_answer
-    from mechrecall.report.consistency import unique_labels, user_facts
+    from mechrecall.report.consistency import load_each, unique_labels, user_facts
     from mechrecall.report.patching import patch_roles
 
     _check(args)
@@ -138,11 +137,7 @@ def run(args) -> dict:
     if user is not None:
         result["facts"] = {"source": user.source, "n_facts": len(user), "relations": user.relations}
     frames = []
-    cache: dict = {}  # a checkpoint named twice is loaded once
-    for s in args.checkpoint:
-        if s not in cache:
-            cache[s] = load_model(s, registry=args.registry, device=args.device, dtype=args.dtype, supported_only=True)
-    loads = [cache[s] for s in args.checkpoint]
+    loads = load_each(args.checkpoint, registry=args.registry, device=args.device, dtype=args.dtype)  # twice: once
     for name, loaded in zip(names, loads):
         bad = [L for L in args.layers or () if not 0 <= L < n_layers(loaded.model)]
         if bad:

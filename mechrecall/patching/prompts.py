@@ -80,8 +80,6 @@ def fact_inputs(
         extra["answer_ids"] = _padded(full, -1)
         extra["foil_ids"] = extra["answer_ids"].clone() if foil_answers is None else _padded(foil_answers, -1)
         prompts = [(*p, *a) for p, a in zip(prompts, full)]  # teacher-forced: token k is read at readout + k
-        width = max(e.prompt_len for e, _ in encs) + extra["answer_ids"].shape[1] - 1
-        prompts[0] = (*prompts[0], *[pad] * (width - len(prompts[0])))  # every row reads the longest answer's span
     return PatchInputs(
         input_ids=_padded(prompts, pad),
         positions=torch.tensor([p for _, p in encs], dtype=torch.long),

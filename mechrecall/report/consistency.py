@@ -18,6 +18,16 @@ from mechrecall.lab.models import lab_dataset
 from mechrecall.loading import load_model, to_nnsight, to_transformer_lens
 
 
+def load_each(sources: Sequence[str], *, registry=None, device=None, dtype=None) -> list:
+    """One :class:`~mechrecall.loading.LoadedModel` per source, in order; a source named twice is loaded once (the
+    same object comes back, so callers can measure it once too)."""
+    cache: dict = {}
+    for src in sources:
+        if src not in cache:
+            cache[src] = load_model(src, registry=registry, device=device, dtype=dtype, supported_only=True)
+    return [cache[src] for src in sources]
+
+
 def unique_labels(names: Sequence[str]) -> list[str]:
     """``names`` made unique in order: a repeated name gets ``#2``, ``#3``, ... (two runs of one checkpoint)."""
     out, seen = [], {}
@@ -65,11 +75,7 @@ def run(
     out = Path(out)
     labels = check_labels(labels, len(checkpoints))
     fs = user_facts(facts, split, n_people) if facts is not None else None
-    cache: dict = {}  # a checkpoint given twice is loaded and measured once
-    for src in checkpoints:
-        if src not in cache:
-            cache[src] = load_model(src, registry=registry, device=device, dtype=dtype, supported_only=True)
-    loads = [cache[src] for src in checkpoints]
+    loads = load_each(checkpoints, registry=registry, device=device, dtype=dtype)  # a checkpoint twice: measured once
     if labels is None:
         names = [lm.meta.get("regime", src) if fs is None else src for lm, src in zip(loads, checkpoints)]
         labels = unique_labels(names)

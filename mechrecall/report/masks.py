@@ -358,7 +358,7 @@ def run_facts(
     instead of their query texts (query-format exact match includes end-of-text after the answer, which a chat model
     prompted without its template seldom predicts). The same checkpoint given twice is measured once (its entries are equal;
     grafting it into itself changes nothing)."""
-    from mechrecall.report.consistency import check_labels, unique_labels, user_facts
+    from mechrecall.report.consistency import check_labels, load_each, unique_labels, user_facts
 
     importance = importance or ("posthoc_x_update" if base else "posthoc")
     if importance not in IMPORTANCES:
@@ -368,10 +368,8 @@ def run_facts(
     out = Path(out)
     fs = user_facts(facts, split, count)
     names = check_labels(labels, 2) or unique_labels([first, second])
-    cache: dict[str, LoadedModel] = {}  # the same checkpoint twice is loaded (and measured) once
-    for src in (first, second, *([base] if base else [])):
-        if src not in cache:
-            cache[src] = load_model(src, registry=registry, device=device, dtype=dtype, supported_only=True)
+    sources = (first, second, *([base] if base else []))
+    cache = dict(zip(sources, load_each(sources, registry=registry, device=device, dtype=dtype)))  # twice: once
     models = {names[0]: cache[first], names[1]: cache[second]}
     for lm in models.values():
         fs.check_tokenization(lm.tokenizer, ("subject", "final"), lm.source)

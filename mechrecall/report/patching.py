@@ -26,11 +26,10 @@ from mechrecall.devices import model_device, model_dtype
 from mechrecall.facts import FactSet
 from mechrecall.io import atomic_write_json, atomic_write_text
 from mechrecall.lab.models import lab_dataset
-from mechrecall.loading import load_model
 from mechrecall.patching import GaussianNoise, activation_patch, fact_inputs, fact_pairs
 from mechrecall.patching.atp import attribution_patch, check_attribution
 from mechrecall.patching.prompts import DEFAULT_ROLES
-from mechrecall.report.consistency import check_labels, unique_labels, user_facts
+from mechrecall.report.consistency import check_labels, load_each, unique_labels, user_facts
 from mechrecall.report.plotting import page as html
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
@@ -125,15 +124,6 @@ def _pair(two_stage: str, mixed: str, facts, labels) -> list[tuple[str, str]]:
     return list(zip(check_labels(labels, 2) or unique_labels([two_stage, mixed]), (two_stage, mixed)))
 
 
-def _load_pair(pair, registry, device, dtype) -> list:
-    """One :class:`~mechrecall.loading.LoadedModel` per (label, source); a source given twice is loaded once."""
-    cache: dict = {}
-    for _, src in pair:
-        if src not in cache:
-            cache[src] = load_model(src, registry=registry, device=device, dtype=dtype, supported_only=True)
-    return [cache[src] for _, src in pair]
-
-
 def _settings(facts: FactSet | None, loaded) -> dict:
     if facts is None:
         return {"people": "heldout"}
@@ -162,7 +152,7 @@ def run_patching(
     out = Path(out)
     fs = user_facts(facts, split, n_people) if facts is not None else None
     pair = _pair(two_stage, mixed, fs, labels)
-    loads = _load_pair(pair, registry, device, dtype)
+    loads = load_each([src for _, src in pair], registry=registry, device=device, dtype=dtype)
     result: dict = {**_settings(fs, loads[0]), "source_format": "storage", "base_format": "query",
                     "mode": "cross_fact"}  # fmt: skip
     if fs is not None:
@@ -203,7 +193,7 @@ def run_attribution(
     out = Path(out)
     fs = user_facts(facts, split, n_people, formats=("storage",)) if facts is not None else None
     pair = _pair(two_stage, mixed, fs, labels)
-    loads = _load_pair(pair, registry, device, dtype)
+    loads = load_each([src for _, src in pair], registry=registry, device=device, dtype=dtype)
     result: dict = {**_settings(fs, loads[0]), "format": "storage", "target": "log-prob of the value's first token",
                     "method": "integrated gradients on input embeddings (baseline: mean embedding)"}  # fmt: skip
     if fs is not None:
