@@ -24,14 +24,41 @@ __all__ = ["correct_answers", "row_chunks", "exact_match", "recall"]
 def correct_answers(model, batch: Batch) -> Bool[Tensor, "batch pos"]:
     """Per position: the scored token (``labels != -100``) is the argmax of the previous position's logits.
 
-    Unscored positions are True, so ``.all(-1)`` over a row's positions is that row's exact match.
+    Unscored positions are True, so ``.all(-1)`` over a row's positions is that row's exact match. For an architecture
+    :mod:`mechrecall.arch` knows, the vocabulary logits are computed at the scored positions only (the decoder's
+    final-normed states, then the unembedding): the full ``[batch, pos, vocab]`` logits of a 128k-vocabulary model
+    would cost most of the forward's time and gigabytes of memory for a handful of answer tokens per row.
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     target = batch.labels[:, 1:]
-    hit = logits[:, :-1].argmax(-1) == target
+    scored = target != -100
     out = torch.ones_like(batch.labels, dtype=torch.bool)
-    out[:, 1:] = hit | (target == -100)
+    inner = _known_architecture(model)
+    if inner is None:  # any other callable returning .logits (a test's stand-in, a wrapped model)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        out[:, 1:] = (logits[:, :-1].argmax(-1) == target) | ~scored
+        return out
+    from mechrecall import arch
+
+    normed = arch.base_model(inner)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    rows, cols = scored.nonzero(as_tuple=True)
+    predicted = arch.normed_to_logits(inner, normed[rows, cols]).argmax(-1)
+    out[rows, cols + 1] = predicted == target[rows, cols]
     return out
+
+
+def _known_architecture(model):
+    """The plain Hugging Face causal LM behind ``model`` (unwrapping a ``peft`` model) if :mod:`mechrecall.arch` has
+    its layout, else None."""
+    from mechrecall.arch import UnsupportedArchitecture, spec_of
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(inner, "config"):
+        return None
+    try:
+        spec_of(inner)
+    except UnsupportedArchitecture:
+        return None
+    return inner
 
 
 def row_chunks(n: int, size: int):

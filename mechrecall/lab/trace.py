@@ -10,6 +10,12 @@ Per format and HF parameter name the trace keeps ``sum |g|`` and ``sum |g * delt
 the format took part; :meth:`mean_abs_grad` divides. In two-stage training the storage format is traced in stage 1
 and the query format in stage 2; in mixed training both are traced at every step. The trace is written as
 ``trace.safetensors`` into every checkpoint and restored on resume, so a resumed run has the same trace.
+
+In a LoRA stage (:mod:`mechrecall.lab.adapters`) the trainable parameters are the adapter factors, traced under their
+Hugging Face-style names (``model.layers.0.self_attn.q_proj.lora_A.weight``). For per-base-parameter importance,
+set the stage's ``trace_base_grads``: the frozen base weights then get gradients as well (never updated) and the trace
+holds each format's mean ``|dL/dW|`` for them under their usual names, which the masks analysis reads as it reads a
+full fine-tune's; ``grad_x_update`` is recorded for the factors only (the base weights do not move).
 """
 
 from __future__ import annotations
@@ -23,6 +29,15 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 TRACE_FILE = "trace.safetensors"
+
+
+def _named(model):
+    """Parameters under Hugging Face names (a peft-wrapped model's names without peft's prefixes and segments)."""
+    from mechrecall.lab.adapters import unwrapped_name
+
+    return ((unwrapped_name(n), p) for n, p in model.named_parameters())
+
+
 KINDS = ("abs_grad", "grad_x_update")
 
 
@@ -40,7 +55,7 @@ class GradientTrace:
     def capture(self, fmt: str, model) -> None:
         """Call right after ``loss_fmt.backward()``: record what this backward added to every ``.grad``."""
         grads = {}
-        for name, p in model.named_parameters():
+        for name, p in _named(model):
             if p.grad is None:
                 continue
             g = p.grad.detach()
@@ -53,16 +68,22 @@ class GradientTrace:
         self._step_grads[fmt] = grads
         self.steps[fmt] = self.steps.get(fmt, 0) + 1
 
-    def before_update(self, model) -> None:
-        """Call before ``optimizer.step()``: remember the parameters to measure this step's update."""
-        self._before = {n: p.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    def before_update(self, model, params=None) -> None:
+        """Call before ``optimizer.step()``: remember the parameters to measure this step's update (only ``params``,
+        the optimizer's, when given: traced frozen weights do not move, so they get no update record)."""
+        keep = None if params is None else {id(p) for p in params}
+        self._before = {
+            n: p.detach().clone() for n, p in _named(model) if p.grad is not None and (keep is None or id(p) in keep)
+        }
 
     def record_update(self, model) -> None:
         """Call after ``optimizer.step()``: credit ``|g_f * delta|`` to every format of the step, then reset."""
-        params = dict(model.named_parameters())
+        params = dict(_named(model))
         for fmt, grads in self._step_grads.items():
             acc = self.sums["grad_x_update"].setdefault(fmt, {})
             for name, g in grads.items():
+                if name not in self._before:
+                    continue
                 contrib = (g * (params[name].detach() - self._before[name])).abs()
                 acc[name] = acc[name].to(contrib.device) + contrib if name in acc else contrib
         self._seen, self._step_grads, self._before = {}, {}, {}

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from mechrecall.checkpoint import read_meta, save_checkpoint
 from mechrecall.io import atomic_write_json
+from mechrecall.lab.adapters import adapter_state, apply_lora, load_adapter_state, merge_adapters, merged_copy
 from mechrecall.lab.bios import SPLITS, FactDataset, generate
 from mechrecall.lab.config import Preset, StageConfig, get_preset
 from mechrecall.lab.distributed import Processes, processes, sharded_lm_loss
@@ -99,74 +99,6 @@ def lr_at(cfg: StageConfig, step: int) -> float:
     span = max(1, cfg.steps - cfg.warmup)
     t = min(1.0, (step - cfg.warmup) / span)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-# ----------------------------------------------------------------------------------------------------------- LoRA
-class LowRankDelta(nn.Module):
-    """Parametrization ``W -> W + B @ A * (alpha / rank)`` (B starts at zero, so training starts from W)."""
-
-    def __init__(self, out_features: int, in_features: int, rank: int, generator: torch.Generator, alpha: float = 16.0):
-        super().__init__()
-        self.A = nn.Parameter(torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features))
-        self.B = nn.Parameter(torch.zeros(out_features, rank))
-        self.scale = alpha / rank
-
-    def forward(self, weight: Tensor) -> Tensor:
-        return weight + (self.B @ self.A) * self.scale
-
-
-def apply_lora(model, cfg: StageConfig, seed: int) -> list[nn.Parameter]:
-    """Freeze ``model`` and add low-rank updates to the Linear layers named in ``cfg.lora_targets`` (and, with
-    ``lora_embedding_rank``, to the tied embedding). Returns the trainable parameters."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    targets = [
-        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in cfg.lora_targets
-    ]
-    if not targets and cfg.lora_targets:
-        raise ValueError(f"lora_targets {cfg.lora_targets} match no Linear layer of the model")
-    for _, module in targets:
-        out_f, in_f = module.weight.shape
-        parametrize.register_parametrization(module, "weight", LowRankDelta(out_f, in_f, cfg.lora_rank, g))
-    if cfg.lora_embedding_rank:
-        emb = model.get_input_embeddings()
-        v, d = emb.weight.shape
-        delta = LowRankDelta(v, d, cfg.lora_embedding_rank, g)
-        parametrize.register_parametrization(emb, "weight", delta)
-        if model.config.tie_word_embeddings:  # keep the unembedding tied to the same low-rank update
-            parametrize.register_parametrization(model.get_output_embeddings(), "weight", delta)
-    return [p for n, p in model.named_parameters() if p.requires_grad]
-
-
-def merge_lora(model) -> None:
-    """Fold every low-rank update into its weight, remove the parametrizations and unfreeze the model."""
-    deltas: dict[int, tuple[Tensor, Tensor]] = {}
-    modules = [m for m in model.modules() if parametrize.is_parametrized(m, "weight")]
-    for m in modules:
-        base = m.parametrizations.weight.original
-        deltas[id(base)] = (base, m.weight.detach().clone())
-    for m in modules:
-        parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
-    with torch.no_grad():
-        for base, merged in deltas.values():  # tied weights share one base: written once
-            base.copy_(merged)
-    for p in model.parameters():
-        p.requires_grad_(True)
-
-
-def merged_copy(model):
-    """A plain copy of a (possibly LoRA-parametrized) model with every update folded in; ``model`` is untouched.
-
-    (``copy.deepcopy`` + :func:`merge_lora` is wrong: removing a parametrization edits the class that the original
-    shares with its copy.)
-    """
-    fresh = type(model)(model.config)
-    with torch.no_grad():
-        for name, p in fresh.named_parameters():
-            prefix, _, leaf = name.rpartition(".")
-            p.copy_(getattr(model.get_submodule(prefix), leaf))
-    return fresh.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------- runs
@@ -253,6 +185,7 @@ class _Run:
     autocast: torch.dtype | None = None  # mixed precision of the forward (bf16 / fp16); weights stay float32
     procs: Processes = field(default_factory=Processes)  # this process's place in a multi-process launch
     net: nn.Module | None = None  # what forwards run through: the model, or DDP over it under a launch
+    params: list = field(default_factory=list)  # what the stage's optimizer updates
 
     @property
     def writers(self) -> tuple:
@@ -267,7 +200,7 @@ def _fresh_state() -> dict:
         "history": [],
         "metrics": {},
         "optimizer": None,
-        "lora": None,
+        "adapter": None,
     }
 
 
@@ -294,14 +227,20 @@ def _start(preset: Preset, regime: str, run_dir: Path, resume: bool, world: int 
 
 
 def _stage_optimizer(run: _Run, cfg: StageConfig, stage_index: int, start: int) -> torch.optim.Optimizer:
-    """The stage's trainable parameters (LoRA factors or every weight) and its AdamW, restored when resuming."""
-    model, state = run.model, run.state
+    """The stage's trainable parameters (LoRA factors or every weight) and its AdamW, restored when resuming. With
+    LoRA, ``run.model`` becomes the peft model (the merged model of a resumed checkpoint gets its base weights and
+    factors back from the trainer state)."""
+    state = run.state
     if cfg.trainable == "lora":
-        params = apply_lora(model, cfg, run.preset.seed + stage_index)
+        trace_base = cfg.trace_base_grads and run.tracer is not None
+        run.model, params = apply_lora(run.model, cfg, run.preset.seed + stage_index, trace_base_grads=trace_base)
+        if start > 0:
+            if state.get("adapter") is None:
+                raise ValueError(f"{run.regime_dir}: the checkpoint to resume holds no adapter state for this stage")
+            load_adapter_state(run.model, state["adapter"])
     else:
-        params = [p for p in model.parameters()]
-    if cfg.trainable == "lora" and state.get("lora") is not None and start > 0:
-        model.load_state_dict(state["lora"])
+        params = [p for p in run.model.parameters()]
+    run.params = params
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98), eps=1e-6)
     if start > 0 and state["optimizer"] is not None:
         opt.load_state_dict(state["optimizer"])
@@ -350,11 +289,11 @@ def _optimizer_step(
     for cb in callbacks:
         cb(event)
     if tracer is not None:
-        tracer.before_update(model)
+        tracer.before_update(model, run.params)
     opt.step()
     if tracer is not None:
         tracer.record_update(model)
-    opt.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)  # not opt.zero_grad: traced frozen base weights have gradients too
     return event
 
 
@@ -387,16 +326,18 @@ def _log_evaluation(run: _Run, cfg: StageConfig, stage: str, step: int, event: S
 
 def _finish_stage(run: _Run, cfg: StageConfig, stage: str, stage_index: int, n_stages: int, step: int, stopped: bool):
     """Merge adapters, evaluate, and write the stage's checkpoint (the stage boundary is resumable too)."""
-    model, state = run.model, run.state
     if cfg.trainable == "lora":
-        merge_lora(model)
+        run.model = merge_adapters(run.model)
+    model, state = run.model, run.state
     model.eval()
     metrics = evaluate(model, run.tokenizer, run.dataset)
     metrics["steps"] = step
     metrics["stopped_early"] = stopped
     state["metrics"][stage] = metrics
     # the next stage starts at step 0 with a fresh optimizer
-    state.update(stage_index=stage_index + 1, step=0, optimizer=None, lora=None, seconds=time.perf_counter() - run.t0)
+    state.update(
+        stage_index=stage_index + 1, step=0, optimizer=None, adapter=None, seconds=time.perf_counter() - run.t0
+    )
     state["trace"] = run.tracer.state() if run.tracer is not None else None
     meta = _meta(run.preset, run.dataset, run.regime, stage, state["global_step"], metrics)
     meta["train_seconds"] = state["seconds"]
@@ -498,10 +439,10 @@ def train(
 def _save_resumable(run: _Run, opt, cfg: StageConfig, stage: str, stage_index: int, step: int) -> None:
     state, model = run.state, run.model
     state.update(stage_index=stage_index, step=step, optimizer=opt.state_dict(), seconds=time.perf_counter() - run.t0)
-    state["lora"] = model.state_dict() if cfg.trainable == "lora" else None
+    state["adapter"] = adapter_state(model) if cfg.trainable == "lora" else None
     state["trace"] = run.tracer.state() if run.tracer is not None else None
     meta = _meta(run.preset, run.dataset, run.regime, stage, state["global_step"], {})
-    # with LoRA the HF folder gets merged weights; the raw factors travel in trainer_state.pt
+    # with LoRA the HF folder gets merged weights; factors and base weights travel in trainer_state.pt
     if run.procs.world > 1:
         state["world_size"] = meta["processes"] = run.procs.world
     if run.procs.main:

@@ -1,6 +1,8 @@
 """The per-format gradient trace: each format's own gradient, update attribution, persistence and resume."""
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from mechrecall.lab.config import get_preset
 from mechrecall.lab.trace import GradientTrace
@@ -54,3 +56,32 @@ def test_two_stage_trace_covers_both_stages(tmp_path):
     assert stage1.steps == {"storage": 6} and final.steps == {"storage": 6, "query": 4}
     name = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(stage1.mean_abs_grad("storage")[name], final.mean_abs_grad("storage")[name])
+
+
+@pytest.mark.parametrize("base_grads", [False, True])
+def test_lora_stage_traces_adapter_factors_and_optionally_base_weights(tmp_path, base_grads):
+    """A LoRA stage 2 traces its factors under HF-style names; with trace_base_grads also each frozen base weight's
+    |dL/dW| under its usual name (the same quantity a full fine-tune traces), and the base weights never move."""
+    preset = get_preset("micro", [
+        "two_stage.stage1.steps=4", "two_stage.stage2.steps=3", "two_stage.stage2.stop_at_trained_qa=null",
+        "two_stage.stage2.trainable=lora", f"two_stage.stage2.trace_base_grads={str(base_grads).lower()}",
+    ])  # fmt: skip
+    train(preset, "two_stage", tmp_path, progress=False)
+    final = GradientTrace.load(tmp_path / "two_stage" / "final")
+    query = final.mean_abs_grad("query")
+    factors = {n for n in query if ".lora_" in n}
+    assert factors == {f"model.layers.{i}.self_attn.{p}.lora_{ab}.weight" for i in range(2) for p in ("q_proj", "v_proj") for ab in "AB"}  # fmt: skip
+    updated = final.grad_x_update("query")
+    assert set(updated) == factors  # base weights do not move, so they get no update record
+    base = set(query) - factors
+    if base_grads:
+        assert "model.layers.0.mlp.up_proj.weight" in base and "model.layers.0.self_attn.q_proj.weight" in base
+        assert all(float(query[n].abs().sum()) > 0 for n in base if "layers" in n)
+    else:
+        assert not base
+    stage1 = load_file(tmp_path / "two_stage" / "stage1" / "model.safetensors")
+    final_w = load_file(tmp_path / "two_stage" / "final" / "model.safetensors")
+    assert torch.equal(stage1["model.layers.0.mlp.up_proj.weight"], final_w["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        stage1["model.layers.0.self_attn.q_proj.weight"], final_w["model.layers.0.self_attn.q_proj.weight"]
+    )

@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file
 
 from mechrecall.lab.config import get_preset
-from mechrecall.lab.train import apply_lora, batch_rows, lr_at, merge_lora, train
+from mechrecall.lab.train import batch_rows, lr_at, train
 
 SHORT = [
     "mixed.steps=24",
@@ -54,26 +54,6 @@ def test_lr_schedule():
     assert lr_at(cfg, 0) == pytest.approx(0.1)
     assert lr_at(cfg, 10) == pytest.approx(1.0)
     assert lr_at(cfg, 110) == pytest.approx(0.1)
-
-
-def test_lora_merge_matches_parametrized_model(micro_tokenizer):
-    from mechrecall.lab.models import build_model
-
-    preset = get_preset("micro")
-    model = build_model(preset.model, micro_tokenizer, 0)
-    cfg = preset.two_stage.stage2.model_copy(update={"trainable": "lora", "lora_embedding_rank": 4})
-    params = apply_lora(model, cfg, 0)
-    with torch.no_grad():
-        for p in params:
-            p.normal_()  # make the low-rank updates non-zero
-    x = torch.randint(4, len(micro_tokenizer), (2, 9))
-    before = model(input_ids=x).logits
-    merge_lora(model)
-    after = model(input_ids=x).logits
-    torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-4)
-    names = {n for n, _ in model.named_parameters()}
-    assert not any("parametrizations" in n for n in names) and all(p.requires_grad for p in model.parameters())
-    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
 
 
 def test_unknown_regime():

@@ -1,0 +1,54 @@
+"""Exact-match scoring: logits at the scored positions only give the same hits as the whole forward's logits."""
+
+import pytest
+import torch
+
+from mechrecall.recall import correct_answers
+from mechrecall.tokenization import Batch
+from tests.tiny_models import ARCHS, tiny_model
+
+
+def _batch(vocab: int) -> Batch:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab - 3, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0  # a padded row
+    labels = torch.full_like(ids, -100)
+    labels[0, 4:7] = ids[0, 4:7]
+    labels[1, 8:] = ids[1, 8:]
+    labels[2, 5:7] = ids[2, 5:7]
+    return Batch(ids, mask, labels)
+
+
+def _reference(model, batch: Batch) -> torch.Tensor:
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    target = batch.labels[:, 1:]
+    out = torch.ones_like(batch.labels, dtype=torch.bool)
+    out[:, 1:] = (logits[:, :-1].argmax(-1) == target) | (target == -100)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_scored_position_logits_match_the_whole_forward(arch):
+    model = tiny_model(arch)
+    batch = _batch(512)
+    expected = _reference(model, batch)
+    got = correct_answers(model, batch)
+    assert torch.equal(got, expected)
+    labels = batch.labels.clone()  # now score what the model does predict: every scored position is a hit
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    labels[:, 1:] = torch.where(labels[:, 1:] != -100, logits[:, :-1].argmax(-1), -100)
+    right = Batch(batch.input_ids, batch.attention_mask, labels)
+    assert correct_answers(model, right).all()
+
+
+def test_a_model_without_a_known_layout_is_scored_from_its_logits():
+    class Oracle(torch.nn.Module):  # no config: the whole-logits path
+        def forward(self, input_ids, attention_mask=None):
+            logits = torch.full((*input_ids.shape, 512), -1.0)
+            logits[:, :-1].scatter_(-1, input_ids[:, 1:, None], 1.0)
+            return type("Out", (), {"logits": logits})()
+
+    batch = _batch(512)
+    assert correct_answers(Oracle(), batch).all()
