@@ -31,14 +31,16 @@ def save_checkpoint(
     meta: dict,
     extra: dict | None = None,
     writers: tuple = (),
+    state_dict: dict | None = None,
 ) -> Path:
     """Write ``model`` + ``tokenizer`` + ``meta`` (and optional ``extra`` torch objects) to ``path`` atomically.
 
     ``writers`` are callables ``f(folder)`` that add files (e.g. the gradient trace) inside the same atomic write.
+    ``state_dict`` replaces the model's own weights (a sharded model's gathered full state).
     """
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if extra is not None:

@@ -49,10 +49,12 @@ def correct_answers(model, batch: Batch) -> Bool[Tensor, "batch pos"]:
 def _known_architecture(model):
     """The plain Hugging Face causal LM behind ``model`` (unwrapping a ``peft`` model) if :mod:`mechrecall.arch` has
     its layout, else None."""
+    from torch.distributed.fsdp import FSDPModule
+
     from mechrecall.arch import UnsupportedArchitecture, spec_of
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not hasattr(inner, "config"):
+    if not hasattr(inner, "config") or isinstance(inner, FSDPModule):  # a sharded model runs its whole forward
         return None
     try:
         spec_of(inner)

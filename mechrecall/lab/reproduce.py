@@ -62,7 +62,7 @@ def _regime_summary(regime: str, meta: dict) -> dict:
 
 def _register_seed(preset: Preset, run_dir: Path, registry: Path | None) -> list[str]:
     names = []
-    arch = f"scratch:llama-L{preset.model.n_layers}-d{preset.model.d_model}"
+    arch = preset.model.source or f"scratch:llama-L{preset.model.n_layers}-d{preset.model.d_model}"
     prefix = f"{preset.name}-s{preset.seed}"
     for name, folder, regime, stage in (
         (f"{prefix}-base", run_dir / "data" / "base", "base", "init"),
@@ -162,19 +162,51 @@ def analyses_markdown(out: Path) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-def run_analyses(two_stage: str, mixed: str, out: Path, *, registry: str | Path | None = None) -> dict[str, float]:
-    """Every analysis on one checkpoint pair (seed 0), each writing its JSON and figures into ``out``; seconds each."""
+# Analysis sizes for a pretrained base (a 100M+ model on a CPU): fewer facts, pairs and random draws than the lab's
+# defaults, which are sized for the 2-layer model. Each value is recorded in the analysis' own JSON.
+PRETRAINED_SIZES: dict[str, dict] = {
+    "consistency": {"n_people": 40, "grad_facts": 48},
+    "masks": {"count": 120, "consistency_facts": 24, "draws": 3, "sweep_draws": 1, "ks": (0.01, 0.05, 0.2)},
+    "patching": {"n_people": 20, "n_pairs": 40},
+    "attribution": {"n_people": 10},
+}
+
+
+def run_analyses(
+    two_stage: str,
+    mixed: str,
+    out: Path,
+    *,
+    registry: str | Path | None = None,
+    preset: Preset | None = None,
+    base: str | None = None,
+) -> dict[str, float]:
+    """Every analysis on one checkpoint pair (seed 0), each writing its JSON and figures into ``out``; seconds each.
+
+    With ``preset`` trained without a gradient trace (``trace=false``), the masks take post-hoc importance on the
+    run's own facts instead (``posthoc_x_update`` against ``base``, the run's starting checkpoint: what any two
+    checkpoints get, see :mod:`mechrecall.report.masks`); a pretrained-base preset uses :data:`PRETRAINED_SIZES`.
+    """
     from mechrecall.report.consistency import run as consistency_run
     from mechrecall.report.masks import run as masks_run
     from mechrecall.report.patching import run_attribution, run_patching
 
+    sizes = PRETRAINED_SIZES if preset is not None and preset.model.source is not None else {}
+    masks_kw = dict(sizes.get("masks", {}))
+    if preset is not None and not preset.trace:
+        from mechrecall.lab.bios import generate
+
+        masks_kw.update(facts=generate(preset.data.spec(), preset.seed).factset(), split="heldout", base=base,
+                        labels=["two_stage", "mixed"])  # fmt: skip
     steps = {
         "consistency": lambda: consistency_run(
-            [two_stage, mixed], out, registry=registry, labels=["two_stage", "mixed"]
+            [two_stage, mixed], out, registry=registry, labels=["two_stage", "mixed"], **sizes.get("consistency", {})
         ),
-        "masks": lambda: masks_run(two_stage, mixed, out, registry=registry),
-        "patching": lambda: run_patching(two_stage, mixed, out, registry=registry),
-        "attribution": lambda: run_attribution(two_stage, mixed, out, registry=registry),
+        "masks": lambda: masks_run(two_stage, mixed, out, registry=registry, **masks_kw),
+        "patching": lambda: run_patching(two_stage, mixed, out, registry=registry, **sizes.get("patching", {})),
+        "attribution": lambda: run_attribution(
+            two_stage, mixed, out, registry=registry, **sizes.get("attribution", {})
+        ),
     }
     seconds = {}
     for name, step in steps.items():
@@ -252,7 +284,10 @@ def reproduce(
         first = per_seed[0]
         two_stage = next(n for n in first["registered"] if n.endswith("-two-stage"))
         mixed = next(n for n in first["registered"] if n.endswith("-mixed"))
-        results["analysis_seconds"] = run_analyses(two_stage, mixed, out, registry=registry)
+        base = next(n for n in first["registered"] if n.endswith("-base"))
+        results["analysis_seconds"] = run_analyses(
+            two_stage, mixed, out, registry=registry, preset=presets[seeds[0]], base=base
+        )
         results["wall_seconds"] = time.perf_counter() - t0
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", markdown_table(results) + analyses_markdown(out))

@@ -41,6 +41,22 @@ def _named(model):
 KINDS = ("abs_grad", "grad_x_update")
 
 
+def _whole(t: Tensor) -> Tensor:
+    """``t`` on the CPU, gathered first if it is an FSDP shard (a collective: every process calls it in turn)."""
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).cpu()
+
+
+def _like(acc: Tensor, new: Tensor) -> Tensor:
+    """``acc`` where ``new`` lives: its device, and sharded as ``new`` is under FSDP (a resumed trace is whole)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(new, DTensor) and not isinstance(acc, DTensor):
+        return distribute_tensor(acc.to(new.device), new.device_mesh, new.placements)
+    return acc.to(new.device)
+
+
 @dataclass
 class GradientTrace:
     """Accumulated per-format importances, keyed ``[kind][format][hf_name]``; ``steps[format]`` counts steps."""
@@ -63,8 +79,8 @@ class GradientTrace:
             self._seen[name] = g.clone()
             grads[name] = own
             acc = self.sums["abs_grad"].setdefault(fmt, {})
-            # (a resumed trace comes back on the CPU; it accumulates where the model lives)
-            acc[name] = acc[name].to(own.device) + own.abs() if name in acc else own.abs()
+            # (a resumed trace comes back on the CPU, whole; it accumulates where the model lives, sharded like it)
+            acc[name] = _like(acc[name], own) + own.abs() if name in acc else own.abs()
         self._step_grads[fmt] = grads
         self.steps[fmt] = self.steps.get(fmt, 0) + 1
 
@@ -85,7 +101,7 @@ class GradientTrace:
                 if name not in self._before:
                     continue
                 contrib = (g * (params[name].detach() - self._before[name])).abs()
-                acc[name] = acc[name].to(contrib.device) + contrib if name in acc else contrib
+                acc[name] = _like(acc[name], contrib) + contrib if name in acc else contrib
         self._seen, self._step_grads, self._before = {}, {}, {}
 
     # ------------------------------------------------------------------ reading
@@ -111,7 +127,7 @@ class GradientTrace:
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict:
         """The accumulated sums on the CPU (what a checkpoint stores) and the step counts."""
-        sums = {k: {f: {n: t.cpu() for n, t in d.items()} for f, d in v.items()} for k, v in self.sums.items()}
+        sums = {k: {f: {n: _whole(t) for n, t in d.items()} for f, d in v.items()} for k, v in self.sums.items()}
         return {"sums": sums, "steps": dict(self.steps)}
 
     @classmethod

@@ -187,9 +187,19 @@ class _Run:
     net: nn.Module | None = None  # what forwards run through: the model, or DDP over it under a launch
     params: list = field(default_factory=list)  # what the stage's optimizer updates
 
-    @property
-    def writers(self) -> tuple:
-        return (self.tracer.save,) if self.tracer is not None else ()
+    def snapshot(self) -> tuple[dict | None, tuple]:
+        """(the trace's state for the trainer state, the writers that save it): gathered on the CPU first, which
+        under FSDP is a collective every process joins, so that the main process writes plain tensors."""
+        if self.tracer is None:
+            return None, ()
+        state = self.tracer.state()
+        return state, (GradientTrace.from_state(state).save,)
+
+    def record_launch(self, meta: dict) -> None:
+        """A multi-process checkpoint records its process count and sharding (a resume must match both)."""
+        if self.procs.world > 1:
+            self.state["world_size"] = meta["processes"] = self.procs.world
+            self.state["parallel"] = meta["parallel"] = self.procs.mode
 
 
 def _fresh_state() -> dict:
@@ -204,7 +214,7 @@ def _fresh_state() -> dict:
     }
 
 
-def _start(preset: Preset, regime: str, run_dir: Path, resume: bool, world: int = 1) -> _Run:
+def _start(preset: Preset, regime: str, run_dir: Path, resume: bool, procs: Processes | None = None) -> _Run:
     """Data, tokenizer and model of a run: from the base checkpoint, or from the newest resumable checkpoint."""
     dataset, tokenizer = prepare_data(preset, run_dir)
     data = TrainingData.build(dataset, tokenizer)
@@ -215,11 +225,17 @@ def _start(preset: Preset, regime: str, run_dir: Path, resume: bool, world: int 
     if latest is not None:
         model, _, _ = load_checkpoint(latest)
         state = torch.load(latest / "trainer_state.pt", weights_only=False)
+        procs = procs or Processes()
         saved_world = state.get("world_size", 1)
-        if saved_world != world:
+        if saved_world != procs.world:
             raise ValueError(
-                f"{latest} was written by a run of {saved_world} process(es) and this launch has {world}: resume with "
-                f"the same number of processes (the shards of each batch depend on it)"
+                f"{latest} was written by a run of {saved_world} process(es) and this launch has {procs.world}: "
+                f"resume with the same number of processes (the shards of each batch depend on it)"
+            )
+        saved_mode = state.get("parallel", "single" if saved_world == 1 else "ddp")
+        if saved_mode != procs.mode:
+            raise ValueError(
+                f"{latest} was written by a {saved_mode} launch and this one is {procs.mode}: resume it the same way"
             )
     t0 = time.perf_counter() - state.get("seconds", 0.0)
     tracer = GradientTrace.from_state(state.get("trace")) if preset.trace else None
@@ -231,6 +247,8 @@ def _stage_optimizer(run: _Run, cfg: StageConfig, stage_index: int, start: int) 
     LoRA, ``run.model`` becomes the peft model (the merged model of a resumed checkpoint gets its base weights and
     factors back from the trainer state)."""
     state = run.state
+    if cfg.trainable == "lora" and run.procs.fsdp:
+        raise ValueError("trainable=lora under FSDP is not supported: launch LoRA stages with DDP (--multi_gpu)")
     if cfg.trainable == "lora":
         trace_base = cfg.trace_base_grads and run.tracer is not None
         run.model, params = apply_lora(run.model, cfg, run.preset.seed + stage_index, trace_base_grads=trace_base)
@@ -238,12 +256,13 @@ def _stage_optimizer(run: _Run, cfg: StageConfig, stage_index: int, start: int) 
             if state.get("adapter") is None:
                 raise ValueError(f"{run.regime_dir}: the checkpoint to resume holds no adapter state for this stage")
             load_adapter_state(run.model, state["adapter"])
-    else:
-        params = [p for p in run.model.parameters()]
+    run.net = run.procs.wrap(run.model)  # DDP / FSDP after the stage's adapters are in place, before the optimizer
+    if cfg.trainable != "lora":
+        params = [p for p in run.model.parameters()]  # (FSDP's sharded parameters replace the originals)
     run.params = params
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98), eps=1e-6)
     if start > 0 and state["optimizer"] is not None:
-        opt.load_state_dict(state["optimizer"])
+        run.procs.load_optimizer_state(run.model, opt, state["optimizer"])
     return opt
 
 
@@ -315,6 +334,7 @@ def _log_evaluation(run: _Run, cfg: StageConfig, stage: str, step: int, event: S
     """Evaluate, append to ``history.json``; True when the stage's stop rule (trained QA only) is met."""
     # held-out numbers are logged for trajectories only; the stop rule reads trained QA alone
     m = evaluate(run.model, run.tokenizer, run.dataset, splits=SPLITS if cfg.batch_query else (), storage=True)
+    run.procs.after_forwards(run.model)
     entry = {"stage": stage, "step": step, "global_step": run.state["global_step"], "lr": lr_at(cfg, step - 1)}
     entry.update({f"loss_{f}": v for f, v in event.losses.items()})
     entry.update({k: v for k, v in m.items() if k != "per_attribute"})
@@ -331,6 +351,7 @@ def _finish_stage(run: _Run, cfg: StageConfig, stage: str, stage_index: int, n_s
     model, state = run.model, run.state
     model.eval()
     metrics = evaluate(model, run.tokenizer, run.dataset)
+    run.procs.after_forwards(model)
     metrics["steps"] = step
     metrics["stopped_early"] = stopped
     state["metrics"][stage] = metrics
@@ -338,17 +359,17 @@ def _finish_stage(run: _Run, cfg: StageConfig, stage: str, stage_index: int, n_s
     state.update(
         stage_index=stage_index + 1, step=0, optimizer=None, adapter=None, seconds=time.perf_counter() - run.t0
     )
-    state["trace"] = run.tracer.state() if run.tracer is not None else None
+    state["trace"], writers = run.snapshot()
     meta = _meta(run.preset, run.dataset, run.regime, stage, state["global_step"], metrics)
     meta["train_seconds"] = state["seconds"]
-    if run.procs.world > 1:
-        state["world_size"] = meta["processes"] = run.procs.world
+    run.record_launch(meta)
+    weights = run.procs.full_model_state(model)  # None unless sharded
     name = "final" if stage_index == n_stages - 1 else stage
     if run.procs.main:
-        save_checkpoint(run.regime_dir / name, model, run.tokenizer, meta, writers=run.writers)
+        save_checkpoint(run.regime_dir / name, model, run.tokenizer, meta, writers=writers, state_dict=weights)
         if stage_index < n_stages - 1:
             path = run.regime_dir / "checkpoints" / f"step-{state['global_step']:06d}"
-            save_checkpoint(path, model, run.tokenizer, meta, state, writers=run.writers)
+            save_checkpoint(path, model, run.tokenizer, meta, state, writers=writers, state_dict=weights)
     run.procs.barrier()
 
 
@@ -394,7 +415,7 @@ def train(
         if procs.main:
             prepare_data(preset, run_dir)  # the main process writes data/; the others then read it
         procs.barrier()
-    run = _start(preset, regime, run_dir, resume, procs.world)
+    run = _start(preset, regime, run_dir, resume, procs)
     run.device, run.autocast, run.procs = dev, amp, procs
     run.model.to(dev)
     if gradient_checkpointing:
@@ -404,7 +425,6 @@ def train(
         stage, cfg = plan[stage_index]
         start = state["step"] if stage_index == state["stage_index"] else 0
         opt = _stage_optimizer(run, cfg, stage_index, start)
-        run.net = procs.wrap(run.model)  # after the stage's adapters are in place
         run.model.train()
         # disable=None: bars only on a terminal (logs and CI get none)
         bar = tqdm(
@@ -438,17 +458,18 @@ def train(
 
 def _save_resumable(run: _Run, opt, cfg: StageConfig, stage: str, stage_index: int, step: int) -> None:
     state, model = run.state, run.model
-    state.update(stage_index=stage_index, step=step, optimizer=opt.state_dict(), seconds=time.perf_counter() - run.t0)
+    optimizer = run.procs.optimizer_state(model, opt)  # (gathered under FSDP: every process takes part)
+    state.update(stage_index=stage_index, step=step, optimizer=optimizer, seconds=time.perf_counter() - run.t0)
     state["adapter"] = adapter_state(model) if cfg.trainable == "lora" else None
-    state["trace"] = run.tracer.state() if run.tracer is not None else None
+    state["trace"], writers = run.snapshot()
     meta = _meta(run.preset, run.dataset, run.regime, stage, state["global_step"], {})
-    # with LoRA the HF folder gets merged weights; factors and base weights travel in trainer_state.pt
-    if run.procs.world > 1:
-        state["world_size"] = meta["processes"] = run.procs.world
+    run.record_launch(meta)
+    weights = run.procs.full_model_state(model)
     if run.procs.main:
+        # with LoRA the HF folder gets merged weights; factors and base weights travel in trainer_state.pt
         saved = merged_copy(model) if cfg.trainable == "lora" else model
         path = run.regime_dir / "checkpoints" / f"step-{state['global_step']:06d}"
-        save_checkpoint(path, saved, run.tokenizer, meta, state, writers=run.writers)
+        save_checkpoint(path, saved, run.tokenizer, meta, state, writers=writers, state_dict=weights)
     run.procs.barrier()
 
 

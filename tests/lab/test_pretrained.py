@@ -128,3 +128,31 @@ def test_a_base_with_dropout_trains_without_it_and_a_changed_source_is_refused(b
     other = get_preset("micro", [*TINY, f"model.source={gpt2}"])
     with pytest.raises(ValueError, match=r"built from model.source=.* but the preset asks for"):
         train(other, "mixed", tmp_path / "run", progress=False)
+
+
+def test_reproduce_without_a_trace_runs_every_analysis_on_a_pretrained_pair(tmp_path, monkeypatch):
+    """A pretrained-base preset trained with trace=false (the smollm2 preset's default): ``reproduce`` still runs
+    every analysis; the masks come from post-hoc importance on the run's facts against the registered base."""
+    import json
+
+    from mechrecall.lab import reproduce as rep
+
+    preset = get_preset("micro", TINY)
+    ds = generate(preset.data.spec(), preset.seed)
+    tok = _bpe([*ds.documents(), *(ex.text for ex in ds.query_examples())])
+    folder = tmp_path / "base"
+    tiny_model("gpt_neox", vocab_size=512).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    small = {"consistency": {"n_people": 6, "grad_facts": 6},
+             "masks": {"count": 12, "consistency_facts": 4, "draws": 1, "sweep_draws": 1, "ks": (0.05,)},
+             "patching": {"n_people": 4, "n_pairs": 4}, "attribution": {"n_people": 2}}  # fmt: skip
+    monkeypatch.setattr(rep, "PRETRAINED_SIZES", small)
+    out = tmp_path / "out"
+    results = rep.reproduce("micro", out, overrides=[*TINY, f"model.source={folder}", "trace=false"],
+                            registry=tmp_path / "registry.yaml", progress=False)  # fmt: skip
+    assert set(results["analysis_seconds"]) == {"consistency", "masks", "patching", "attribution"}
+    masks = json.loads((out / "masks.json").read_text())
+    assert masks["importance"] == "posthoc_x_update"
+    assert not (out / "seed0" / "mixed" / "final" / "trace.safetensors").exists()
+    entries = (tmp_path / "registry.yaml").read_text()
+    assert f"base_model: {folder}" in entries
