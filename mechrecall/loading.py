@@ -240,11 +240,16 @@ def load_model(
 
     ``device`` (default CPU) and ``dtype`` (``"float32"`` default, ``"bf16"``, ``"fp16"`` or a torch dtype) are
     checked before anything is read; ``device_map`` (e.g. ``"auto"``) goes to ``from_pretrained`` for models that do
-    not fit one device and replaces the move to ``device``. ``supported_only`` refuses an architecture
+    not fit one device and replaces the move to ``device``; ``device="map:auto"`` (``map:balanced``, ...) is the same
+    as ``device_map="auto"``, which is how every CLI's ``--device`` reaches it. ``supported_only`` refuses an architecture
     :mod:`mechrecall.arch` does not know (see the module docstring).
     """
     from mechrecall.devices import resolve_device, resolve_dtype
 
+    if isinstance(device, str) and device.startswith("map:"):  # the CLIs' --device map:auto: shard over devices
+        if device_map is not None:
+            raise ValueError(f"device={device!r} and device_map={device_map!r}: give one of them")
+        device_map, device = device.removeprefix("map:") or "auto", "auto"
     dev = torch.device("cpu") if device is None else resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     _probe(dev, dt)
@@ -373,7 +378,9 @@ def add_model_args(ap, *, device: bool = True) -> None:
     """``--device`` (default: CUDA when available, else CPU) and ``--dtype`` (default float32) on a parser."""
     from mechrecall.devices import DTYPES, default_device
 
-    ap.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:N, mps (default: %(default)s)")
+    ap.add_argument("--device", default=default_device(),
+                    help="cpu, cuda, cuda:N, mps, or map:auto to shard over the GPUs with a Hugging Face device_map "
+                         "(default: %(default)s)")  # fmt: skip
     ap.add_argument("--dtype", default="float32", help=f"{', '.join(sorted(DTYPES))} (default: %(default)s)")
 
 

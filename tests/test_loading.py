@@ -157,6 +157,25 @@ def test_device_map_goes_to_from_pretrained_and_the_model_is_not_moved(lab_check
     assert "device_map" not in seen
 
 
+def test_a_cli_device_of_map_auto_loads_through_a_real_device_map(lab_checkpoint, monkeypatch):
+    """``--device map:auto`` reaches a real from_pretrained as device_map="auto" (which places everything on this
+    machine's only device, the CPU: splitting over GPUs is untested here); the logits are the plain model's."""
+    import transformers
+
+    seen = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: seen.update(k) or real(*a, **k))  # fmt: skip
+    path, model = lab_checkpoint
+    lm = load_model(str(path), device="map:auto")
+    assert seen["device_map"] == "auto" and {p.device.type for p in lm.model.parameters()} == {"cpu"}
+    ids = torch.tensor([[2, 10, 11, 12]])
+    with torch.no_grad():
+        assert torch.equal(lm.model(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="give one of them"):
+        load_model(str(path), device="map:auto", device_map="auto")
+
+
 def test_supported_only_refuses_an_architecture_arch_does_not_know(tmp_path, micro_tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -140,14 +140,14 @@ SMOLLM2 = Preset(
     data=DataConfig(n_people=100, name_style="multi_token", fullname=False),
     model=ModelConfig(source="smollm2-135m-instruct"),
     two_stage=TwoStageConfig(
-        stage1=_stage(steps=125, lr=3e-4, warmup=5, min_lr_ratio=1.0, weight_decay=0.1, batch_storage=8,
-                      batch_query=0, eval_every=25),
+        stage1=_stage(steps=300, lr=3e-4, warmup=5, min_lr_ratio=1.0, weight_decay=0.1, batch_storage=8,
+                      batch_query=0, eval_every=50),
         stage2=_stage(steps=200, lr=3e-4, warmup=5, min_lr_ratio=1.0, weight_decay=0.1, batch_storage=0,
                       batch_query=8, stop_at_trained_qa=0.95, eval_every=20),
     ),
-    mixed=_stage(steps=125, lr=3e-4, warmup=5, min_lr_ratio=1.0, weight_decay=0.1, batch_storage=8, batch_query=8,
-                 eval_every=25),
-    save_every=25,
+    mixed=_stage(steps=300, lr=3e-4, warmup=5, min_lr_ratio=1.0, weight_decay=0.1, batch_storage=8, batch_query=8,
+                 eval_every=50),
+    save_every=100,
     trace=False,
 )  # fmt: skip
 

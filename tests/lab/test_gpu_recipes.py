@@ -43,9 +43,9 @@ def test_recipe_fits_the_real_model(name):
     assert n == pytest.approx(PARAMS[name], rel=2e-3)
     assert arch.n_layers(model) == model.config.num_hidden_layers
     assert type(arch.blocks(model)[0]).__name__ == BLOCK[name]
-    # full fine-tuning with AdamW keeps weights, gradients and two moments in float32: 16 bytes a parameter,
-    # which is why the recipe's README commands shard a 3B model (FSDP) rather than replicate it on 80 GB GPUs
-    assert 16 * n > 40e9
+    # full fine-tuning with AdamW keeps weights, gradients and two moments in float32: 16 bytes a parameter, more
+    # than a 40 GB GPU holds (the FSDP config shards it); an 80 GB GPU holds it with room for activations (DDP)
+    assert 40e9 < 16 * n < 60e9
     assert preset.trace is False and preset.data.name_style == "multi_token"
     for stage in (preset.mixed, preset.two_stage.stage1, preset.two_stage.stage2):
         assert stage.lr <= 1e-4 and stage.trainable == "all"
