@@ -41,7 +41,9 @@ def correct_answers(model, batch: Batch) -> Bool[Tensor, "batch pos"]:
 
     normed = arch.base_model(inner)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     rows, cols = scored.nonzero(as_tuple=True)
-    predicted = arch.normed_to_logits(inner, normed[rows, cols]).argmax(-1)
+    # (a model split over devices returns its states on the last one)
+    picked = normed[rows.to(normed.device), cols.to(normed.device)]
+    predicted = arch.normed_to_logits(inner, picked).argmax(-1).to(target.device)
     out[rows, cols + 1] = predicted == target[rows, cols]
     return out
 

@@ -42,6 +42,7 @@ __all__ = [
     "lora_config",
     "merge_adapters",
     "merged_copy",
+    "tie_gradients",
     "unwrapped_name",
 ]
 
@@ -83,11 +84,17 @@ def lora_config(model: nn.Module, cfg: StageConfig):
     from peft import LoraConfig
 
     options = dict(cfg.adapter_options)
-    if options.get("lora_dropout"):
+    if "lora_dropout" in options:
         raise ValueError(
             "adapter_options.lora_dropout: adapters train without dropout here (its random state is not in the "
             "checkpoints, so a resumed run would differ)"
         )
+    for key in ("modules_to_save", "trainable_token_indices", "layers_to_transform", "target_parameters"):
+        if options.get(key):
+            raise ValueError(
+                f"adapter_options.{key}: not supported by the trainer (its merge and resume handle LoRA layers on "
+                f"whole modules only)"
+            )
     from transformers.pytorch_utils import Conv1D  # GPT-2's projections
 
     leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
@@ -96,6 +103,12 @@ def lora_config(model: nn.Module, cfg: StageConfig):
         raise ValueError(
             f"lora_targets {missing} match no Linear layer of the {type(model).__name__} "
             f"(its Linear layers end in: {', '.join(sorted(leaves))})"
+        )
+    out_name = _output_name(model)
+    if _tied(model) and out_name is not None and out_name.rsplit(".", 1)[-1] in cfg.lora_targets:
+        raise ValueError(
+            f"lora_targets {list(cfg.lora_targets)}: {out_name!r} is tied to the input embedding (an update of it would "
+            f"change both); use lora_embedding_rank for a tied low-rank update of the two"
         )
     targets = list(cfg.lora_targets)
     ranks, alphas = {}, {}
@@ -147,7 +160,10 @@ def apply_lora(model: nn.Module, cfg: StageConfig, seed: int, *, trace_base_grad
             raise ValueError(f"peft cannot build the adapters {config.target_modules}: {e}") from None
     if config.ensure_weight_tying:
         _check_tied(peft_model)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    aliases = {id(t) for t, _ in _tied_factor_pairs(peft_model)}
+    # the unembedding's factors are views of the embedding's: one set of trainable tensors (tie_gradients folds the
+    # views' gradients into it), else AdamW would update the shared memory twice per step with two sets of moments
+    trainable = [p for p in peft_model.parameters() if p.requires_grad and id(p) not in aliases]
     if trace_base_grads:
         for p in peft_model.parameters():
             p.requires_grad_(True)
@@ -170,6 +186,31 @@ def _check_tied(peft_model) -> None:
             f"lora_embedding_rank: peft cannot tie an embedding adapter of {type(model).__name__} (embedding "
             f"{_embedding_name(model)!r}) to its tied unembedding; use lora_embedding_rank=0 or full fine-tuning"
         )
+
+
+def _tied_factor_pairs(peft_model) -> list[tuple[Tensor, Tensor]]:
+    """(the unembedding's factor, the embedding factor it is a transposed view of) for a tied embedding adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    emb, out = peft_model.get_input_embeddings(), peft_model.get_output_embeddings()
+    if not (isinstance(out, LoraLayer) and _ADAPTER in out.lora_A and isinstance(emb, LoraLayer)):
+        return []
+    if _ADAPTER not in getattr(emb, "lora_embedding_A", {}):
+        return []
+    pairs = [(out.lora_A[_ADAPTER].weight, emb.lora_embedding_B[_ADAPTER]),
+             (out.lora_B[_ADAPTER].weight, emb.lora_embedding_A[_ADAPTER])]  # fmt: skip
+    return [(a, b) for a, b in pairs if a.data_ptr() == b.data_ptr()]
+
+
+def tie_gradients(peft_model) -> None:
+    """Call after each backward: add the tied unembedding factors' gradients (transposed) into the embedding factors
+    they view and clear them, so the one trainable set gets the whole gradient of the shared update."""
+    for alias, owner in _tied_factor_pairs(peft_model):
+        if alias.grad is None:
+            continue
+        extra = alias.grad.T
+        owner.grad = extra.clone() if owner.grad is None else owner.grad + extra
+        alias.grad = None
 
 
 def _lora_layers(peft_model) -> list[tuple[str, nn.Module]]:
@@ -229,8 +270,9 @@ def merged_copy(peft_model) -> nn.Module:
             layer.merged_adapters.clear()
     inner = peft_model.get_base_model()
     device = next(inner.parameters()).device
-    with torch.device(device):
+    with torch.device(device), torch.random.fork_rng(devices=[]):  # (its random init is overwritten below)
         fresh = type(inner)(inner.config)
+    fresh.generation_config = inner.generation_config
     with torch.no_grad():
         for name, p in fresh.named_parameters():  # a tied pair appears once
             p.copy_(current[name])
@@ -257,9 +299,16 @@ def load_adapter_state(peft_model, state: dict[str, dict[str, Tensor]]) -> None:
     """Restore :func:`adapter_state` into a model that :func:`apply_lora` built from the merged checkpoint."""
     from peft import set_peft_model_state_dict
 
+    bases = _bases(peft_model)
+    missing = sorted(set(bases) - set(state["bases"]))
+    if missing:
+        raise ValueError(f"the checkpoint's adapter state lacks the base weights of {missing} (other lora_targets?)")
     with torch.no_grad():
-        for name, weight in _bases(peft_model).items():
+        for name, weight in bases.items():
             weight.copy_(state["bases"][name])
     result = set_peft_model_state_dict(peft_model, state["factors"])
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"the checkpoint's adapter holds weights this stage's adapters lack: {result.unexpected_keys}")
+    lost = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k]
+    if lost:
+        raise ValueError(f"the checkpoint's adapter state lacks the factors {lost} (other lora_targets?)")

@@ -31,7 +31,14 @@ from tqdm.auto import tqdm
 
 from mechrecall.checkpoint import read_meta, save_checkpoint
 from mechrecall.io import atomic_write_json
-from mechrecall.lab.adapters import adapter_state, apply_lora, load_adapter_state, merge_adapters, merged_copy
+from mechrecall.lab.adapters import (
+    adapter_state,
+    apply_lora,
+    load_adapter_state,
+    merge_adapters,
+    merged_copy,
+    tie_gradients,
+)
 from mechrecall.lab.bios import SPLITS, FactDataset, generate
 from mechrecall.lab.config import Preset, StageConfig, get_preset
 from mechrecall.lab.distributed import Processes, processes, sharded_lm_loss
@@ -89,6 +96,10 @@ def batch_rows(n: int, batch_size: int, step: int, seed: int, stage: int) -> Int
 def lm_loss(model, batch: Batch) -> Float[Tensor, ""]:
     """Mean next-token cross-entropy over the scored positions (``labels != -100``)."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return _cross_entropy(logits, batch)
+
+
+def _cross_entropy(logits: Tensor, batch: Batch) -> Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=-100)
 
 
@@ -186,6 +197,9 @@ class _Run:
     procs: Processes = field(default_factory=Processes)  # this process's place in a multi-process launch
     net: nn.Module | None = None  # what forwards run through: the model, or DDP over it under a launch
     params: list = field(default_factory=list)  # what the stage's optimizer updates
+    rows: dict = field(default_factory=dict)  # this step's dataset rows per format
+    align: object | None = None  # mechrecall.lab.objectives.AlignData while a stage has an alignment term
+    align_layers: list = field(default_factory=list)
 
     def snapshot(self) -> tuple[dict | None, tuple]:
         """(the trace's state for the trainer state, the writers that save it): gathered on the CPU first, which
@@ -272,13 +286,11 @@ def _step_batches(run: _Run, cfg: StageConfig, stage_index: int, step: int) -> d
     batches: dict[str, Batch] = {}
     shard = run.procs.shard  # every process builds the global batch and keeps its rows (all of them alone)
     if cfg.batch_storage:
-        batches["storage"] = data.storage.index(
-            shard(batch_rows(len(data.storage), cfg.batch_storage, step, seed, 2 * stage_index))
-        )
+        run.rows["storage"] = shard(batch_rows(len(data.storage), cfg.batch_storage, step, seed, 2 * stage_index))
+        batches["storage"] = data.storage.index(run.rows["storage"])
     if cfg.batch_query:
-        batches["query"] = data.query.index(
-            shard(batch_rows(len(data.query), cfg.batch_query, step, seed, 2 * stage_index + 1))
-        )
+        run.rows["query"] = shard(batch_rows(len(data.query), cfg.batch_query, step, seed, 2 * stage_index + 1))
+        batches["query"] = data.query.index(run.rows["query"])
     return batches
 
 
@@ -295,15 +307,20 @@ def _optimizer_step(
     if run.procs.world > 1:
         logged = _sharded_step(run, batches, weights, autocast)
     else:
+        logged = {}
         with autocast:
-            losses = {fmt: lm_loss(model, b) for fmt, b in batches.items()}
+            losses = {}
+            for fmt, b in batches.items():
+                losses[fmt], parts = _format_loss(run, cfg, fmt, b)
+                logged.update(parts)
         if tracer is None:
             sum(losses[f] * weights[f] for f in losses).backward()
+            tie_gradients(model)
         else:  # one backward per format so that each format's own gradient can be traced
             for f in losses:
                 (losses[f] * weights[f]).backward()
+                tie_gradients(model)
                 tracer.capture(f, model)
-        logged = {f: float(v.detach()) for f, v in losses.items()}
     event = StepEvent(run.regime, stage, step, run.state["global_step"], model, batches, logged)
     for cb in callbacks:
         cb(event)
@@ -316,6 +333,49 @@ def _optimizer_step(
     return event
 
 
+def _format_loss(run: _Run, cfg: StageConfig, fmt: str, b: Batch) -> tuple[Tensor, dict[str, float]]:
+    """A format's loss for the backward and what to log: the LM loss, plus for the query format the alignment term
+    (``align_weight`` > 0; :mod:`mechrecall.lab.objectives`)."""
+    if fmt != "query" or not cfg.align_weight:
+        loss = lm_loss(run.model, b)
+        return loss, {fmt: float(loss.detach())}
+    from mechrecall.lab.objectives import alignment_term, hidden_at, prompt_end, teacher_states
+
+    out = run.model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True)
+    lm = _cross_entropy(out.logits, b)
+    states = hidden_at(out.hidden_states, prompt_end(b), run.align_layers)
+    facts = run.align.query_fact[run.rows["query"]]
+    if cfg.align_teacher == "live":
+        teacher = teacher_states(run.model, run.align, run.align_layers, facts)
+    else:
+        teacher = run.state["align_teacher"][facts]
+    align = alignment_term(states, teacher, cfg.align_loss)
+    return lm + cfg.align_weight * align, {fmt: float(lm.detach()), "align": float(align.detach())}
+
+
+def _stage_alignment(run: _Run, cfg: StageConfig, start: int) -> None:
+    """Set up a stage's alignment term: the facts, the layers and (``stage_start``) the frozen teacher states, which
+    are computed when the stage begins and kept in the trainer state (a resumed stage reads them back)."""
+    run.align = None
+    if not cfg.align_weight:
+        run.state["align_teacher"] = None
+        return
+    from mechrecall.arch import n_layers
+    from mechrecall.lab.objectives import AlignData, default_layers, teacher_states
+
+    if run.procs.world > 1:
+        raise ValueError("align_weight: the alignment term runs in single-process training only")
+    if not cfg.batch_query:
+        raise ValueError("align_weight > 0 needs query batches in the stage (batch_query > 0)")
+    layers = list(cfg.align_layers) if cfg.align_layers is not None else default_layers(run.model)
+    bad = [lay for lay in layers if not 0 <= lay <= n_layers(run.model)]
+    if bad:
+        raise ValueError(f"align_layers {bad}: hidden-state indices run from 0 to {n_layers(run.model)}")
+    run.align, run.align_layers = AlignData.build(run.dataset, run.tokenizer), layers
+    if cfg.align_teacher == "stage_start" and (start == 0 or run.state.get("align_teacher") is None):
+        run.state["align_teacher"] = teacher_states(run.model, run.align, layers).cpu()
+
+
 def _sharded_step(run: _Run, batches: dict[str, Batch], weights: dict[str, float], autocast) -> dict[str, float]:
     """Forward and backward of each format in turn through DDP (a forward per backward, as DDP needs); returns the
     global batch's mean loss per format. The trace captures each format's gradient after its all-reduce."""
@@ -324,6 +384,7 @@ def _sharded_step(run: _Run, batches: dict[str, Batch], weights: dict[str, float
         with autocast:
             loss = sharded_lm_loss(run.net, b, run.procs)
         (loss * weights[f]).backward()
+        tie_gradients(run.model)
         if run.tracer is not None:
             run.tracer.capture(f, run.model)
         logged[f] = run.procs.total(float(loss.detach())) / run.procs.world
@@ -357,8 +418,9 @@ def _finish_stage(run: _Run, cfg: StageConfig, stage: str, stage_index: int, n_s
     state["metrics"][stage] = metrics
     # the next stage starts at step 0 with a fresh optimizer
     state.update(
-        stage_index=stage_index + 1, step=0, optimizer=None, adapter=None, seconds=time.perf_counter() - run.t0
-    )
+        stage_index=stage_index + 1, step=0, optimizer=None, adapter=None, align_teacher=None,
+        seconds=time.perf_counter() - run.t0,
+    )  # fmt: skip
     state["trace"], writers = run.snapshot()
     meta = _meta(run.preset, run.dataset, run.regime, stage, state["global_step"], metrics)
     meta["train_seconds"] = state["seconds"]
@@ -424,6 +486,7 @@ def train(
     for stage_index in range(state["stage_index"], len(plan)):
         stage, cfg = plan[stage_index]
         start = state["step"] if stage_index == state["stage_index"] else 0
+        _stage_alignment(run, cfg, start)  # (before adapters: the teacher is the model as the stage begins)
         opt = _stage_optimizer(run, cfg, stage_index, start)
         run.model.train()
         # disable=None: bars only on a terminal (logs and CI get none)

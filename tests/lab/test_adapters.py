@@ -10,6 +10,7 @@ from mechrecall.lab.adapters import (
     load_adapter_state,
     merge_adapters,
     merged_copy,
+    tie_gradients,
     unwrapped_name,
 )
 from mechrecall.lab.config import StageConfig
@@ -102,9 +103,9 @@ def test_trace_base_grads_leaves_base_weights_out_of_the_optimizer():
     peft_model, params = apply_lora(copy.deepcopy(tiny_model("llama")), _stage("llama"), 0, trace_base_grads=True)
     assert all(p.requires_grad for p in peft_model.parameters())
     names = {id(p): unwrapped_name(n) for n, p in peft_model.named_parameters()}
-    assert {names[id(p)] for p in params} == {
-        unwrapped_name(n) for n, p in peft_model.named_parameters() if ".lora_" in n
-    }
+    factors = {unwrapped_name(n) for n, p in peft_model.named_parameters() if ".lora_" in n}
+    # (the tied unembedding's factors are views of the embedding's: not a second trainable set)
+    assert {names[id(p)] for p in params} == {n for n in factors if not n.startswith("lm_head.")}
 
 
 @pytest.mark.parametrize(
@@ -114,6 +115,8 @@ def test_trace_base_grads_leaves_base_weights_out_of_the_optimizer():
         ({"adapter_options": {"lora_dropout": 0.1}}, "adapter_options.lora_dropout"),
         ({"adapter_options": {"r": 4}}, "adapter_options.r: set it through the stage's own"),
         ({"lora_targets": ("q_proj", "qkv")}, r"lora_targets \['qkv'\] match no Linear layer of the LlamaForCausalLM"),
+        ({"lora_targets": ("q_proj", "lm_head")}, r"'lm_head' is tied to the input embedding"),
+        ({"adapter_options": {"modules_to_save": ["lm_head"]}}, "adapter_options.modules_to_save: not supported"),
     ],
 )
 def test_bad_adapter_options_fail_in_one_line(update, message):
@@ -140,3 +143,34 @@ def test_peft_options_pass_through():
     x = torch.randint(3, 400, (2, 12))
     adapted = peft_model(input_ids=x).logits
     torch.testing.assert_close(merge_adapters(peft_model)(input_ids=x).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_a_tied_embedding_adapter_is_one_set_of_factors_updated_once_per_step():
+    """peft gives the tied unembedding its own factor tensors that view the embedding's: they stay out of the
+    optimizer and tie_gradients folds their gradient in, so one AdamW step moves each shared entry by at most lr
+    (a second update through the views would move it up to twice as far)."""
+    peft_model, params = _adapted("llama")
+    names = {id(p): unwrapped_name(n) for n, p in peft_model.named_parameters()}
+    assert not any(names[id(p)].startswith("lm_head") for p in params)
+    emb = peft_model.get_input_embeddings()
+    a, b = emb.lora_embedding_A["default"], emb.lora_embedding_B["default"]
+    x = torch.randint(3, 400, (2, 12))
+    peft_model(input_ids=x, labels=x).loss.backward()
+    head_grad = peft_model.get_output_embeddings().lora_B["default"].weight.grad.clone()
+    own = a.grad.clone()
+    tie_gradients(peft_model)
+    torch.testing.assert_close(a.grad, own + head_grad.T)  # the shared update's whole gradient
+    assert peft_model.get_output_embeddings().lora_B["default"].weight.grad is None
+    before = {"A": a.detach().clone(), "B": b.detach().clone()}
+    torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0).step()
+    for t, name in ((a, "A"), (b, "B")):
+        assert float((t.detach() - before[name]).abs().max()) <= 1e-2 * (1 + 1e-4), name
+
+
+def test_resuming_with_other_targets_names_what_is_missing():
+    peft_model, _ = _adapted("llama")
+    state = adapter_state(peft_model)
+    wider = _stage("llama").model_copy(update={"lora_targets": ("q_proj", "v_proj", "down_proj")})
+    rebuilt, _ = apply_lora(merged_copy(peft_model), wider, seed=0)
+    with pytest.raises(ValueError, match=r"lacks the base weights of \['model.layers.0.mlp.down_proj.weight'"):
+        load_adapter_state(rebuilt, state)

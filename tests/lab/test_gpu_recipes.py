@@ -1,8 +1,8 @@
 """The GPU recipes (``pythia-2.8b``, ``llama-3.2-3b``): valid for the real models' configurations, without weights.
 
 The hub cannot be reached here, so each model is built on the ``meta`` device from its published ``config.json``
-values (written out below): the architecture layer knows it, the recipe's LoRA default targets exist, the FSDP
-config wraps the model's real block class, and the parameter count is the model's. A tiny model of the same family
+values (written out below): the architecture layer knows it, its block class is one the FSDP config names, and the
+parameter count is the model's. A tiny model of the same family
 then trains both regimes for a step under the recipe's stage settings (the code path a GPU run takes, at test size).
 """
 

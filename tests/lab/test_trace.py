@@ -65,12 +65,14 @@ def test_lora_stage_traces_adapter_factors_and_optionally_base_weights(tmp_path,
     preset = get_preset("micro", [
         "two_stage.stage1.steps=4", "two_stage.stage2.steps=3", "two_stage.stage2.stop_at_trained_qa=null",
         "two_stage.stage2.trainable=lora", f"two_stage.stage2.trace_base_grads={str(base_grads).lower()}",
+        "two_stage.stage2.lora_embedding_rank=4",
     ])  # fmt: skip
     train(preset, "two_stage", tmp_path, progress=False)
     final = GradientTrace.load(tmp_path / "two_stage" / "final")
     query = final.mean_abs_grad("query")
     factors = {n for n in query if ".lora_" in n}
-    assert factors == {f"model.layers.{i}.self_attn.{p}.lora_{ab}.weight" for i in range(2) for p in ("q_proj", "v_proj") for ab in "AB"}  # fmt: skip
+    # the tied unembedding's factors are views of the embedding's: traced once, under the embedding's names
+    assert factors == {f"model.layers.{i}.self_attn.{p}.lora_{ab}.weight" for i in range(2) for p in ("q_proj", "v_proj") for ab in "AB"} | {"model.embed_tokens.lora_embedding_A", "model.embed_tokens.lora_embedding_B"}  # fmt: skip
     updated = final.grad_x_update("query")
     assert set(updated) == factors  # base weights do not move, so they get no update record
     base = set(query) - factors
