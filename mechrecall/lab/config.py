@@ -77,6 +77,11 @@ class StageConfig(_Strict):
     trace_base_grads: bool = False  # with trace and LoRA: also trace |dL/dW| of the frozen base weights
     stop_at_trained_qa: float | None = Field(None, gt=0, le=1)
     eval_every: int = Field(100, ge=1)
+    # cross-format alignment term on the query loss (mechrecall.lab.objectives); 0 = off
+    align_weight: float = Field(0.0, ge=0)
+    align_teacher: Literal["stage_start", "live"] = "stage_start"
+    align_layers: tuple[int, ...] | None = None  # hidden_states indices (0 = embeddings); None = every block output
+    align_loss: Literal["cosine", "mse"] = "cosine"
 
 
 class TwoStageConfig(_Strict):
@@ -152,6 +157,24 @@ SMOLLM2 = Preset(
 )  # fmt: skip
 
 
+# The same facts and recipe from gemma-3-270m, the pretrained *base* model (a Q4_K_M GGUF split over four PyPI wheels,
+# joined and hash-checked by mechrecall.loading): a second architecture with a 262k vocabulary. NOT tuned: no run of it
+# has been measured (a training step costs about 4-5x SmolLM2's on this CPU; 3 steps at a constant lr 3e-4 without
+# warm-up raised its QA loss from 4.4 to 10.0, hence the lower lr here, itself unmeasured). Choose lr and steps on its
+# validation people before reading held-out numbers.
+GEMMA3_270M = SMOLLM2.model_copy(
+    update={
+        "name": "gemma3-270m",
+        "model": ModelConfig(source="gemma3-270m"),
+        "two_stage": TwoStageConfig(
+            stage1=SMOLLM2.two_stage.stage1.model_copy(update={"lr": 1e-4}),
+            stage2=SMOLLM2.two_stage.stage2.model_copy(update={"lr": 1e-4}),
+        ),
+        "mixed": SMOLLM2.mixed.model_copy(update={"lr": 1e-4}),
+    }
+)
+
+
 # GPU recipes for the paper's models (Hugging Face ids; they download, so they do not run on an offline machine).
 # Starting points, not tuned results: 1,000 people (100 validation), full fine-tuning at lr 2e-5 (constant after
 # warm-up), global batches of 32 + 32, about 20 storage epochs. Tune lr and steps on the validation people before
@@ -178,7 +201,7 @@ def _gpu_recipe(name: str, source: str) -> Preset:
 PYTHIA_2_8B = _gpu_recipe("pythia-2.8b", "EleutherAI/pythia-2.8b")
 LLAMA_3_2_3B = _gpu_recipe("llama-3.2-3b", "meta-llama/Llama-3.2-3B")
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (DEFAULT, MICRO, SMOLLM2, PYTHIA_2_8B, LLAMA_3_2_3B)}
+PRESETS: dict[str, Preset] = {p.name: p for p in (DEFAULT, MICRO, SMOLLM2, GEMMA3_270M, PYTHIA_2_8B, LLAMA_3_2_3B)}
 
 
 def get_preset(name: str, overrides: list[str] | None = None) -> Preset:

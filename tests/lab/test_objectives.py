@@ -1,0 +1,94 @@
+"""The cross-format alignment objective: it lowers the distance it optimizes, resumes exactly, and refuses misuse."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mechrecall.lab.config import get_preset
+from mechrecall.lab.models import load_checkpoint
+from mechrecall.lab.objectives import AlignData, alignment_distance, default_layers, prompt_end, teacher_states
+from mechrecall.lab.train import train
+from mechrecall.tokenization import collate
+
+SHORT = [
+    "data.n_people=60",
+    "two_stage.stage1.steps=40",
+    "two_stage.stage2.steps=12",
+    "two_stage.stage2.eval_every=6",
+    "two_stage.stage2.stop_at_trained_qa=null",
+    "mixed.steps=12",
+    "mixed.eval_every=6",
+    "save_every=100",
+]
+
+
+def test_prompt_end_is_the_position_before_the_first_answer_token():
+    b = collate([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]], [[3, 4], [2]], pad_id=0)
+    assert prompt_end(b).tolist() == [2, 1]
+
+
+def _distance(run, regime, teacher_model_path):
+    model, tok, _ = load_checkpoint(run / regime / "final")
+    teacher_model, _, _ = load_checkpoint(teacher_model_path)
+    from mechrecall.lab.models import lab_dataset
+    from mechrecall.loading import load_model
+
+    ds = lab_dataset(load_model(str(run / regime / "final")))
+    layers = default_layers(model)
+    teacher = teacher_states(teacher_model, AlignData.build(ds, tok), layers)
+    return alignment_distance(model, tok, ds, teacher, layers)
+
+
+def test_stage2_alignment_lowers_the_query_to_storage_distance_it_optimizes(tmp_path):
+    """Stage 2 with the term pulls trained QA states towards the stage-1 model's biography states; without it they
+    stay further apart (same data, steps and seed)."""
+    plain = get_preset("micro", SHORT)
+    aligned = get_preset("micro", [*SHORT, "two_stage.stage2.align_weight=1.0"])
+    train(plain, "two_stage", tmp_path / "plain", progress=False)
+    meta = train(aligned, "two_stage", tmp_path / "aligned", progress=False)
+    stage1 = tmp_path / "plain" / "two_stage" / "stage1"
+    a, b = (
+        load_file(stage1 / "model.safetensors"),
+        load_file(tmp_path / "aligned" / "two_stage" / "stage1" / "model.safetensors"),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same stage 1: the term acts in stage 2 only
+    d_plain = _distance(tmp_path / "plain", "two_stage", stage1)
+    d_aligned = _distance(tmp_path / "aligned", "two_stage", stage1)
+    assert d_aligned < 0.8 * d_plain, (d_aligned, d_plain)
+    history = [h for h in __import__("json").loads((tmp_path / "aligned" / "two_stage" / "history.json").read_text())
+               if h["stage"] == "stage2"]  # fmt: skip
+    assert all("loss_align" in h for h in history) and history[-1]["loss_align"] < history[0]["loss_align"]
+    assert 0 <= meta["metrics"]["heldout_qa"] <= 1
+
+
+def test_live_alignment_in_mixed_training_lowers_its_distance(tmp_path):
+    plain = get_preset("micro", SHORT)
+    aligned = get_preset("micro", [*SHORT, "mixed.align_weight=1.0", "mixed.align_teacher=live"])
+    train(plain, "mixed", tmp_path / "plain", progress=False)
+    train(aligned, "mixed", tmp_path / "aligned", progress=False)
+    # the live teacher is each model's own biography states at the end
+    d_plain = _distance(tmp_path / "plain", "mixed", tmp_path / "plain" / "mixed" / "final")
+    d_aligned = _distance(tmp_path / "aligned", "mixed", tmp_path / "aligned" / "mixed" / "final")
+    assert d_aligned < d_plain, (d_aligned, d_plain)
+
+
+def test_an_interrupted_aligned_stage_resumes_exactly(tmp_path):
+    preset = get_preset("micro", [*SHORT, "two_stage.stage2.align_weight=0.5", "save_every=5"])
+    train(preset, "two_stage", tmp_path / "full", progress=False)
+    assert train(preset, "two_stage", tmp_path / "cut", progress=False, stop_after=47) == {"interrupted_at": 47}
+    train(preset, "two_stage", tmp_path / "cut", progress=False)
+    a = load_file(tmp_path / "full" / "two_stage" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "two_stage" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["two_stage.stage1.align_weight=1.0"], "needs query batches"),
+        (["two_stage.stage2.align_weight=1.0", "two_stage.stage2.align_layers=[9]"], r"align_layers \[9\]"),
+    ],
+)
+def test_misused_alignment_fails_in_one_line(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        train(get_preset("micro", [*SHORT, "two_stage.stage1.steps=2", *extra]), "two_stage", tmp_path, progress=False)
