@@ -34,6 +34,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         analyses=not args.no_analyses,
         training=training_device_kwargs(args),
+        extra_regimes=args.also,
     )
     from mechrecall.lab.reproduce import markdown_table
 
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--quiet", action="store_true")
     rp.add_argument("--no-analyses", action="store_true", help="train and evaluate only (no analyses, no report)")
+    rp.add_argument("--also", nargs="+", default=[], metavar="REGIME",
+                    help="further regimes to train and tabulate (pre-instruction)")  # fmt: skip
     from mechrecall.lab.train import add_training_device_args
 
     add_training_device_args(rp)

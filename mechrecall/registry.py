@@ -55,7 +55,7 @@ class Entry(BaseModel):
     name: str = Field(pattern=NAME_RE)
     path: str = Field(min_length=1)
     base_model: str | None = None
-    regime: Literal["base", "pretrained", "two_stage", "mixed"]
+    regime: Literal["base", "pretrained", "two_stage", "mixed", "pre_instruction"]
     stage: str = "final"
     seed: int | None = None
     dataset_hash: str | None = None

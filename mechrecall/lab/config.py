@@ -89,6 +89,14 @@ class TwoStageConfig(_Strict):
     stage2: StageConfig
 
 
+class PreInstructionConfig(_Strict):
+    """Pre-instruction-tuning (Jiang et al. 2024): QA of the trained half first (``qa``), then biographies of
+    everyone together with that QA (``joint``)."""
+
+    qa: StageConfig
+    joint: StageConfig
+
+
 class Preset(_Strict):
     name: str
     seed: int = 0
@@ -96,6 +104,7 @@ class Preset(_Strict):
     model: ModelConfig = ModelConfig()
     two_stage: TwoStageConfig
     mixed: StageConfig
+    pre_instruction: PreInstructionConfig | None = None  # the third regime (trained only when asked for)
     save_every: int = Field(500, ge=1)
     threads: int | None = Field(None, ge=1)
     trace: bool = True  # per-format gradient trace during training (mechrecall.lab.trace), saved with checkpoints
@@ -119,6 +128,11 @@ DEFAULT = Preset(
         stage2=_stage(steps=800, lr=3e-4, batch_storage=0, weight_decay=0.1, stop_at_trained_qa=0.95, eval_every=25),
     ),
     mixed=_stage(steps=2000, lr=2e-3, warmup=50, weight_decay=1.0, eval_every=250),
+    # not tuned: stage 2's recipe for the QA phase, then the mixed recipe (so it costs more than mixed alone)
+    pre_instruction=PreInstructionConfig(
+        qa=_stage(steps=800, lr=3e-4, batch_storage=0, weight_decay=0.1, stop_at_trained_qa=0.95, eval_every=25),
+        joint=_stage(steps=2000, lr=2e-3, warmup=50, weight_decay=1.0, eval_every=250),
+    ),
 )
 
 # Minutes-scale preset for tests and notebooks: same code path, fewer people, templates and steps. It shows the
@@ -132,6 +146,10 @@ MICRO = Preset(
         stage2=_stage(steps=200, lr=1e-3, batch_storage=0, batch_query=32, stop_at_trained_qa=0.95, eval_every=20),
     ),
     mixed=_stage(steps=500, lr=3e-3, warmup=20, weight_decay=0.5, batch_storage=32, batch_query=32, eval_every=100),
+    pre_instruction=PreInstructionConfig(
+        qa=_stage(steps=200, lr=1e-3, batch_storage=0, batch_query=32, stop_at_trained_qa=0.95, eval_every=20),
+        joint=_stage(steps=500, lr=3e-3, warmup=20, weight_decay=0.5, batch_storage=32, batch_query=32, eval_every=100),
+    ),
     save_every=200,
 )
 

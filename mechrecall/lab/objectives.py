@@ -31,7 +31,15 @@ from torch import Tensor
 
 from mechrecall.tokenization import Batch, collate_examples, encode_example
 
-__all__ = ["AlignData", "alignment_distance", "alignment_term", "hidden_at", "prompt_end", "teacher_states"]
+__all__ = [
+    "AlignData",
+    "alignment_distance",
+    "alignment_term",
+    "default_layers",
+    "hidden_at",
+    "prompt_end",
+    "teacher_states",
+]
 
 
 def prompt_end(batch: Batch) -> Int[Tensor, " batch"]:

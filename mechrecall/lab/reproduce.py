@@ -28,6 +28,7 @@ from mechrecall.registry import Entry, register, relative_path
 RESULT_KEYS = {
     "two_stage": ("heldout_qa", "trained_qa", "validation_qa", "storage", "storage_after_stage1", "train_seconds"),
     "mixed": ("heldout_qa", "trained_qa", "validation_qa", "storage", "train_seconds"),
+    "pre_instruction": ("heldout_qa", "trained_qa", "validation_qa", "storage", "train_seconds"),
 }
 
 
@@ -60,16 +61,18 @@ def _regime_summary(regime: str, meta: dict) -> dict:
     return row
 
 
-def _register_seed(preset: Preset, run_dir: Path, registry: Path | None) -> list[str]:
+def _register_seed(preset: Preset, run_dir: Path, registry: Path | None, extra: Sequence[str] = ()) -> list[str]:
     names = []
     arch = preset.model.source or f"scratch:llama-L{preset.model.n_layers}-d{preset.model.d_model}"
     prefix = f"{preset.name}-s{preset.seed}"
-    for name, folder, regime, stage in (
+    entries = [
         (f"{prefix}-base", run_dir / "data" / "base", "base", "init"),
         (f"{prefix}-two-stage-stage1", run_dir / "two_stage" / "stage1", "two_stage", "stage1"),
         (f"{prefix}-two-stage", run_dir / "two_stage" / "final", "two_stage", "final"),
         (f"{prefix}-mixed", run_dir / "mixed" / "final", "mixed", "final"),
-    ):
+    ]
+    entries += [(f"{prefix}-{r.replace('_', '-')}", run_dir / r / "final", r, "final") for r in extra]
+    for name, folder, regime, stage in entries:
         meta = read_meta(folder)
         metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if isinstance(v, (int, float))}
         entry = Entry(
@@ -116,19 +119,20 @@ def markdown_table(results: dict) -> str:
             return f"{sp[k]['mean']:.{digits}f} ± {sp[k]['std']:.{digits}f}"
         return f"{r[k]:.3f}" if k != "train_seconds" else f"{r[k]:.0f}"
 
-    for regime in ("two_stage", "mixed"):
+    for regime in results["regimes"]:
         r, sp = results["regimes"][regime], results.get("spread", {}).get(regime, {})
         cells = [
             cell(r, sp, k)
             for k in ("heldout_qa", "trained_qa", "validation_qa", "storage", "storage_after_stage1", "train_seconds")
         ]
         lines.append(f"| {regime} | " + " | ".join(cells) + " |")
-    lines += ["", "Held-out QA per attribute (first seed):", "", "| attribute | two-stage | mixed |", "|---|---|---|"]
     first = results["per_seed"][0]["regimes"]
+    header = " | ".join(r.replace("_", "-") for r in first)
+    lines += ["", "Held-out QA per attribute (first seed):", "", f"| attribute | {header} |",
+              "|---|" + "---|" * len(first)]  # fmt: skip
     for a in ATTRIBUTES:
-        two = first["two_stage"]["per_attribute"]["heldout_qa"][a]
-        mix = first["mixed"]["per_attribute"]["heldout_qa"][a]
-        lines.append(f"| {a} | {two:.3f} | {mix:.3f} |")
+        cells = " | ".join(f"{first[r]['per_attribute']['heldout_qa'][a]:.3f}" for r in first)
+        lines.append(f"| {a} | {cells} |")
     lines += [
         "",
         f"Gap (mixed − two-stage held-out QA): {results['gap']['mean']:.3f}",
@@ -227,11 +231,16 @@ def reproduce(
     progress: bool = True,
     analyses: bool = True,
     training: dict | None = None,
+    extra_regimes: Sequence[str] = (),
 ) -> dict:
     """Run the whole pipeline and return the results dict that is also written to ``out/results.json``.
 
     ``training`` holds :func:`mechrecall.lab.train.train`'s device options (``device``, ``autocast``,
-    ``gradient_checkpointing``); the analyses then read the checkpoints on the CPU."""
+    ``gradient_checkpointing``); the analyses then read the checkpoints on the CPU. ``extra_regimes`` (e.g.
+    ``["pre_instruction"]``) are trained and tabulated after the two regimes (the analyses stay on the pair)."""
+    from mechrecall.lab.train import normalize_regime
+
+    extra_regimes = [normalize_regime(r) for r in extra_regimes if normalize_regime(r) not in ("two_stage", "mixed")]
     out = Path(out)
     if (out / "results.json").exists():
         if not force:
@@ -245,16 +254,16 @@ def reproduce(
     for seed, preset in presets.items():
         run_dir = out / f"seed{seed}"
         regimes = {}
-        for regime in ("two_stage", "mixed"):
+        for regime in ("two_stage", "mixed", *extra_regimes):
             meta = train(preset, regime, run_dir, progress=progress, **(training or {}))
             if "stages" not in meta:  # finished earlier: stage metrics live in the stage checkpoints
                 stage1 = read_meta(run_dir / "two_stage" / "stage1") if regime == "two_stage" else None
                 meta["stages"] = {"stage1": stage1["metrics"]} if stage1 else {}
             regimes[regime] = _regime_summary(regime, meta)
-        names = _register_seed(preset, run_dir, Path(registry) if registry else None)
+        names = _register_seed(preset, run_dir, Path(registry) if registry else None, extra_regimes)
         per_seed.append({"seed": seed, "run_dir": str(run_dir), "regimes": regimes, "registered": names})
 
-    keys = RESULT_KEYS
+    keys = {r: RESULT_KEYS[r] for r in ("two_stage", "mixed", *extra_regimes)}
     mean_regimes = {
         regime: {k: statistics.fmean(ps["regimes"][regime][k] for ps in per_seed) for k in keys[regime]}
         for regime in keys

@@ -48,13 +48,13 @@ from mechrecall.lab.tokenizer import train_tokenizer
 from mechrecall.lab.trace import GradientTrace
 from mechrecall.tokenization import Batch, collate_documents, collate_examples, encode_example
 
-REGIMES = ("two_stage", "mixed")
+REGIMES = ("two_stage", "mixed", "pre_instruction")
 
 
 def normalize_regime(regime: str) -> str:
     name = regime.replace("-", "_")
     if name not in REGIMES:
-        raise ValueError(f"unknown regime {regime!r}; choose one of: two-stage, mixed")
+        raise ValueError(f"unknown regime {regime!r}; choose one of: two-stage, mixed, pre-instruction")
     return name
 
 
@@ -62,6 +62,10 @@ def stage_plan(preset: Preset, regime: str) -> list[tuple[str, StageConfig]]:
     regime = normalize_regime(regime)
     if regime == "mixed":
         return [("mixed", preset.mixed)]
+    if regime == "pre_instruction":
+        if preset.pre_instruction is None:
+            raise ValueError(f"preset {preset.name!r} has no pre_instruction section (give it with --set)")
+        return [("qa", preset.pre_instruction.qa), ("joint", preset.pre_instruction.joint)]
     return [("stage1", preset.two_stage.stage1), ("stage2", preset.two_stage.stage2)]
 
 

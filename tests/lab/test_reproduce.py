@@ -178,3 +178,16 @@ def test_patching_cli_errors(micro_run, tmp_path, capsys, argv, message):
     assert patching_main([*argv, "--registry", str(reg), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_reproduce_also_trains_and_tabulates_the_pre_instruction_regime(tmp_path):
+    from mechrecall.lab.reproduce import markdown_table, reproduce
+
+    tiny = ["data.n_people=24", "two_stage.stage1.steps=4", "two_stage.stage2.steps=4", "mixed.steps=4",
+            "pre_instruction.qa.steps=4", "pre_instruction.joint.steps=4", "save_every=100"]  # fmt: skip
+    results = reproduce("micro", tmp_path / "out", overrides=tiny, registry=tmp_path / "reg.yaml", progress=False,
+                        analyses=False, extra_regimes=["pre-instruction"])  # fmt: skip
+    assert set(results["regimes"]) == {"two_stage", "mixed", "pre_instruction"}
+    assert "micro-s0-pre-instruction" in results["per_seed"][0]["registered"]
+    table = markdown_table(results)
+    assert "| pre_instruction |" in table and "pre-instruction |" in table

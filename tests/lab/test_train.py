@@ -95,3 +95,21 @@ def test_cuda_training_matches_cpu(tmp_path):
     train(preset, "mixed", tmp_path / "gpu", progress=False, device="cuda")
     a, b = _weights(tmp_path / "cpu", "mixed"), _weights(tmp_path / "gpu", "mixed")
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_pre_instruction_regime_trains_qa_first_then_both_formats(tmp_path):
+    """The third regime: QA of the trained half alone, then biographies and QA together (its own folder)."""
+    import json
+
+    preset = get_preset("micro", ["data.n_people=40", "pre_instruction.qa.steps=6", "pre_instruction.qa.eval_every=3",
+                                  "pre_instruction.joint.steps=6", "pre_instruction.joint.eval_every=3",
+                                  "save_every=100"])  # fmt: skip
+    meta = train(preset, "pre-instruction", tmp_path, progress=False)
+    assert (tmp_path / "pre_instruction" / "qa").is_dir() and meta["regime"] == "pre_instruction"
+    history = json.loads((tmp_path / "pre_instruction" / "history.json").read_text())
+    qa = [h for h in history if h["stage"] == "qa"]
+    joint = [h for h in history if h["stage"] == "joint"]
+    assert qa and joint and all("loss_storage" not in h for h in qa) and all("loss_storage" in h for h in joint)
+    assert set(meta["stages"]) == {"qa", "joint"}
+    with pytest.raises(ValueError, match="has no pre_instruction section"):
+        train(get_preset("smollm2"), "pre_instruction", tmp_path / "x", progress=False)
