@@ -221,6 +221,7 @@ __all__ = [
     "derangement",
     "gradient_consistency",
     "linear_cka",
+    "measure",
     "param_group",
     "representation_consistency",
     "summaries",

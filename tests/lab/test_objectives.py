@@ -39,23 +39,30 @@ def _distance(run, regime, teacher_model_path):
     return alignment_distance(model, tok, ds, teacher, layers)
 
 
-def test_stage2_alignment_lowers_the_query_to_storage_distance_it_optimizes(tmp_path):
+ALIGNED = [*SHORT, "two_stage.stage2.align_weight=1.0", "save_every=5"]
+
+
+@pytest.fixture(scope="module")
+def aligned_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aligned")
+    return out, train(get_preset("micro", ALIGNED), "two_stage", out, progress=False)
+
+
+def test_stage2_alignment_lowers_the_query_to_storage_distance_it_optimizes(tmp_path, aligned_run):
     """Stage 2 with the term pulls trained QA states towards the stage-1 model's biography states; without it they
     stay further apart (same data, steps and seed)."""
-    plain = get_preset("micro", SHORT)
-    aligned = get_preset("micro", [*SHORT, "two_stage.stage2.align_weight=1.0"])
-    train(plain, "two_stage", tmp_path / "plain", progress=False)
-    meta = train(aligned, "two_stage", tmp_path / "aligned", progress=False)
+    train(get_preset("micro", SHORT), "two_stage", tmp_path / "plain", progress=False)
+    aligned_dir, meta = aligned_run
     stage1 = tmp_path / "plain" / "two_stage" / "stage1"
     a, b = (
         load_file(stage1 / "model.safetensors"),
-        load_file(tmp_path / "aligned" / "two_stage" / "stage1" / "model.safetensors"),
+        load_file(aligned_dir / "two_stage" / "stage1" / "model.safetensors"),
     )
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same stage 1: the term acts in stage 2 only
     d_plain = _distance(tmp_path / "plain", "two_stage", stage1)
-    d_aligned = _distance(tmp_path / "aligned", "two_stage", stage1)
+    d_aligned = _distance(aligned_dir, "two_stage", stage1)
     assert d_aligned < 0.8 * d_plain, (d_aligned, d_plain)
-    history = [h for h in __import__("json").loads((tmp_path / "aligned" / "two_stage" / "history.json").read_text())
+    history = [h for h in __import__("json").loads((aligned_dir / "two_stage" / "history.json").read_text())
                if h["stage"] == "stage2"]  # fmt: skip
     assert history and all(h["loss_align"] >= 0 for h in history)  # logged next to the LM loss
     assert 0 <= meta["metrics"]["heldout_qa"] <= 1
@@ -72,12 +79,11 @@ def test_live_alignment_in_mixed_training_lowers_its_distance(tmp_path):
     assert d_aligned < d_plain, (d_aligned, d_plain)
 
 
-def test_an_interrupted_aligned_stage_resumes_exactly(tmp_path):
-    preset = get_preset("micro", [*SHORT, "two_stage.stage2.align_weight=0.5", "save_every=5"])
-    train(preset, "two_stage", tmp_path / "full", progress=False)
+def test_an_interrupted_aligned_stage_resumes_exactly(tmp_path, aligned_run):
+    preset = get_preset("micro", ALIGNED)
     assert train(preset, "two_stage", tmp_path / "cut", progress=False, stop_after=36) == {"interrupted_at": 36}
     train(preset, "two_stage", tmp_path / "cut", progress=False)
-    a = load_file(tmp_path / "full" / "two_stage" / "final" / "model.safetensors")
+    a = load_file(aligned_run[0] / "two_stage" / "final" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "two_stage" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
