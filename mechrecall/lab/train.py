@@ -34,6 +34,7 @@ from mechrecall.io import atomic_write_json
 from mechrecall.lab.adapters import (
     adapter_state,
     apply_lora,
+    is_adapted,
     load_adapter_state,
     merge_adapters,
     merged_copy,
@@ -319,11 +320,13 @@ def _optimizer_step(
                 logged.update(parts)
         if tracer is None:
             sum(losses[f] * weights[f] for f in losses).backward()
-            tie_gradients(model)
+            if cfg.trainable == "lora":
+                tie_gradients(model)
         else:  # one backward per format so that each format's own gradient can be traced
             for f in losses:
                 (losses[f] * weights[f]).backward()
-                tie_gradients(model)
+                if cfg.trainable == "lora":
+                    tie_gradients(model)
                 tracer.capture(f, model)
     event = StepEvent(run.regime, stage, step, run.state["global_step"], model, batches, logged)
     for cb in callbacks:
@@ -388,7 +391,8 @@ def _sharded_step(run: _Run, batches: dict[str, Batch], weights: dict[str, float
         with autocast:
             loss = sharded_lm_loss(run.net, b, run.procs)
         (loss * weights[f]).backward()
-        tie_gradients(run.model)
+        if is_adapted(run.model):
+            tie_gradients(run.model)
         if run.tracer is not None:
             run.tracer.capture(f, run.model)
         logged[f] = run.procs.total(float(loss.detach())) / run.procs.world
