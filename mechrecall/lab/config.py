@@ -81,7 +81,7 @@ class StageConfig(_Strict):
     align_weight: float = Field(0.0, ge=0)
     align_teacher: Literal["stage_start", "live"] = "stage_start"
     align_layers: tuple[int, ...] | None = None  # hidden_states indices (0 = embeddings); None = every block output
-    align_loss: Literal["cosine", "mse"] = "cosine"
+    align_loss: Literal["cosine", "mse", "contrastive"] = "cosine"
 
 
 class TwoStageConfig(_Strict):

@@ -14,8 +14,10 @@ states of the same fact at its answer-predicting token in the person's first bio
 - ``"live"``: the model being trained, on the same facts' biography prefixes, without gradient (for mixed training,
   where the biographies are trained on anyway). One extra forward of the prefixes per step.
 
-The term is ``mean over examples and layers of (1 - cos(query state, teacher state))`` (``align_loss="cosine"``) or
-the mean squared difference (``"mse"``); it is added to the query loss times ``align_weight`` and logged as
+The term is ``mean over examples and layers of (1 - cos(query state, teacher state))`` (``align_loss="cosine"``),
+the mean squared difference (``"mse"``), or an InfoNCE loss that asks each query state to be nearer its own fact's
+teacher state than the other facts' of the batch (``"contrastive"``: the same-minus-mismatched margin that
+representation consistency measures); it is added to the query loss times ``align_weight`` and logged as
 ``loss_align``. Only the trained half's facts are used (the held-out people are never seen).
 """
 
@@ -104,14 +106,33 @@ def teacher_states(model, align: AlignData, layers: Sequence[int], rows: Tensor 
     return torch.cat(out)
 
 
-def alignment_term(query_states: Tensor, teacher: Tensor, kind: str = "cosine") -> Float[Tensor, ""]:
-    """``1 - cos`` (or squared error) between query-format and teacher states, averaged over rows and layers."""
+CONTRASTIVE_TEMPERATURE = 0.1
+
+
+def alignment_term(
+    query_states: Float[Tensor, "batch layer d"], teacher: Float[Tensor, "batch layer d"], kind: str = "cosine"
+) -> Float[Tensor, ""]:
+    """Distance between query-format and teacher states, averaged over rows and layers.
+
+    ``cosine``: ``1 - cos``; ``mse``: squared error; ``contrastive``: InfoNCE over the batch (each query state must be
+    closer, in cosine at temperature :data:`CONTRASTIVE_TEMPERATURE`, to its own fact's teacher state than to the
+    other facts' in the batch): the *margin* over mismatched facts, which is what representation consistency
+    measures, rather than the distance alone. Rows whose teacher is the same fact (other templates) are not
+    negatives."""
     q, t = query_states.float(), teacher.to(query_states.device).float()
     if kind == "cosine":
         return (1 - F.cosine_similarity(q, t, dim=-1)).mean()
     if kind == "mse":
         return ((q - t) ** 2).mean()
-    raise ValueError(f"align_loss {kind!r}: choose cosine or mse")
+    if kind == "contrastive":
+        qn, tn = F.normalize(q, dim=-1).transpose(0, 1), F.normalize(t, dim=-1).transpose(0, 1)  # layer batch d
+        logits = qn @ tn.transpose(1, 2) / CONTRASTIVE_TEMPERATURE  # layer, query row, teacher row
+        same = (t[:, None] == t[None]).flatten(2).all(-1)  # teacher rows of one fact
+        eye = torch.eye(len(t), dtype=torch.bool, device=t.device)
+        logits = logits.masked_fill(same & ~eye, float("-inf"))
+        target = torch.arange(len(t), device=t.device).expand(logits.shape[0], -1)
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+    raise ValueError(f"align_loss {kind!r}: choose cosine, mse or contrastive")
 
 
 @torch.no_grad()

@@ -242,6 +242,61 @@ def _masks_figures(masks: dict) -> list[tuple]:
     return out
 
 
+def _extra(run: Path, name: str) -> dict | None:
+    """An issue-#14 result beside the run: ``run/NAME.json`` or ``run/NAME/NAME.json`` (what the README's commands
+    write), else None."""
+    return _load(run / f"{name}.json") or _load(run / name / f"{name}.json")
+
+
+def _remedy_figures(grafting: dict | None, predict: dict | None, remedy: dict | None) -> list[tuple]:
+    """Grafting variants, early prediction of generalization and the consistency-aware objectives, where present."""
+    out: list[tuple] = []
+    if grafting:
+        from mechrecall.report.grafting import figure as gfig
+
+        best = "; ".join(
+            f"into {lab}: best {b['source']} at {b['fraction']:.4%} of the ranked weights, held-out "
+            f"{b['before']:.3f} -> {b['heldout_after']:.3f} (random {b['random_heldout_mean']:.3f})"
+            for lab, b in grafting["best"].items()
+        )
+        out.append((gfig(grafting), "Grafting, every protocol variant (analyses/grafting.py): masks of the mixed "
+                    f"model's trace and update size at {len(grafting['ks'])} sizes, into each recipient, against "
+                    f"size-matched random masks. {best}. Any variant beats its random controls by more than "
+                    f"max(5 points, 2 sd): {grafting['any_transfer']}."))  # fmt: skip
+    if predict:
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        for frac, res in predict["correlations"].items():
+            fig.add_trace(go.Bar(name=f"at {float(frac):.0%} of the budget", x=[r["predictor"] for r in res],
+                                 y=[r["rho"] for r in res],
+                                 error_y={"type": "data", "symmetric": False,
+                                          "array": [r["ci"][1] - r["rho"] for r in res],
+                                          "arrayminus": [r["rho"] - r["ci"][0] for r in res]}))  # fmt: skip
+        fig.update_layout(barmode="group", yaxis_title="Spearman rho with final held-out QA", yaxis_range=[-1, 1],
+                          title=f"Early measures as predictors ({len(predict['runs'])} runs)")  # fmt: skip
+        out.append((fig, "Early prediction (analyses/predict_generalization.py): Spearman correlation of each measure "
+                    "at a fixed fraction of a run's budget with the run's final held-out QA, with 95 % bootstrap "
+                    "intervals over runs; consistency is measured on the validation people."))  # fmt: skip
+    if remedy:
+        import plotly.graph_objects as go
+
+        stats = remedy["stats"]
+        names = list(stats)
+        fig = go.Figure()
+        for metric in ("validation_qa", "heldout_qa"):
+            fig.add_trace(go.Bar(name=metric, x=names, y=[stats[n][metric]["mean"] for n in names],
+                                 error_y={"type": "data", "array": [stats[n][metric]["sd"] for n in names]}))  # fmt: skip
+        fig.update_layout(barmode="group", yaxis_title="exact match (mean ± sd over seeds)",
+                          title="Consistency-aware objectives against plain two-stage and mixed")  # fmt: skip
+        closed = "; ".join(f"{n}: {v:.0%}" if v is not None else f"{n}: n/a" for n, v in remedy["gap_closed"].items())
+        out.append((fig, f"Consistency-aware objectives (analyses/remedy.py, preset {remedy['preset']}, seeds "
+                    f"{remedy['seeds']}): each family's variant chosen by validation QA at seed 0 "
+                    f"({remedy['chosen']}); share of the two-stage-to-mixed held-out gap it closes: {closed}. "
+                    f"Every variant tried is in remedy.json."))  # fmt: skip
+    return out
+
+
 def _patching_figures(patching: dict) -> list[tuple]:
     out: list[tuple] = []
     from mechrecall.report.patching import patching_figures
@@ -342,6 +397,7 @@ def build(run: str | Path) -> Path:
     patching = _load(run / "patching.json")
     attribution = _load(run / "attribution.json")
     figs = _recall_figures(results, run) + _captioned(consistency, masks, patching, attribution)
+    figs += _remedy_figures(*(_extra(run, n) for n in ("grafting", "predict", "remedy")))
 
     parts = _recall_section(results)
     parts.append("<h2>Figures</h2>")

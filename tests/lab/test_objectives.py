@@ -98,3 +98,20 @@ def test_an_interrupted_aligned_stage_resumes_exactly(tmp_path, aligned_run):
 def test_misused_alignment_fails_in_one_line(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         train(get_preset("micro", [*SHORT, "two_stage.stage1.steps=2", *extra]), "two_stage", tmp_path, progress=False)
+
+
+def test_contrastive_term_is_low_when_each_query_state_is_nearest_its_own_fact():
+    from mechrecall.lab.objectives import alignment_term
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(6, 2, 16, generator=g)
+    matched = teacher + 0.01 * torch.randn(6, 2, 16, generator=g)
+    shuffled = matched[torch.tensor([1, 2, 3, 4, 5, 0])]
+    low, high = alignment_term(matched, teacher, "contrastive"), alignment_term(shuffled, teacher, "contrastive")
+    assert low < 0.05 < 3.0 < high, (low, high)
+    # two rows of one fact (another template): neither is the other's negative, so matching both costs nothing extra
+    dup_t = torch.cat([teacher[:1], teacher[:1], teacher[1:3]])
+    dup_q = torch.cat([matched[:1], matched[:1], matched[1:3]])
+    assert alignment_term(dup_q, dup_t, "contrastive") < 0.05
+    with pytest.raises(ValueError, match="align_loss"):
+        alignment_term(matched, teacher, "l1")

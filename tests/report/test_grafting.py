@@ -1,0 +1,78 @@
+"""Grafting variants (mechrecall.report.grafting, analyses/grafting.py) on the micro reproduce: the plumbing is exact
+(a donor grafted into itself changes nothing; a graft changes only masked entries), controls are size-matched, and
+bad input is one line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mechrecall.interventions import graft
+from mechrecall.report.grafting import _masks, transfers
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_transfer_needs_a_margin_over_the_random_controls():
+    assert transfers(0.30, 0.10, 0.01)
+    assert not transfers(0.13, 0.10, 0.01)  # under 5 points
+    assert not transfers(0.30, 0.10, 0.15)  # inside 2 sd of the draws
+
+
+def test_trace_masks_split_into_shared_and_format_only_sets():
+    from mechrecall.lab.trace import GradientTrace
+
+    g = torch.Generator().manual_seed(0)
+    sums = {kind: {f: {"model.layers.0.mlp.up_proj.weight": torch.rand(8, 8, generator=g)} for f in ("storage", "query")}
+            for kind in ("abs_grad", "grad_x_update")}  # fmt: skip
+    trace = GradientTrace(sums=sums, steps={"storage": 1, "query": 1})
+    ms = _masks("trace:abs_grad", 0.25, trace, {}, "per_matrix")
+    name = "model.layers.0.mlp.up_proj.weight"
+    shared, s_only, q_only = ms["mask"][name], ms["storage_only"][name], ms["query_only"][name]
+    assert not (shared & s_only).any() and not (shared & q_only).any() and not (s_only & q_only).any()
+    assert int((shared | s_only).sum()) == 16 == int((shared | q_only).sum())  # each format's top 25 % of 64
+    target, donor = {name: torch.zeros(8, 8)}, {name: torch.ones(8, 8)}
+    assert torch.equal(graft(target, donor, ms["mask"])[name].bool(), shared)
+
+
+@pytest.fixture(scope="module")
+def grafting_json(micro_run, tmp_path_factory):
+    run, reg = micro_run
+    out = tmp_path_factory.mktemp("graft")
+    cmd = [sys.executable, str(ROOT / "analyses" / "grafting.py"), "--family", "micro-s0", "--registry", str(reg),
+           "--recipients", "two_stage=micro-s0-two-stage", "stage1=micro-s0-two-stage-stage1", "self=micro-s0-mixed",
+           "--ks", "0.01", "1.0", "--draws", "2", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "plotly" in (out / "grafting.html").read_text()
+    return json.loads((out / "grafting.json").read_text())
+
+
+def test_grafting_every_variant_and_control(grafting_json):
+    res = grafting_json
+    donor = res["donor_recall"]["heldout"]
+    assert set(res["recipients"]) == {"two_stage", "stage1", "self"}
+    for label, e in res["recipients"].items():
+        assert {(r["source"], r["k"]) for r in e["rows"]} == {(s, k) for s in res["sources"] for k in (0.01, 1.0)}
+        for r in e["rows"]:
+            assert 0 < r["fraction"] <= 1 and r["n"] > 0
+            if r["source"].startswith("trace:"):
+                assert r["storage_only_n"] >= 0 and "query_only_heldout" in r
+            if label == "self":  # the donor grafted into itself: nothing changes, masks or random controls
+                assert r["heldout_after"] == donor == r["random_heldout_mean"]
+    # at k = 1 the update mask covers every ranked matrix: fraction 1, and a random control of that size is the mask
+    full = [r for r in res["recipients"]["two_stage"]["rows"] if r["source"] == "update" and r["k"] == 1.0][0]
+    assert full["fraction"] == 1.0 and full["heldout_after"] == full["random_heldout_mean"]
+    assert isinstance(res["any_transfer"], bool) and set(res["best"]) == set(res["recipients"])
+
+
+def test_grafting_refuses_bad_recipients_in_one_line(micro_run, tmp_path):
+    _, reg = micro_run
+    cmd = [sys.executable, str(ROOT / "analyses" / "grafting.py"), "--family", "micro-s0", "--registry", str(reg),
+           "--recipients", "no-equals-sign", "--out", str(tmp_path / "x")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "LABEL=CHECKPOINT" in proc.stderr
+    assert not (tmp_path / "x").exists()
