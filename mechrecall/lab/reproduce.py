@@ -184,12 +184,14 @@ def run_analyses(
     registry: str | Path | None = None,
     preset: Preset | None = None,
     base: str | None = None,
+    labels: Sequence[str] = ("two_stage", "mixed"),
 ) -> dict[str, float]:
     """Every analysis on one checkpoint pair (seed 0), each writing its JSON and figures into ``out``; seconds each.
 
     With ``preset`` trained without a gradient trace (``trace=false``), the masks take post-hoc importance on the
     run's own facts instead (``posthoc_x_update`` against ``base``, the run's starting checkpoint: what any two
     checkpoints get, see :mod:`mechrecall.report.masks`); a pretrained-base preset uses :data:`PRETRAINED_SIZES`.
+    ``labels`` name the pair in every JSON (e.g. ``two_stage`` / ``pre_instruction`` for a third regime).
     """
     from mechrecall.report.consistency import run as consistency_run
     from mechrecall.report.masks import run as masks_run
@@ -200,16 +202,17 @@ def run_analyses(
     if preset is not None and not preset.trace:
         from mechrecall.lab.bios import generate
 
-        masks_kw.update(facts=generate(preset.data.spec(), preset.seed).factset(), split="heldout", base=base,
-                        labels=["two_stage", "mixed"])  # fmt: skip
+        masks_kw.update(facts=generate(preset.data.spec(), preset.seed).factset(), split="heldout", base=base)
     steps = {
         "consistency": lambda: consistency_run(
-            [two_stage, mixed], out, registry=registry, labels=["two_stage", "mixed"], **sizes.get("consistency", {})
+            [two_stage, mixed], out, registry=registry, labels=labels, **sizes.get("consistency", {})
         ),
-        "masks": lambda: masks_run(two_stage, mixed, out, registry=registry, **masks_kw),
-        "patching": lambda: run_patching(two_stage, mixed, out, registry=registry, **sizes.get("patching", {})),
+        "masks": lambda: masks_run(two_stage, mixed, out, registry=registry, labels=labels, **masks_kw),
+        "patching": lambda: run_patching(
+            two_stage, mixed, out, registry=registry, labels=labels, **sizes.get("patching", {})
+        ),
         "attribution": lambda: run_attribution(
-            two_stage, mixed, out, registry=registry, **sizes.get("attribution", {})
+            two_stage, mixed, out, registry=registry, labels=labels, **sizes.get("attribution", {})
         ),
     }
     seconds = {}
@@ -297,9 +300,21 @@ def reproduce(
         results["analysis_seconds"] = run_analyses(
             two_stage, mixed, out, registry=registry, preset=presets[seeds[0]], base=base
         )
+        # a further regime gets the same analyses against two-stage, in its own folder (keys: the two regimes)
+        for regime in extra_regimes:
+            name = next(n for n in first["registered"] if n.endswith("-" + regime.replace("_", "-")))
+            results.setdefault("extra_analysis_seconds", {})[regime] = run_analyses(
+                two_stage, name, out / regime, registry=registry, preset=presets[seeds[0]], base=base,
+                labels=("two_stage", regime),
+            )  # fmt: skip
         results["wall_seconds"] = time.perf_counter() - t0
     atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "results.md", markdown_table(results) + analyses_markdown(out))
+    extra_md = "".join(
+        f"\n## Two-stage against {r.replace('_', '-')} (the same analyses; {out / r})\n" + analyses_markdown(out / r)
+        for r in extra_regimes
+        if analyses
+    )
+    atomic_write_text(out / "results.md", markdown_table(results) + analyses_markdown(out) + extra_md)
     if analyses:
         from mechrecall.report.page import build
 

@@ -157,21 +157,27 @@ def run(
             layers=layers, recall_format=recall_format,
         )  # fmt: skip
     out = Path(out)
+    from mechrecall.report.consistency import check_labels
+
+    # the lab pair's keys are its regimes; ``labels`` renames them (e.g. two_stage / pre_instruction)
+    first, second = check_labels(labels, 2) or ("two_stage", "mixed")
     models = {r: load_model(src, registry=registry, device=device, dtype=dtype, supported_only=True)
-              for r, src in (("two_stage", two_stage), ("mixed", mixed))}  # fmt: skip
-    dataset = lab_dataset(models["mixed"])
+              for r, src in ((first, two_stage), (second, mixed))}  # fmt: skip
+    dataset = lab_dataset(models[second])
     facts = dataset.factset()
-    if models["two_stage"].meta.get("dataset_hash") != dataset.hash:
+    if models[first].meta.get("dataset_hash") != dataset.hash:
         raise CheckpointError(f"{two_stage!r} and {mixed!r} were trained on different datasets")
-    base_loaded = load_model(base or base_source(models["mixed"], registry), registry=registry, device=device,
+    base_loaded = load_model(base or base_source(models[second], registry), registry=registry, device=device,
                              dtype=dtype)  # fmt: skip
     base_sd = state_of(base_loaded.model)
     traces = {r: GradientTrace.load(m.location) for r, m in models.items()}
     states = {r: state_of(m.model) for r, m in models.items()}
-    config = models["mixed"].model.config
-    other = {"two_stage": "mixed", "mixed": "two_stage"}
+    config = models[second].model.config
+    other = {first: second, second: first}
 
     result: dict = {"k": k, "importance": f"trace:{kind}", "scope": scope, "units": "held-out QA percentage points"}
+    if (first, second) != ("two_stage", "mixed"):
+        result["labels"] = [first, second]
     result["dataset_hash"] = dataset.hash
     for regime, loaded in models.items():
         model, tok = loaded.model, loaded.tokenizer
@@ -628,8 +634,8 @@ def summary_rows(result: dict) -> list[str]:
     if "skipped" in g:
         lines.append(f"Grafting skipped: {g['skipped']}")
         return lines
-    lab = "labels" not in result
-    into = "two-stage" if lab else g["recipient"]
+    lab = "primary_split" not in result  # a lab pair (its keys may be renamed regimes)
+    into = g["recipient"].replace("_", "-") if lab else g["recipient"]
     which = "held-out QA" if lab else f"{result['primary_split']} {result.get('recall_format', 'query')} recall"
     lines.append(
         f"Grafting {donor}'s shared set into {into}: {which} {g['heldout_before']:.3f} -> {g['heldout_after']:.3f} "

@@ -155,7 +155,7 @@ def run_patching(
     loads = load_each([src for _, src in pair], registry=registry, device=device, dtype=dtype)
     result: dict = {**_settings(fs, loads[0]), "source_format": "storage", "base_format": "query",
                     "mode": "cross_fact"}  # fmt: skip
-    if fs is not None:
+    if fs is not None or [label for label, _ in pair] != ["two_stage", "mixed"]:  # renamed lab regimes too
         result["labels"] = [label for label, _ in pair]
     done: dict = {}  # the same checkpoint twice: measured once (the sweep is deterministic)
     for (label, src), lm in zip(pair, loads):
@@ -196,7 +196,7 @@ def run_attribution(
     loads = load_each([src for _, src in pair], registry=registry, device=device, dtype=dtype)
     result: dict = {**_settings(fs, loads[0]), "format": "storage", "target": "log-prob of the value's first token",
                     "method": "integrated gradients on input embeddings (baseline: mean embedding)"}  # fmt: skip
-    if fs is not None:
+    if fs is not None or [label for label, _ in pair] != ["two_stage", "mixed"]:  # renamed lab regimes too
         result["labels"] = [label for label, _ in pair]
     done: dict = {}  # the same checkpoint twice: attributed once (deterministic)
     for (label, src), lm in zip(pair, loads):

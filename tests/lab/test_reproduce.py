@@ -191,3 +191,38 @@ def test_reproduce_also_trains_and_tabulates_the_pre_instruction_regime(tmp_path
     assert "micro-s0-pre-instruction" in results["per_seed"][0]["registered"]
     table = markdown_table(results)
     assert "| pre_instruction |" in table and "pre-instruction |" in table
+
+
+def test_a_further_regime_gets_the_pair_analyses_against_two_stage(tmp_path, monkeypatch):
+    """With analyses on, ``--also pre-instruction`` runs the same analyses on (two-stage, pre-instruction) into
+    OUT/pre_instruction, its JSON keyed by the two regimes; the masks and patching analyses accept renamed lab
+    labels (checked on the real checkpoints of the tiny run)."""
+    import json
+
+    from mechrecall.lab import reproduce as rp
+    from mechrecall.report.masks import run as masks_run
+    from mechrecall.report.masks import summary_rows
+    from mechrecall.report.patching import run_patching
+
+    calls = []
+    monkeypatch.setattr(rp, "run_analyses", lambda a, b, out, **kw: calls.append((a, b, out, kw)) or {"x": 0.0})
+    monkeypatch.setattr("mechrecall.report.page.build", lambda out: None)
+    tiny = ["data.n_people=24", "two_stage.stage1.steps=4", "two_stage.stage2.steps=4", "mixed.steps=4",
+            "pre_instruction.qa.steps=4", "pre_instruction.joint.steps=4", "save_every=100"]  # fmt: skip
+    out, reg = tmp_path / "out", tmp_path / "reg.yaml"
+    rp.reproduce("micro", out, overrides=tiny, registry=reg, progress=False, extra_regimes=["pre-instruction"])
+    (pair, third) = calls
+    assert pair[:3] == ("micro-s0-two-stage", "micro-s0-mixed", out) and "labels" not in pair[3]
+    assert third[:3] == ("micro-s0-two-stage", "micro-s0-pre-instruction", out / "pre_instruction")
+    assert third[3]["labels"] == ("two_stage", "pre_instruction")
+    assert "Two-stage against pre-instruction" in (out / "results.md").read_text()
+
+    labels = ["two_stage", "pre_instruction"]
+    m = masks_run("micro-s0-two-stage", "micro-s0-pre-instruction", tmp_path / "m", registry=reg, labels=labels,
+                  draws=1, sweep_draws=1, ks=(0.05,), consistency_facts=4)  # fmt: skip
+    assert m["labels"] == labels and {"two_stage", "pre_instruction"} <= set(m) and "mixed" not in m
+    assert m["pre_instruction"]["grafting"]["recipient"] == "two_stage"
+    assert any("pre_instruction's shared set into two-stage" in line for line in summary_rows(m))
+    p = run_patching("micro-s0-two-stage", "micro-s0-pre-instruction", tmp_path / "p", registry=reg, labels=labels,
+                     n_people=4, n_pairs=4)  # fmt: skip
+    assert json.loads((tmp_path / "p" / "patching.json").read_text())["labels"] == labels and "mixed" not in p

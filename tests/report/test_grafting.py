@@ -76,3 +76,52 @@ def test_grafting_refuses_bad_recipients_in_one_line(micro_run, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "LABEL=CHECKPOINT" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_report_page_shows_grafting_prediction_and_remedy_results(micro_run, grafting_json, tmp_path):
+    """The #14 results join the report when their JSON sits beside the run (as the README's commands put them).
+    Prediction and remedy rows are hand-made here (their analyses train grids); their shapes come from the scripts'
+    own functions."""
+    import shutil
+
+    from mechrecall.io import atomic_write_json
+    from mechrecall.report.browser import check_page, find_chromium
+    from mechrecall.report.page import build
+
+    sys.path.insert(0, str(ROOT / "analyses"))
+    import predict_generalization as pg
+    import remedy as rm
+
+    run, _ = micro_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    atomic_write_json(copy / "grafting" / "grafting.json", grafting_json)
+    rows = [{"name": f"r{i}", "final": {"heldout_qa": i / 10},
+             "at": {"0.1": {**{p: i * 0.1 + (i % 3) * 0.01 for p in pg.PREDICTORS}, "train_loss": 3.0 - i * 0.2,
+                            "trained_qa": (i * 7 % 5) / 5}}} for i in range(6)]  # fmt: skip
+    atomic_write_json(copy / "predict" / "predict.json", {"runs": rows, "correlations": pg.analyse(rows, [0.1], 200)})
+    runs = [{"name": n, "seed": s, **dict.fromkeys(rm.METRICS, v + s / 100)}
+            for n, v in (("two-stage", 0.1), ("mixed", 0.3), ("two-stage+cos-w1", 0.2)) for s in (0, 1)]  # fmt: skip
+    stats = rm.summarize(runs, ["two-stage", "mixed", "two-stage+cos-w1"])
+    assert rm.gap_closed(stats, "two-stage+cos-w1") == pytest.approx(0.5)
+    atomic_write_json(copy / "remedy" / "remedy.json", {"preset": "micro", "seeds": [0, 1], "stats": stats,
+                                                       "chosen": rm.choose(runs), "gap_closed": {"x": 0.5}})  # fmt: skip
+    page = build(copy).read_text()
+    for caption in ("Grafting, every protocol variant", "Early prediction", "Consistency-aware objectives"):
+        assert caption in page
+    if find_chromium() is not None:
+        check = check_page(copy / "report.html")
+        assert check["errors"] == [] and check["empty"] == []
+
+
+def test_remedy_chooses_on_validation_people_only():
+    sys.path.insert(0, str(ROOT / "analyses"))
+    import remedy as rm
+
+    runs = [
+        {"name": "two-stage+a", "seed": 0, "validation_qa": 0.2, "heldout_qa": 0.9},
+        {"name": "two-stage+b", "seed": 0, "validation_qa": 0.3, "heldout_qa": 0.1},
+        {"name": "two-stage+a", "seed": 1, "validation_qa": 0.9, "heldout_qa": 0.9},  # other seeds do not choose
+        {"name": "two-stage", "seed": 0, "validation_qa": 0.5, "heldout_qa": 0.5},  # the baseline is not a candidate
+    ]
+    assert rm.choose(runs) == {"two-stage": "two-stage+b"}
