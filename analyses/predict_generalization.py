@@ -124,19 +124,37 @@ def run_one(name: str, preset_name: str, out: Path, fractions, grad_facts: int) 
     return row
 
 
-def analyse(rows: list[dict], fractions, n_boot: int = 2000) -> dict:
+WITHIN_MIN_RUNS = 6  # a within-regime correlation needs this many runs of the regime
+
+
+def _table(rows: list[dict], f):
     import pandas as pd
 
+    return pd.DataFrame(
+        [{"heldout_qa": r["final"]["heldout_qa"], **{k: r["at"][str(f)][k] for k in (*PREDICTORS, *BASELINES)}}
+         for r in rows]
+    )  # fmt: skip
+
+
+def analyse(rows: list[dict], fractions, n_boot: int = 2000) -> dict:
+    """Per fraction, each predictor's Spearman rho with final held-out QA over all runs (and against the baselines)."""
     from mechrecall.lab.predict import compare_predictors
 
-    out = {}
-    for f in fractions:
-        table = pd.DataFrame(
-            [{"heldout_qa": r["final"]["heldout_qa"], **{k: r["at"][str(f)][k] for k in (*PREDICTORS, *BASELINES)}}
-             for r in rows]
-        )  # fmt: skip
-        res = compare_predictors(table, "heldout_qa", PREDICTORS, BASELINES, n_boot=n_boot)
-        out[str(f)] = [r.to_dict() for r in res]
+    return {
+        str(f): [r.to_dict() for r in compare_predictors(_table(rows, f), "heldout_qa", PREDICTORS, BASELINES,
+                                                           n_boot=n_boot)]
+        for f in fractions
+    }  # fmt: skip
+
+
+def analyse_within(rows: list[dict], fractions, n_boot: int = 2000) -> dict:
+    """The same within each regime that has at least :data:`WITHIN_MIN_RUNS` runs: does early consistency tell
+    runs of one regime apart, beyond telling the regimes apart?"""
+    out: dict = {}
+    for regime in dict.fromkeys(r["regime"] for r in rows):
+        sub = [r for r in rows if r["regime"] == regime]
+        if len(sub) >= WITHIN_MIN_RUNS:
+            out[regime] = analyse(sub, fractions, n_boot)
     return out
 
 
@@ -172,6 +190,7 @@ def main(argv=None) -> int:
         rows = [run_one(n, args.preset, out, args.fractions, args.grad_facts) for n in args.runs]
         result = {"preset": args.preset, "fractions": args.fractions, "runs": rows,
                   "correlations": analyse(rows, args.fractions, args.boot),
+                  "within_regime": analyse_within(rows, args.fractions, args.boot),
                   "total_seconds": sum(r["seconds"] for r in rows)}  # fmt: skip
     except (KeyError, ValueError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
@@ -183,6 +202,11 @@ def main(argv=None) -> int:
     for f, res in result["correlations"].items():
         for r in res:
             print(f"{float(f):.0%} {r['predictor']:20s} rho={r['rho']:+.2f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]")
+    for regime, by in result["within_regime"].items():
+        for f, res in by.items():
+            for r in res:
+                print(f"within {regime} {float(f):.0%} {r['predictor']:20s} rho={r['rho']:+.2f} "
+                      f"[{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]")  # fmt: skip
     return 0
 
 

@@ -39,9 +39,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "two-stage+cos-last-w10": ("two_stage", ["two_stage.stage2.align_weight=10", "two_stage.stage2.align_layers=[2]"]),
     "two-stage+mse-w1": ("two_stage", ["two_stage.stage2.align_weight=1", "two_stage.stage2.align_loss=mse"]),
     "two-stage+con-w1": ("two_stage", ["two_stage.stage2.align_weight=1", "two_stage.stage2.align_loss=contrastive"]),
+    # second round (after reading the first round's validation QA: larger weights)
+    "two-stage+cos-w30": ("two_stage", ["two_stage.stage2.align_weight=30"]),
+    "two-stage+con-w3": ("two_stage", ["two_stage.stage2.align_weight=3", "two_stage.stage2.align_loss=contrastive"]),
+    "two-stage+con-w10": ("two_stage", ["two_stage.stage2.align_weight=10", "two_stage.stage2.align_loss=contrastive"]),
     "mixed": ("mixed", []),
     "mixed+cos-w1": ("mixed", ["mixed.align_weight=1", "mixed.align_teacher=live"]),
     "mixed+con-w1": ("mixed", ["mixed.align_weight=1", "mixed.align_teacher=live", "mixed.align_loss=contrastive"]),
+    "mixed+cos-w10": ("mixed", ["mixed.align_weight=10", "mixed.align_teacher=live"]),
+    "mixed+con-w10": ("mixed", ["mixed.align_weight=10", "mixed.align_teacher=live", "mixed.align_loss=contrastive"]),
 }
 METRICS = ("heldout_qa", "validation_qa", "trained_qa", "storage")
 

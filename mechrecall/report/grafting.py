@@ -14,12 +14,15 @@ the answer does not hang on one choice:
     donor's training trace, intersected (what the masks analysis grafts);
   - ``trace:grad_x_update``: the same with the trace's |gradient| x |update| importance;
   - ``update``: the top ``k`` of the update size ``|theta_mixed - theta_base|`` (one mask: no format split);
+  - ``update:all``: the same over every parameter, embeddings, norms and unembedding included (at ``k = 1`` the
+    graft *is* the donor: a model trained from scratch keeps its own residual basis in its embeddings, which a
+    block-matrix graft leaves behind);
 
 - **controls** for every mask: size-matched random masks (the same count in every matrix; ``draws`` seeds) and, for
   the trace masks, the format-only sets (storage minus query, query minus storage: larger than the shared set at the
   same ``k``, their counts recorded).
 
-Each graft is ``theta = mask * theta_mixed + (1 - mask) * theta_recipient`` over the ranked block matrices; the
+Each graft is ``theta = mask * theta_mixed + (1 - mask) * theta_recipient`` over the ranked parameters; the
 recipient's held-out and trained QA (greedy exact match) are measured before and after. A variant **transfers** when
 its held-out QA after the graft exceeds the random controls' mean by more than ``max(5 points, 2 sd)``;
 ``transfer_fraction`` is ``(after - before) / (donor - before)``. Held-out people are measured only: nothing here is
@@ -39,14 +42,14 @@ from mechrecall.io import atomic_write_json, atomic_write_text
 from mechrecall.lab.models import lab_dataset
 from mechrecall.lab.trace import GradientTrace
 from mechrecall.loading import load_model
-from mechrecall.masks import block_matrices, mask_count, mask_minus, topk_mask, update_importance
+from mechrecall.masks import mask_count, mask_minus, topk_mask, update_importance
 
 __all__ = ["DEFAULT_KS", "MASK_SOURCES", "run", "summary_rows", "transfers"]
 
-# 0.01 % to 20 %, then every ranked parameter (the ceiling of any static graft of block matrices: the recipient keeps
+# 0.01 % to 20 %, half, then every ranked parameter (the ceiling of any static graft of block matrices: the recipient keeps
 # its own embeddings and norms)
-DEFAULT_KS = (0.0001, 0.001, 0.01, 0.05, 0.2, 1.0)
-MASK_SOURCES = ("trace:abs_grad", "trace:grad_x_update", "update")
+DEFAULT_KS = (0.0001, 0.001, 0.01, 0.05, 0.2, 0.5, 1.0)
+MASK_SOURCES = ("trace:abs_grad", "trace:grad_x_update", "update", "update:all")
 SPLITS = ("heldout", "train")
 MARGIN = 0.05  # 5 points of exact match: smaller differences are within what a random graft moves on the lab sets
 
@@ -60,6 +63,8 @@ def _masks(source: str, k: float, trace: GradientTrace, update: Mapping, scope: 
     """The mask of ``source`` at size ``k`` and its format-only controls (trace sources only)."""
     if source == "update":
         return {"mask": topk_mask(update, k, scope=scope)}
+    if source == "update:all":  # every parameter: embeddings, norms and unembedding too
+        return {"mask": topk_mask(update, k, scope=scope, include=lambda n: True)}
     kind = source.split(":", 1)[1]
     storage = topk_mask(trace.importance("storage", kind), k, scope=scope)
     query = topk_mask(trace.importance("query", kind), k, scope=scope)
@@ -103,9 +108,9 @@ def run(
     facts = dataset.factset()
     base_loaded = load_model(base, registry=registry, device=device, dtype=dtype)
     donor_sd, base_sd = state_of(donor.model), state_of(base_loaded.model)
-    # every source ranks the block matrices (attention and MLP weights), as the masks analysis does
-    ranked = [n for n in donor_sd if block_matrices(n, donor.model)]
-    update = update_importance({n: base_sd[n] for n in ranked}, {n: donor_sd[n] for n in ranked})
+    # the trace and update sources rank the block matrices (attention and MLP weights), as the masks analysis does;
+    # update:all ranks every parameter
+    update = update_importance(base_sd, donor_sd)
     donor_recall = recall_under(donor.model, donor.tokenizer, facts, donor_sd, SPLITS)
 
     result: dict = {
@@ -114,8 +119,9 @@ def run(
         "recipients": {},
     }  # fmt: skip
     masks = {(s, k): _masks(s, k, trace, update, scope) for s in sources for k in ks}
-    total = sum(m.numel() for m in next(iter(masks.values()))["mask"].values())  # the ranked block matrices
-    result["ranked_parameters"] = total
+    # each source's ranked parameters (the fractions below are of these)
+    totals = {s: sum(m.numel() for m in masks[s, ks[0]]["mask"].values()) for s in sources}
+    result["ranked_parameters"] = totals
     for label, source in recipients.items():
         loaded = base_loaded if source == "base" else load_model(source, registry=registry, device=device,
                                                                    dtype=dtype, supported_only=True)  # fmt: skip
@@ -129,7 +135,7 @@ def run(
             gr = with_random_controls(model, tok, facts, ms["mask"], lambda m, t=target: graft(t, donor_sd, m),
                                       draws=draws, seed=seed + 100, splits=SPLITS)  # fmt: skip
             row = {
-                "source": src, "k": k, "n": gr["n"], "fraction": gr["n"] / total,
+                "source": src, "k": k, "n": gr["n"], "fraction": gr["n"] / totals[src],
                 "heldout_after": gr["mask"]["heldout"], "trained_after": gr["mask"]["train"],
                 "random_heldout_mean": gr["random_mean"]["heldout"], "random_heldout_std": gr["random_std"]["heldout"],
                 "random_trained_mean": gr["random_mean"]["train"],

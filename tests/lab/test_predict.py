@@ -46,3 +46,21 @@ def test_a_grid_too_small_or_missing_a_column_is_refused():
         compare_predictors({"y": [1, 2, 3], "x": [1, 2, 3]}, "y", ["x"])
     with pytest.raises(KeyError, match=r"no column\(s\) \['z'\]"):
         compare_predictors({"y": [1, 2, 3, 4], "x": [1, 2, 3, 4]}, "y", ["z"])
+
+
+def test_within_regime_correlations_only_for_regimes_with_enough_runs():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "analyses"))
+    import predict_generalization as pg
+
+    def row(regime, i, heldout):
+        at = {**{p: heldout + 0.01 * i for p in pg.PREDICTORS}, "train_loss": 1.0 - heldout, "trained_qa": 0.5}
+        return {"regime": regime, "final": {"heldout_qa": heldout}, "at": {"0.1": at}}
+
+    rows = [row("mixed", i, 0.1 * i) for i in range(6)] + [row("two_stage", i, 0.05 * i) for i in range(3)]
+    within = pg.analyse_within(rows, [0.1], n_boot=100)
+    assert list(within) == ["mixed"]  # two_stage has 3 runs: no correlation claimed
+    res = {r["predictor"]: r for r in within["mixed"]["0.1"]}
+    assert res["grad_margin"]["rho"] == pytest.approx(1.0) and res["train_loss"]["rho"] == pytest.approx(-1.0)

@@ -66,6 +66,9 @@ def test_grafting_every_variant_and_control(grafting_json):
     # at k = 1 the update mask covers every ranked matrix: fraction 1, and a random control of that size is the mask
     full = [r for r in res["recipients"]["two_stage"]["rows"] if r["source"] == "update" and r["k"] == 1.0][0]
     assert full["fraction"] == 1.0 and full["heldout_after"] == full["random_heldout_mean"]
+    # every parameter of the donor grafted is the donor itself
+    everything = [r for r in res["recipients"]["two_stage"]["rows"] if r["source"] == "update:all" and r["k"] == 1.0]
+    assert everything[0]["heldout_after"] == donor
     assert isinstance(res["any_transfer"], bool) and set(res["best"]) == set(res["recipients"])
 
 
