@@ -27,7 +27,7 @@ def test_prompt_end_is_the_position_before_the_first_answer_token():
     assert prompt_end(b).tolist() == [2, 1]
 
 
-def _distance(run, regime, teacher_model_path):
+def _distance(run, regime, teacher_model_path, kind="cosine"):
     model, tok, _ = load_checkpoint(run / regime / "final")
     teacher_model, _, _ = load_checkpoint(teacher_model_path)
     from mechrecall.lab.models import lab_dataset
@@ -36,7 +36,7 @@ def _distance(run, regime, teacher_model_path):
     ds = lab_dataset(load_model(str(run / regime / "final")))
     layers = default_layers(model)
     teacher = teacher_states(teacher_model, AlignData.build(ds, tok), layers)
-    return alignment_distance(model, tok, ds, teacher, layers)
+    return alignment_distance(model, tok, ds, teacher, layers, kind)
 
 
 ALIGNED = [*SHORT, "two_stage.stage2.align_weight=1.0", "save_every=5"]
@@ -48,18 +48,24 @@ def aligned_run(tmp_path_factory):
     return out, train(get_preset("micro", ALIGNED), "two_stage", out, progress=False)
 
 
-def test_stage2_alignment_lowers_the_query_to_storage_distance_it_optimizes(tmp_path, aligned_run):
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain")
+    train(get_preset("micro", SHORT), "two_stage", out, progress=False)
+    return out
+
+
+def test_stage2_alignment_lowers_the_query_to_storage_distance_it_optimizes(plain_run, aligned_run):
     """Stage 2 with the term pulls trained QA states towards the stage-1 model's biography states; without it they
     stay further apart (same data, steps and seed)."""
-    train(get_preset("micro", SHORT), "two_stage", tmp_path / "plain", progress=False)
     aligned_dir, meta = aligned_run
-    stage1 = tmp_path / "plain" / "two_stage" / "stage1"
+    stage1 = plain_run / "two_stage" / "stage1"
     a, b = (
         load_file(stage1 / "model.safetensors"),
         load_file(aligned_dir / "two_stage" / "stage1" / "model.safetensors"),
     )
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same stage 1: the term acts in stage 2 only
-    d_plain = _distance(tmp_path / "plain", "two_stage", stage1)
+    d_plain = _distance(plain_run, "two_stage", stage1)
     d_aligned = _distance(aligned_dir, "two_stage", stage1)
     assert d_aligned < 0.8 * d_plain, (d_aligned, d_plain)
     history = [h for h in __import__("json").loads((aligned_dir / "two_stage" / "history.json").read_text())
@@ -115,3 +121,14 @@ def test_contrastive_term_is_low_when_each_query_state_is_nearest_its_own_fact()
     assert alignment_term(dup_q, dup_t, "contrastive") < 0.05
     with pytest.raises(ValueError, match="align_loss"):
         alignment_term(matched, teacher, "l1")
+
+
+def test_contrastive_stage2_alignment_lowers_the_contrastive_loss_it_optimizes(tmp_path, plain_run):
+    """The InfoNCE variant: after stage 2 with it, each trained QA state is nearer its own fact's stage-1 biography
+    state relative to the other facts' than after plain stage 2 (the loss over all trained QA rows at once)."""
+    extra = ["two_stage.stage2.align_weight=1.0", "two_stage.stage2.align_loss=contrastive"]
+    train(get_preset("micro", [*SHORT, *extra]), "two_stage", tmp_path / "con", progress=False)
+    stage1 = plain_run / "two_stage" / "stage1"
+    d_plain = _distance(plain_run, "two_stage", stage1, "contrastive")
+    d_con = _distance(tmp_path / "con", "two_stage", stage1, "contrastive")
+    assert d_con < 0.9 * d_plain, (d_con, d_plain)
