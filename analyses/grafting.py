@@ -6,7 +6,8 @@
 
 Donor: the mixed model. Recipients: the final two-stage model and the stage-1 (biography-only) model (``base`` too
 with --with-base). Masks: the shared set of the donor's training trace (|gradient| and |gradient| x |update|) and the
-top update size |theta_mixed - theta_base|, each at --ks (default 0.01 % to 20 %), against size-matched random masks
+top update size |theta_mixed - theta_base| (block matrices, or every parameter), each at --ks (default 0.01 % to
+20 %, then 50 % and 100 %), against size-matched random masks
 and the format-only sets (mechrecall.report.grafting). Writes OUT/grafting.json and grafting.html.
 """
 

@@ -3,8 +3,9 @@
     python analyses/remedy.py --out runs/remedy [--preset micro] [--seeds 0 1 2]
 
 Every variant in :data:`VARIANTS` is a training option (``--set ...``, see mechrecall.lab.objectives) tried against
-plain two-stage and plain mixed training at equal compute (the preset's step budgets and stopping rule; the
-alignment terms add forwards, not steps):
+plain two-stage and plain mixed training at equal step budgets (the preset's budgets and stopping rule: stage 2 may
+stop early on trained QA in any variant; the alignment terms add forwards, not steps; :data:`CONTROLS` gives plain
+mixed more steps than the live term's extra forwards cost):
 
 - ``two-stage+...``: stage 2 (QA of the trained half only) with a term that pulls each trained QA example's hidden
   states at the answer-predicting token towards the frozen stage-1 model's states of the same fact in its biography
@@ -15,10 +16,11 @@ alignment terms add forwards, not steps):
 
 Two-stage variants of a seed share that seed's stage 1 (copied from the plain two-stage run, so they differ only in
 stage 2). Selection is on the **validation** people only: at seed 0 each family's variant with the highest final
-validation QA is chosen, then it and both baselines run at the other ``--seeds``; held-out QA is reported, never
-used. Writes ``OUT/remedy.json`` (every run's metrics, the choices, means, the share of the two-stage-to-mixed
+validation QA is chosen, then it, both baselines and the compute control run at the other ``--seeds``, which give
+the headline numbers (seed 0 chose, so its held-out QA is reported beside them only); held-out QA is reported,
+never used. Writes ``OUT/remedy.json`` (every run's metrics, the choices, means, the share of the two-stage-to-mixed
 held-out gap each chosen variant closes and its held-out QA over plain mixed) and ``remedy.html``. The compute
-control ``mixed@600steps`` runs at every seed too. Finished runs are reused, so an interrupted sweep
+control ``mixed@1.2x-steps`` runs at every seed too. Finished runs are reused, so an interrupted sweep
 resumes.
 """
 
@@ -37,7 +39,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "two-stage": ("two_stage", []),
     "two-stage+cos-w1": ("two_stage", ["two_stage.stage2.align_weight=1"]),
     "two-stage+cos-w10": ("two_stage", ["two_stage.stage2.align_weight=10"]),
-    "two-stage+cos-last-w10": ("two_stage", ["two_stage.stage2.align_weight=10", "two_stage.stage2.align_layers=[2]"]),
+    "two-stage+cos-last-w10": (
+        "two_stage",
+        ["two_stage.stage2.align_weight=10", "two_stage.stage2.align_layers=[{last_layer}]"],
+    ),
     "two-stage+mse-w1": ("two_stage", ["two_stage.stage2.align_weight=1", "two_stage.stage2.align_loss=mse"]),
     "two-stage+con-w1": ("two_stage", ["two_stage.stage2.align_weight=1", "two_stage.stage2.align_loss=contrastive"]),
     # second round (after reading the first round's validation QA: larger weights)
@@ -53,7 +58,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 # compute controls, run at every seed next to the baselines: the live alignment term adds one forward (no backward)
 # of the batch's biography prefixes per step, about a sixth of a mixed step's work; mixed with 20 % more steps
 # (its schedule stretched to them) gives plain mixed at least that compute
-CONTROLS: dict[str, tuple[str, list[str]]] = {"mixed@600steps": ("mixed", ["mixed.steps=600"])}
+CONTROLS: dict[str, tuple[str, list[str]]] = {"mixed@1.2x-steps": ("mixed", ["mixed.steps={mixed_steps_x1.2}"])}
 VARIANTS.update(CONTROLS)
 METRICS = ("heldout_qa", "validation_qa", "trained_qa", "storage")
 
@@ -62,32 +67,55 @@ def family(name: str) -> str:
     return name.split("+", 1)[0]
 
 
-def _stage1_boundary(run: Path, preset) -> Path:
-    return run / "two_stage" / "checkpoints" / f"step-{preset.two_stage.stage1.steps:06d}"
+def resolve(overrides: list[str], preset) -> list[str]:
+    """Fill a variant's placeholders from the preset: ``{last_layer}`` (the last block output's hidden-state index)
+    and ``{mixed_steps_x1.2}`` (20 % more mixed steps), so that every variant means the same on any preset."""
+    values = {"{last_layer}": str(preset.model.n_layers), "{mixed_steps_x1.2}": str(round(1.2 * preset.mixed.steps))}
+    out = []
+    for o in overrides:
+        for k, v in values.items():
+            o = o.replace(k, v)
+        out.append(o)
+    return out
+
+
+def _shares_stage1(extra: list[str]) -> bool:
+    """A two-stage variant may start from the plain run's stage 1 only when it changes stage 2 alone."""
+    return bool(extra) and all(o.startswith("two_stage.stage2.") for o in extra)
 
 
 def run_one(name: str, seed: int, preset_name: str, out: Path, overrides: list[str]) -> dict:
-    """Train (or reuse) one variant at one seed; two-stage variants start from the plain run's stage 1."""
+    """Train (or reuse) one variant at one seed; two-stage variants of stage 2 start from the plain run's stage 1."""
     from mechrecall.lab.config import get_preset
+    from mechrecall.lab.models import read_meta
     from mechrecall.lab.train import train
 
     regime, extra = VARIANTS[name]
+    base = get_preset(preset_name, [*overrides, f"seed={seed}"])
+    extra = resolve(extra, base)
     preset = get_preset(preset_name, [*overrides, f"seed={seed}", *extra])
     run_dir = out / "runs" / f"{name}-s{seed}"
-    if regime == "two_stage" and extra and not (run_dir / regime / "final").exists():
+    shared = 0.0
+    if regime == "two_stage" and _shares_stage1(extra):
         plain = out / "runs" / f"two-stage-s{seed}"
         run_one("two-stage", seed, preset_name, out, overrides)
-        boundary = _stage1_boundary(plain, preset)
+        stage1 = read_meta(plain / "two_stage" / "stage1")
+        shared = stage1.get("train_seconds", 0.0)
+        boundary = plain / "two_stage" / "checkpoints" / f"step-{stage1['global_step']:06d}"
         target = run_dir / "two_stage" / "checkpoints" / boundary.name
-        if not target.exists():
+        if not (run_dir / regime / "final").exists() and not (target / "trainer_state.pt").exists():
+            # copied under a temporary name, then renamed: an interrupted copy is never taken for a checkpoint
             shutil.rmtree(run_dir, ignore_errors=True)
             shutil.copytree(plain / "data", run_dir / "data")
-            shutil.copytree(boundary, target)
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.copytree(boundary, tmp)
+            tmp.rename(target)
     t0 = time.perf_counter()
     meta = train(preset, regime, run_dir, progress=False)
     row = {"name": name, "seed": seed, "regime": regime, "overrides": extra, **{k: meta["metrics"][k] for k in METRICS}}
     row["global_step"] = meta.get("global_step")
     row["seconds"] = meta.get("train_seconds", time.perf_counter() - t0)
+    row["shared_stage1_seconds"] = shared  # counted once, in the plain run
     return row
 
 
@@ -101,18 +129,23 @@ def choose(rows: list[dict]) -> dict[str, str]:
     return out
 
 
-def summarize(rows: list[dict], names: list[str]) -> dict:
+def summarize(rows: list[dict], names: list[str], seeds=None) -> dict:
+    """Mean and sd (ddof 1; 0 for one seed) of each metric per variant, over ``seeds`` (default: all its runs)."""
     stats = {}
     for n in names:
-        rs = [r for r in rows if r["name"] == n]
+        rs = [r for r in rows if r["name"] == n and (seeds is None or r["seed"] in seeds)]
+        if not rs:
+            continue
         stats[n] = {"seeds": [r["seed"] for r in rs],
-                    **{k: {"mean": float(np.mean([r[k] for r in rs])), "sd": float(np.std([r[k] for r in rs]))}
+                    **{k: {"mean": float(np.mean([r[k] for r in rs])),
+                           "sd": float(np.std([r[k] for r in rs], ddof=1)) if len(rs) > 1 else 0.0}
                        for k in METRICS}}  # fmt: skip
     return stats
 
 
 def gap_closed(stats: dict, variant: str) -> float | None:
-    """Share of the plain two-stage -> plain mixed held-out gap that ``variant`` closes (mean over its seeds)."""
+    """Share of the plain two-stage -> plain mixed held-out gap that ``variant`` closes (means over the seeds of
+    ``stats``)."""
     lo, hi = stats["two-stage"]["heldout_qa"]["mean"], stats["mixed"]["heldout_qa"]["mean"]
     v = stats[variant]["heldout_qa"]["mean"]
     return None if hi <= lo else (v - lo) / (hi - lo)
@@ -155,20 +188,29 @@ def main(argv=None) -> int:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     keep = [n for n in ["two-stage", "mixed", *CONTROLS, *chosen.values()] if n in args.variants]
-    stats = summarize(rows, keep)
+    # the headline is over the confirmation seeds (not 0): seed 0's validation people chose the variant, and its
+    # held-out QA comes from the same run, so it is reported beside them, not in the headline
+    confirm = [s for s in args.seeds if s != 0] or [0]
+    stats = summarize(rows, keep, confirm)
+
+    def versus(ref: str) -> dict:
+        return {n: stats[n]["heldout_qa"]["mean"] - stats[ref]["heldout_qa"]["mean"] for n in stats if n != ref} \
+            if ref in stats else {}  # fmt: skip
+
     result = {
         "preset": args.preset, "overrides": args.overrides, "seeds": args.seeds, "variants": dict(VARIANTS),
-        "runs": rows, "chosen": chosen, "chosen_by": "final validation QA at seed 0", "stats": stats,
+        "runs": rows, "chosen": chosen, "chosen_by": "final validation QA at seed 0", "confirmation_seeds": confirm,
+        "stats": stats, "stats_all_seeds": summarize(rows, keep),
         "gap_closed": {n: gap_closed(stats, n) for n in chosen.values()}
         if {"two-stage", "mixed"} <= set(stats) else {},
-        "over_mixed": {n: stats[n]["heldout_qa"]["mean"] - stats["mixed"]["heldout_qa"]["mean"]
-                       for n in stats if n != "mixed"} if "mixed" in stats else {},
-        "total_seconds": sum(r["seconds"] for r in rows),
+        "over_mixed": versus("mixed"), "over_compute_control": versus(next(iter(CONTROLS))),
+        "total_seconds": sum(r["seconds"] - r.get("shared_stage1_seconds", 0.0) for r in rows),
     }  # fmt: skip
     atomic_write_json(out / "remedy.json", result)
     atomic_write_text(out / "remedy.html", figure(result).to_html(include_plotlyjs=True))
-    for r in rows:
-        print(f"{r['name']:24s} s{r['seed']} held-out {r['heldout_qa']:.3f} validation {r['validation_qa']:.3f} "
+    for r in rows:  # every variant's validation QA (what chose); held-out QA only for what is reported
+        shown = f"held-out {r['heldout_qa']:.3f} " if r["name"] in keep else ""
+        print(f"{r['name']:24s} s{r['seed']} {shown}validation {r['validation_qa']:.3f} "
               f"trained {r['trained_qa']:.3f} storage {r['storage']:.3f} step {r['global_step']}")  # fmt: skip
     print(f"chosen (validation): {chosen}; gap closed: {result['gap_closed']}; over mixed: {result['over_mixed']}")
     return 0

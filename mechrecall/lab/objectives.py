@@ -110,15 +110,19 @@ CONTRASTIVE_TEMPERATURE = 0.1
 
 
 def alignment_term(
-    query_states: Float[Tensor, "batch layer d"], teacher: Float[Tensor, "batch layer d"], kind: str = "cosine"
+    query_states: Float[Tensor, "batch layer d"],
+    teacher: Float[Tensor, "batch layer d"],
+    kind: str = "cosine",
+    facts: Int[Tensor, " batch"] | None = None,
 ) -> Float[Tensor, ""]:
     """Distance between query-format and teacher states, averaged over rows and layers.
 
     ``cosine``: ``1 - cos``; ``mse``: squared error; ``contrastive``: InfoNCE over the batch (each query state must be
     closer, in cosine at temperature :data:`CONTRASTIVE_TEMPERATURE`, to its own fact's teacher state than to the
     other facts' in the batch): the *margin* over mismatched facts, which is what representation consistency
-    measures, rather than the distance alone. Rows whose teacher is the same fact (other templates) are not
-    negatives."""
+    measures, rather than the distance alone. Rows of the same fact (``facts``: each row's fact id; other templates)
+    are not each other's negatives; without ``facts`` every row is its own fact. The contrastive term needs at least
+    two facts in the batch (with one it is 0 and teaches nothing)."""
     q, t = query_states.float(), teacher.to(query_states.device).float()
     if kind == "cosine":
         return (1 - F.cosine_similarity(q, t, dim=-1)).mean()
@@ -127,8 +131,9 @@ def alignment_term(
     if kind == "contrastive":
         qn, tn = F.normalize(q, dim=-1).transpose(0, 1), F.normalize(t, dim=-1).transpose(0, 1)  # layer batch d
         logits = qn @ tn.transpose(1, 2) / CONTRASTIVE_TEMPERATURE  # layer, query row, teacher row
-        same = (t[:, None] == t[None]).flatten(2).all(-1)  # teacher rows of one fact
         eye = torch.eye(len(t), dtype=torch.bool, device=t.device)
+        ids = facts.to(t.device) if facts is not None else torch.arange(len(t), device=t.device)
+        same = ids[:, None] == ids[None]  # rows of one fact
         logits = logits.masked_fill(same & ~eye, float("-inf"))
         target = torch.arange(len(t), device=t.device).expand(logits.shape[0], -1)
         return F.cross_entropy(logits.flatten(0, 1), target.flatten())
@@ -139,8 +144,9 @@ def alignment_term(
 def alignment_distance(
     model, tokenizer, dataset, teacher: Tensor, layers: Sequence[int], kind: str = "cosine"
 ) -> float:
-    """The alignment term over all trained QA rows (first template) against ``teacher`` (one row per fact): what the
-    objective lowers, measured on a checkpoint."""
+    """The alignment term over all trained QA rows (every template, as training sees them) against ``teacher`` (one
+    row per fact): what the objective lowers, measured on a checkpoint (``contrastive``: against every other trained
+    fact at once, so its scale is that of a batch of all rows, not of a training batch)."""
     from mechrecall.devices import model_device
 
     align = AlignData.build(dataset, tokenizer)
@@ -153,4 +159,4 @@ def alignment_distance(
     hs = model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True).hidden_states
     states = hidden_at(hs, prompt_end(b), layers)
     model.train(was)
-    return float(alignment_term(states, teacher[align.query_fact].to(device), kind))
+    return float(alignment_term(states, teacher[align.query_fact].to(device), kind, align.query_fact))

@@ -240,7 +240,8 @@ def reproduce(
 
     ``training`` holds :func:`mechrecall.lab.train.train`'s device options (``device``, ``autocast``,
     ``gradient_checkpointing``); the analyses then read the checkpoints on the CPU. ``extra_regimes`` (e.g.
-    ``["pre_instruction"]``) are trained and tabulated after the two regimes (the analyses stay on the pair)."""
+    ``["pre_instruction"]``) are trained and tabulated after the two regimes, and each gets the pair's analyses against
+two-stage in ``out/<regime>``."""
     from mechrecall.lab.train import normalize_regime
 
     extra_regimes = [normalize_regime(r) for r in extra_regimes if normalize_regime(r) not in ("two_stage", "mixed")]
@@ -302,7 +303,9 @@ def reproduce(
         )
         # a further regime gets the same analyses against two-stage, in its own folder (keys: the two regimes)
         for regime in extra_regimes:
-            name = next(n for n in first["registered"] if n.endswith("-" + regime.replace("_", "-")))
+            name = next((n for n in first["registered"] if n.endswith("-" + regime.replace("_", "-"))), None)
+            if name is None:
+                raise ValueError(f"regime {regime!r} was trained but not registered: cannot analyse it")
             results.setdefault("extra_analysis_seconds", {})[regime] = run_analyses(
                 two_stage, name, out / regime, registry=registry, preset=presets[seeds[0]], base=base,
                 labels=("two_stage", regime),

@@ -356,7 +356,7 @@ def _format_loss(run: _Run, cfg: StageConfig, fmt: str, b: Batch) -> tuple[Tenso
         teacher = teacher_states(run.model, run.align, run.align_layers, facts)
     else:
         teacher = run.state["align_teacher"][facts]
-    align = alignment_term(states, teacher, cfg.align_loss)
+    align = alignment_term(states, teacher, cfg.align_loss, facts)
     return lm + cfg.align_weight * align, {fmt: float(lm.detach()), "align": float(align.detach())}
 
 
@@ -374,6 +374,8 @@ def _stage_alignment(run: _Run, cfg: StageConfig, start: int) -> None:
         raise ValueError("align_weight: the alignment term runs in single-process training only")
     if not cfg.batch_query:
         raise ValueError("align_weight > 0 needs query batches in the stage (batch_query > 0)")
+    if cfg.align_loss == "contrastive" and cfg.batch_query < 2:
+        raise ValueError("align_loss contrastive needs batch_query >= 2 (the other facts of a batch are its negatives)")
     layers = list(cfg.align_layers) if cfg.align_layers is not None else default_layers(run.model)
     bad = [lay for lay in layers if not 0 <= lay <= n_layers(run.model)]
     if bad:

@@ -7,8 +7,8 @@ the answer does not hang on one choice:
 
 - **recipients**: the final two-stage model and the stage-1 (biography-only) model, which has stored every fact
   and never seen a question (and, on request, the base model, as in Panigrahi et al. 2023);
-- **masks** of the donor (the mixed model), each at every size in ``ks`` (fractions of the ranked parameters,
-  0.01 % to 20 % by default):
+- **masks** of the donor (the mixed model), each at every size in ``ks`` (fractions of the ranked parameters;
+  by default 0.01 % to 20 %, then 50 % and 100 % as the ceiling):
 
   - ``trace:abs_grad``: the shared set, top ``k`` of the storage-format and of the query-format mean |gradient| of the
     donor's training trace, intersected (what the masks analysis grafts);
@@ -24,9 +24,11 @@ the answer does not hang on one choice:
 
 Each graft is ``theta = mask * theta_mixed + (1 - mask) * theta_recipient`` over the ranked parameters; the
 recipient's held-out and trained QA (greedy exact match) are measured before and after. A variant **transfers** when
-its held-out QA after the graft exceeds the random controls' mean by more than ``max(5 points, 2 sd)``;
-``transfer_fraction`` is ``(after - before) / (donor - before)``. Held-out people are measured only: nothing here is
-tuned on them.
+its held-out QA after the graft exceeds the random controls' mean by more than ``max(5 points, 2 sd)`` (sd of the
+draws, ddof 1); with dozens of variants per recipient this is a screen, not a test: ``any_transfer`` is the OR of
+all of them (post hoc). ``transfer_fraction`` is ``(after - before) / (donor - before)``. ``best`` is each
+recipient's variant with the largest gain on the *validation* people, whose held-out QA is then reported: nothing
+is chosen on the held-out people.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ __all__ = ["DEFAULT_KS", "MASK_SOURCES", "run", "summary_rows", "transfers"]
 # its own embeddings and norms)
 DEFAULT_KS = (0.0001, 0.001, 0.01, 0.05, 0.2, 0.5, 1.0)
 MASK_SOURCES = ("trace:abs_grad", "trace:grad_x_update", "update", "update:all")
-SPLITS = ("heldout", "train")
+SPLITS = ("heldout", "validation", "train")
 MARGIN = 0.05  # 5 points of exact match: smaller differences are within what a random graft moves on the lab sets
 
 
@@ -137,8 +139,9 @@ def run(
             row = {
                 "source": src, "k": k, "n": gr["n"], "fraction": gr["n"] / totals[src],
                 "heldout_after": gr["mask"]["heldout"], "trained_after": gr["mask"]["train"],
-                "random_heldout_mean": gr["random_mean"]["heldout"], "random_heldout_std": gr["random_std"]["heldout"],
-                "random_trained_mean": gr["random_mean"]["train"],
+                "random_heldout_mean": gr["random_mean"]["heldout"],
+                "random_heldout_std": _sd(gr["random"]["heldout"]), "random_trained_mean": gr["random_mean"]["train"],
+                "validation_after": gr["mask"]["validation"], "random_validation_mean": gr["random_mean"]["validation"],
             }  # fmt: skip
             for name in ("storage_only", "query_only"):
                 if name in ms:
@@ -156,13 +159,19 @@ def run(
     return result
 
 
+def _sd(values) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def _best(result: dict) -> dict:
-    """Per recipient, the variant with the largest held-out gain over its random controls."""
+    """Per recipient, the variant with the largest *validation* gain over its random controls (chosen on the
+    validation people; its held-out QA is then reported)."""
     best = {}
     for label, e in result["recipients"].items():
-        r = max(e["rows"], key=lambda r: r["heldout_after"] - r["random_heldout_mean"])
-        best[label] = {k: r[k] for k in ("source", "k", "fraction", "heldout_after", "random_heldout_mean",
-                                          "transfer_fraction", "transfers")}  # fmt: skip
+        r = max(e["rows"], key=lambda r: r["validation_after"] - r["random_validation_mean"])
+        best[label] = {k: r[k] for k in ("source", "k", "fraction", "validation_after", "random_validation_mean",
+                                          "heldout_after", "random_heldout_mean", "transfer_fraction",
+                                          "transfers")}  # fmt: skip
         best[label]["before"] = e["before"]["heldout"]
     return best
 

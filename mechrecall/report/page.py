@@ -255,14 +255,14 @@ def _remedy_figures(grafting: dict | None, predict: dict | None, remedy: dict | 
         from mechrecall.report.grafting import figure as gfig
 
         best = "; ".join(
-            f"into {lab}: best {b['source']} at {b['fraction']:.4%} of the ranked weights, held-out "
-            f"{b['before']:.3f} -> {b['heldout_after']:.3f} (random {b['random_heldout_mean']:.3f})"
+            f"into {lab}: best on validation people {b['source']} at {b['fraction']:.4%} of the ranked weights, "
+            f"held-out {b['before']:.3f} -> {b['heldout_after']:.3f} (random {b['random_heldout_mean']:.3f})"
             for lab, b in grafting["best"].items()
         )
         out.append((gfig(grafting), "Grafting, every protocol variant (analyses/grafting.py): masks of the mixed "
                     f"model's trace and update size at {len(grafting['ks'])} sizes, into each recipient, against "
                     f"size-matched random masks. {best}. Any variant beats its random controls by more than "
-                    f"max(5 points, 2 sd): {grafting['any_transfer']}."))  # fmt: skip
+                    f"max(5 points, 2 sd) (a post-hoc screen over every variant): {grafting['any_transfer']}."))  # fmt: skip
     if predict:
         import plotly.graph_objects as go
 

@@ -99,6 +99,14 @@ def test_an_interrupted_aligned_stage_resumes_exactly(tmp_path, aligned_run):
     [
         (["two_stage.stage1.align_weight=1.0"], "needs query batches"),
         (["two_stage.stage2.align_weight=1.0", "two_stage.stage2.align_layers=[9]"], r"align_layers \[9\]"),
+        (
+            [
+                "two_stage.stage2.align_weight=1.0",
+                "two_stage.stage2.align_loss=contrastive",
+                "two_stage.stage2.batch_query=1",
+            ],
+            "batch_query >= 2",
+        ),  # fmt: skip
     ],
 )
 def test_misused_alignment_fails_in_one_line(tmp_path, extra, message):
@@ -118,7 +126,9 @@ def test_contrastive_term_is_low_when_each_query_state_is_nearest_its_own_fact()
     # two rows of one fact (another template): neither is the other's negative, so matching both costs nothing extra
     dup_t = torch.cat([teacher[:1], teacher[:1], teacher[1:3]])
     dup_q = torch.cat([matched[:1], matched[:1], matched[1:3]])
-    assert alignment_term(dup_q, dup_t, "contrastive") < 0.05
+    ids = torch.tensor([0, 0, 1, 2])
+    assert alignment_term(dup_q, dup_t, "contrastive", ids) < 0.05
+    assert alignment_term(dup_q, dup_t, "contrastive") > 0.3  # told they are different facts, they are negatives
     with pytest.raises(ValueError, match="align_loss"):
         alignment_term(matched, teacher, "l1")
 

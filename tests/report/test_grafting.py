@@ -60,7 +60,7 @@ def test_grafting_every_variant_and_control(grafting_json):
         for r in e["rows"]:
             assert 0 < r["fraction"] <= 1 and r["n"] > 0
             if r["source"].startswith("trace:"):
-                assert r["storage_only_n"] >= 0 and "query_only_heldout" in r
+                assert r["storage_only_n"] > 0 and r["query_only_n"] > 0 and "query_only_heldout" in r
             if label == "self":  # the donor grafted into itself: nothing changes, masks or random controls
                 assert r["heldout_after"] == donor == r["random_heldout_mean"]
     # at k = 1 the update mask covers every ranked matrix: fraction 1, and a random control of that size is the mask
@@ -108,9 +108,11 @@ def test_report_page_shows_grafting_prediction_and_remedy_results(micro_run, gra
     stats = rm.summarize(runs, ["two-stage", "mixed", "two-stage+cos-w1"])
     assert rm.gap_closed(stats, "two-stage+cos-w1") == pytest.approx(0.5)
     atomic_write_json(copy / "remedy" / "remedy.json", {"preset": "micro", "seeds": [0, 1], "stats": stats,
-                                                       "chosen": rm.choose(runs), "gap_closed": {"x": 0.5}})  # fmt: skip
+                                                       "chosen": rm.choose(runs), "gap_closed": {"x": 0.5},
+                                                       "over_mixed": {"x": 0.1}})  # fmt: skip
     page = build(copy).read_text()
-    for caption in ("Grafting, every protocol variant", "Early prediction", "Consistency-aware objectives"):
+    for caption in ("Grafting, every protocol variant", "Early prediction", "Consistency-aware objectives",
+                    "x: +10.0 points"):  # fmt: skip
         assert caption in page
     if find_chromium() is not None:
         check = check_page(copy / "report.html")
@@ -128,3 +130,18 @@ def test_remedy_chooses_on_validation_people_only():
         {"name": "two-stage", "seed": 0, "validation_qa": 0.5, "heldout_qa": 0.5},  # the baseline is not a candidate
     ]
     assert rm.choose(runs) == {"two-stage": "two-stage+b"}
+
+
+def test_remedy_variants_mean_the_same_on_every_preset():
+    sys.path.insert(0, str(ROOT / "analyses"))
+    import remedy as rm
+
+    from mechrecall.lab.config import get_preset
+
+    for name, layers, steps in (("micro", 2, 600), ("default", 2, 2400)):
+        p = get_preset(name)
+        assert p.model.n_layers == layers and round(1.2 * p.mixed.steps) == steps
+        assert rm.resolve(["a=[{last_layer}]", "mixed.steps={mixed_steps_x1.2}"], p) == [f"a=[{layers}]",
+                                                                                       f"mixed.steps={steps}"]  # fmt: skip
+    assert rm._shares_stage1(["two_stage.stage2.align_weight=1"])
+    assert not rm._shares_stage1(["two_stage.stage1.lr=1"]) and not rm._shares_stage1([])
