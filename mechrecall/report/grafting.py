@@ -45,6 +45,7 @@ from mechrecall.lab.models import lab_dataset
 from mechrecall.lab.trace import GradientTrace
 from mechrecall.loading import load_model
 from mechrecall.masks import mask_count, mask_minus, topk_mask, update_importance
+from mechrecall.report.masks import _finite  # NaN -> None for valid JSON
 
 __all__ = ["DEFAULT_KS", "MASK_SOURCES", "run", "summary_rows", "transfers"]
 
@@ -174,16 +175,6 @@ def _best(result: dict) -> dict:
                                           "transfers")}  # fmt: skip
         best[label]["before"] = e["before"]["heldout"]
     return best
-
-
-def _finite(obj):
-    if isinstance(obj, float):
-        return None if np.isnan(obj) else obj
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def figure(result: dict):
