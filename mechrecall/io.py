@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_write_dir"]
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_write_dir", "finite"]
 
 
 def _umask() -> int:
@@ -37,6 +38,17 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: object) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def finite(obj):
+    """NaN -> None, recursively through dicts and lists, so that ``json`` writes valid JSON (it writes ``NaN``)."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> Path:

@@ -240,8 +240,8 @@ def reproduce(
 
     ``training`` holds :func:`mechrecall.lab.train.train`'s device options (``device``, ``autocast``,
     ``gradient_checkpointing``); the analyses then read the checkpoints on the CPU. ``extra_regimes`` (e.g.
-    ``["pre_instruction"]``) are trained and tabulated after the two regimes, and each gets the pair's analyses against
-two-stage in ``out/<regime>``."""
+    ``["pre_instruction"]``) are trained and tabulated after the two regimes, and each gets the pair's analyses
+    against two-stage in ``out/<regime>``."""
     from mechrecall.lab.train import normalize_regime
 
     extra_regimes = [normalize_regime(r) for r in extra_regimes if normalize_regime(r) not in ("two_stage", "mixed")]

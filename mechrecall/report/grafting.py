@@ -40,12 +40,11 @@ import numpy as np
 
 from mechrecall.checkpoint import CheckpointError
 from mechrecall.interventions import graft, recall_under, state_of, with_random_controls
-from mechrecall.io import atomic_write_json, atomic_write_text
+from mechrecall.io import atomic_write_json, atomic_write_text, finite
 from mechrecall.lab.models import lab_dataset
 from mechrecall.lab.trace import GradientTrace
 from mechrecall.loading import load_model
 from mechrecall.masks import mask_count, mask_minus, topk_mask, update_importance
-from mechrecall.report.masks import _finite  # NaN -> None for valid JSON
 
 __all__ = ["DEFAULT_KS", "MASK_SOURCES", "run", "summary_rows", "transfers"]
 
@@ -155,7 +154,7 @@ def run(
         result["recipients"][label] = {"source": source, "before": before, "rows": rows}
     result["any_transfer"] = any(r["transfers"] for e in result["recipients"].values() for r in e["rows"])
     result["best"] = _best(result)
-    atomic_write_json(out / "grafting.json", _finite(result))
+    atomic_write_json(out / "grafting.json", finite(result))
     atomic_write_text(out / "grafting.html", figure(result).to_html(include_plotlyjs=True))
     return result
 

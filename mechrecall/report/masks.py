@@ -29,7 +29,6 @@ is recorded as skipped otherwise).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +42,7 @@ from mechrecall.devices import model_device, model_dtype
 from mechrecall.facts import FactSet
 from mechrecall.gradients import gradient_stats
 from mechrecall.interventions import ablate, graft, recall_under, state_of, with_random_controls
-from mechrecall.io import atomic_write_json, atomic_write_text
+from mechrecall.io import atomic_write_json, atomic_write_text, finite
 from mechrecall.lab.models import lab_dataset
 from mechrecall.lab.trace import GradientTrace
 from mechrecall.loading import LoadedModel, load_model
@@ -308,17 +307,6 @@ def _graftable(a, b) -> str | None:
     return None if bad is None else f"{bad!r} has shape {tuple(pa[bad].shape)} vs {tuple(pb[bad].shape)}"
 
 
-def _finite(obj):
-    """NaN -> None, recursively (layers outside ``layers`` have no ranked parameters: 0 / 0), for valid JSON."""
-    if isinstance(obj, float):
-        return None if math.isnan(obj) else obj
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def _recall_splits(facts: FactSet, fmt: str = "query") -> tuple[FactSet, tuple[str, ...]]:
     """Facts for recall (those without a split as ``"unsplit"``; with ``fmt="storage"`` each fact's first storage
     text stands in for its query texts, scored without end-of-text) and the splits to measure, primary first."""
@@ -542,7 +530,7 @@ def run_facts(
             controls=lambda what, kk, mdl, mask, make, sd, m=model: controls(what, kk, mdl, mask, make, sd, sweep_draws, m),
         )  # fmt: skip
         result[regime] = entry
-    result = _finite(result)
+    result = finite(result)  # layers outside ``layers`` have no ranked parameters: 0 / 0
     atomic_write_json(out / "masks.json", result)
     atomic_write_text(out / "masks.html", figures_html(result, first_lm.model.config))
     return result

@@ -291,8 +291,9 @@ def _remedy_figures(grafting: dict | None, predict: dict | None, remedy: dict | 
                           title="Consistency-aware objectives against plain two-stage and mixed")  # fmt: skip
         closed = "; ".join(f"{n}: {v:.0%}" if v is not None else f"{n}: n/a" for n, v in remedy["gap_closed"].items())
         over = "; ".join(f"{n}: {100 * v:+.1f} points" for n, v in remedy.get("over_mixed", {}).items())
-        out.append((fig, f"Consistency-aware objectives (analyses/remedy.py, preset {remedy['preset']}, seeds "
-                    f"{remedy['seeds']}): each family's variant chosen by validation QA at seed 0 "
+        seeds = remedy.get("confirmation_seeds", remedy["seeds"])  # what the means and the bars are over
+        out.append((fig, f"Consistency-aware objectives (analyses/remedy.py, preset {remedy['preset']}, means over "
+                    f"seeds {seeds}): each family's variant chosen by validation QA at seed 0 "
                     f"({remedy['chosen']}); share of the two-stage-to-mixed held-out gap it closes: {closed}; "
                     f"held-out QA against plain mixed: {over}. "
                     f"Every variant tried is in remedy.json."))  # fmt: skip
