@@ -243,7 +243,9 @@ def _start(preset: Preset, regime: str, run_dir: Path, resume: bool, procs: Proc
     latest = _latest_checkpoint(regime_dir) if resume else None
     if latest is not None:
         model, _, _ = load_checkpoint(latest)
-        state = torch.load(latest / "trainer_state.pt", weights_only=False)
+        # memory-mapped: under DDP / FSDP every process reads the same file, and the page cache holds it once (a 3B
+        # model's AdamW moments are 26 GB: eight private copies would not fit a node's host memory)
+        state = torch.load(latest / "trainer_state.pt", weights_only=False, mmap=True)
         procs = procs or Processes()
         saved_world = state.get("world_size", 1)
         if saved_world != procs.world:

@@ -61,7 +61,7 @@ def transfers(after: float, random_mean: float, random_std: float, margin: float
     return after - random_mean > max(margin, 2 * random_std)
 
 
-def _masks(source: str, k: float, trace: GradientTrace, update: Mapping, scope: str) -> dict[str, dict]:
+def _masks(source: str, k: float, trace: GradientTrace | None, update: Mapping, scope: str) -> dict[str, dict]:
     """The mask of ``source`` at size ``k`` and its format-only controls (trace sources only)."""
     if source == "update":
         return {"mask": topk_mask(update, k, scope=scope)}
@@ -101,11 +101,18 @@ def run(
         raise ValueError(f"mask sizes {list(ks)}: give fractions in (0, 1]")
     out = Path(out)
     donor = load_model(mixed, registry=registry, device=device, dtype=dtype, supported_only=True)
-    trace = GradientTrace.load(donor.location)
-    if any(s.startswith("trace:") for s in sources) and not {"storage", "query"} <= set(trace.formats):
-        raise CheckpointError(
-            f"{mixed!r} has no two-format training trace (it has {trace.formats}): use --sources update"
-        )
+    trace = None  # only the trace sources read it: a run trained with trace=false grafts its update masks
+    if any(s.startswith("trace:") for s in sources):
+        try:
+            trace = GradientTrace.load(donor.location)
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"{mixed!r} has no training trace (trained with trace=false): use --sources update update:all"
+            ) from None
+        if not {"storage", "query"} <= set(trace.formats):
+            raise CheckpointError(
+                f"{mixed!r} has no two-format training trace (it has {trace.formats}): use --sources update"
+            )
     dataset = lab_dataset(donor)
     facts = dataset.factset()
     base_loaded = load_model(base, registry=registry, device=device, dtype=dtype)

@@ -157,6 +157,22 @@ def test_reproduce_without_a_trace_runs_every_analysis_on_a_pretrained_pair(tmp_
     entries = (tmp_path / "registry.yaml").read_text()
     assert f"base_model: {folder}" in entries
 
+    # grafting on a trace-less pretrained pair: the update masks work; a trace mask is one clear error
+    from mechrecall.checkpoint import CheckpointError
+    from mechrecall.report.grafting import run as graft_run
+
+    reg, recipients = tmp_path / "registry.yaml", {"two_stage": "micro-s0-two-stage"}
+    res = graft_run("micro-s0-mixed", recipients, tmp_path / "graft", base=str(folder), registry=reg, ks=(0.05, 1.0),
+                    sources=("update", "update:all"), draws=1)  # fmt: skip
+    rows = {(r["source"], r["k"]): r for r in res["recipients"]["two_stage"]["rows"]}
+    assert set(rows) == {(s, k) for s in ("update", "update:all") for k in (0.05, 1.0)}
+    assert rows["update:all", 1.0]["heldout_after"] == res["donor_recall"]["heldout"]  # every parameter: the donor
+    assert (tmp_path / "graft" / "grafting.json").exists()
+    with pytest.raises(CheckpointError, match="trace=false"):
+        graft_run("micro-s0-mixed", recipients, tmp_path / "graft2", base=str(folder), registry=reg, ks=(0.05,),
+                  sources=("trace:abs_grad",))  # fmt: skip
+    assert not (tmp_path / "graft2").exists()
+
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "gpt2", "qwen2", "gemma3_text"])
 def test_alignment_objectives_train_on_pretrained_architectures(arch, tmp_path):
