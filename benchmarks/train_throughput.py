@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _models import CHOICES  # noqa: E402
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -73,7 +74,7 @@ def _run(model, tokenizer, device, steps: int, batch: int, trace: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", nargs="+", default=["lab", "smollm2"], choices=["lab", "smollm2", "pythia-70m-shape"])
+    ap.add_argument("--model", nargs="+", default=["lab", "smollm2"], choices=CHOICES)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=16, help="rows per format per step")
     ap.add_argument("--device", default="cpu")

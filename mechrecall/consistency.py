@@ -219,6 +219,7 @@ __all__ = [
     "cosine_consistency",
     "cross_format_probe",
     "derangement",
+    "grad_batch_for",
     "gradient_consistency",
     "linear_cka",
     "measure",
@@ -262,12 +263,29 @@ def streamed_gradient_consistency(
     return [Consistency(g, torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for g, v in parts.items()]
 
 
-def measure(model, tokenizer, facts: FactSet, *, grad_facts: int = 240, seed: int = 0, grad_batch: int = 16) -> dict:
+# Per-example gradients are held for one batch of facts at a time: 2 formats x batch x the parameters' bytes, and
+# vmap's intermediates about double that again (SmolLM2-135M, 4 facts: 18 GB peak). This is the gradients' budget.
+GRAD_BATCH_BYTES = 2 << 30
+
+
+def grad_batch_for(model, budget: int = GRAD_BATCH_BYTES) -> int:
+    """Facts per per-example-gradient batch for ``model``: as many as fit ``budget`` bytes of gradients of both
+    formats, from 2 (the mismatched baseline pairs facts within a batch) to 16. A function of the model alone (its
+    parameter count and dtype), never of free memory, so that the same model gives the same numbers on any machine:
+    16 for the lab models, 2 for SmolLM2-135M and larger (16 there would hold about 70 GB)."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(2, min(16, budget // (2 * size)))
+
+
+def measure(
+    model, tokenizer, facts: FactSet, *, grad_facts: int = 240, seed: int = 0, grad_batch: int | None = None
+) -> dict:
     """Gradient and representation consistency of one model on ``facts`` (first storage and first query text each).
 
     Returns a JSON-able dict; ``gradient`` uses the first ``grad_facts`` facts (per-example gradients are costly:
-    ``grad_batch`` facts at a time hold about 2 x ``grad_batch`` x 4 bytes x parameters; the mismatched baseline
-    pairs facts within each batch, so a different ``grad_batch`` draws a different baseline).
+    ``grad_batch`` facts at a time hold about 2 x ``grad_batch`` x 4 bytes x parameters; None: :func:`grad_batch_for`
+    the model). The mismatched baseline pairs facts within each batch, so a different ``grad_batch`` draws a different
+    baseline; the batch used is in the result.
     """
     from mechrecall.cache import cache_residuals
 
@@ -276,6 +294,7 @@ def measure(model, tokenizer, facts: FactSet, *, grad_facts: int = 240, seed: in
     if len(storage) != len(query):
         raise ValueError("every fact needs a storage and a query text for consistency measures")
     model.eval()
+    grad_batch = grad_batch_for(model) if grad_batch is None else grad_batch
     grads = streamed_gradient_consistency(
         model, tokenizer, storage[:grad_facts], query[:grad_facts], seed=seed, batch_size=grad_batch
     )
@@ -302,6 +321,7 @@ def measure(model, tokenizer, facts: FactSet, *, grad_facts: int = 240, seed: in
             "baseline_mean_cos": gsum["all"]["baseline_mean_cos"],
             "margin_ci": gsum["all"]["margin_ci"],
             "n_facts": gsum["all"]["n"],
+            "grad_batch": grad_batch,
             "groups": {k: v for k, v in gsum.items() if k != "all"},
         },
         "representation": {

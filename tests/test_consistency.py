@@ -158,3 +158,22 @@ def test_cuda_tensors_give_cpu_results():
     assert linear_cka(x.cuda(), y.cuda()) == pytest.approx(linear_cka(x, y), abs=1e-4)
     c = cross_format_probe(x.cuda(), torch.arange(40).cuda() % 2, y.cuda(), torch.arange(40).cuda() % 2)
     assert 0 <= c["test_accuracy"] <= 1
+
+
+def test_the_gradient_batch_follows_the_model_size_only(micro_model):
+    """Per-example gradients of a batch of facts must fit the budget: 16 facts for the lab models (their numbers do
+    not change), 2 where one fact's gradients of both formats alone exceed it, the count that fits in between."""
+    from mechrecall.consistency import GRAD_BATCH_BYTES, grad_batch_for
+    from mechrecall.lab.bios import generate
+    from mechrecall.lab.config import get_preset
+    from mechrecall.lab.models import build_model
+    from mechrecall.lab.tokenizer import train_tokenizer
+
+    model = micro_model
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert grad_batch_for(model) == 16 and 2 * 16 * size < GRAD_BATCH_BYTES
+    assert grad_batch_for(model, budget=2 * size) == 2  # one fact fits: still a pair for the mismatched baseline
+    assert grad_batch_for(model, budget=2 * size * 5 + 1) == 5
+    preset = get_preset("default")
+    default = build_model(preset.model, train_tokenizer(generate(preset.data.spec(), 0)), 0)
+    assert grad_batch_for(default) == 16

@@ -62,7 +62,7 @@ def run(
     registry: str | Path | None = None,
     n_people: int = 200,
     grad_facts: int = 240,
-    grad_batch: int = 16,
+    grad_batch: int | None = None,
     labels: Sequence[str] | None = None,
     facts=None,
     split: str | None = None,
