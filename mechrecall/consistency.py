@@ -26,6 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechrecall import arch
+from mechrecall.devices import release_memory
 from mechrecall.facts import FactSet
 
 
@@ -260,6 +261,8 @@ def streamed_gradient_consistency(
         gq = per_example_grads(model, answer_batch(tokenizer, q_ex))
         for r in gradient_consistency(gs, gq, by, seed=seed + start, model=model):
             parts.setdefault(r.group, []).append((r.same, r.mismatched))
+        del gs, gq
+        release_memory()  # gigabytes a batch on a pretrained model: without it the heap only grows
     return [Consistency(g, torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for g, v in parts.items()]
 
 

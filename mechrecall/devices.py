@@ -17,6 +17,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "model_device",
+    "release_memory",
     "model_dtype",
     "to_cpu",
 ]
@@ -97,3 +98,25 @@ def to_cpu(x: torch.Tensor) -> torch.Tensor:
     """Storage comes back to the CPU as float32 (for floating tensors), whatever the model's dtype."""
     x = x.detach()
     return (x.float() if x.is_floating_point() else x).cpu()
+
+
+def release_memory() -> None:
+    """Hand freed host memory back to the system (and CUDA's cache, where there is one).
+
+    Loops that allocate and free gigabytes of tensors per iteration (per-example gradients of a 135M-parameter model)
+    leave glibc's heap fragmented: the freed blocks stay in the process, and the resident size grew by about 1.6 GB a
+    batch on SmolLM2 until the kernel killed the process. ``gc.collect`` frees what reference cycles hold and
+    ``malloc_trim(0)`` returns the heap's free pages; neither changes any number."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+            pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
