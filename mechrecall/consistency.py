@@ -261,8 +261,9 @@ def streamed_gradient_consistency(
         gq = per_example_grads(model, answer_batch(tokenizer, q_ex))
         for r in gradient_consistency(gs, gq, by, seed=seed + start, model=model):
             parts.setdefault(r.group, []).append((r.same, r.mismatched))
+        freed = sum(g.numel() * g.element_size() for grads in (gs, gq) for g in grads.values())
         del gs, gq
-        release_memory()  # gigabytes a batch on a pretrained model: without it the heap only grows
+        release_memory(freed)  # gigabytes a batch on a pretrained model: without it the heap only grows
     return [Consistency(g, torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for g, v in parts.items()]
 
 
@@ -286,7 +287,8 @@ def measure(
     """Gradient and representation consistency of one model on ``facts`` (first storage and first query text each).
 
     Returns a JSON-able dict; ``gradient`` uses the first ``grad_facts`` facts (per-example gradients are costly:
-    ``grad_batch`` facts at a time hold about 2 x ``grad_batch`` x 4 bytes x parameters; None: :func:`grad_batch_for`
+    ``grad_batch`` facts at a time hold about 2 x ``grad_batch`` x 4 bytes x parameters of gradients, and vmap's
+    intermediates about as much again; None: :func:`grad_batch_for`
     the model). The mismatched baseline pairs facts within each batch, so a different ``grad_batch`` draws a different
     baseline; the batch used is in the result.
     """

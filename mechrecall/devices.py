@@ -100,13 +100,20 @@ def to_cpu(x: torch.Tensor) -> torch.Tensor:
     return (x.float() if x.is_floating_point() else x).cpu()
 
 
-def release_memory() -> None:
+# Below this many freed bytes a trim costs more than it returns (the lab models' whole batches are a few MB).
+RELEASE_THRESHOLD = 1 << 28
+
+
+def release_memory(freed_bytes: int | None = None) -> None:
     """Hand freed host memory back to the system (and CUDA's cache, where there is one).
 
     Loops that allocate and free gigabytes of tensors per iteration (per-example gradients of a 135M-parameter model)
     leave glibc's heap fragmented: the freed blocks stay in the process, and the resident size grew by about 1.6 GB a
     batch on SmolLM2 until the kernel killed the process. ``gc.collect`` frees what reference cycles hold and
-    ``malloc_trim(0)`` returns the heap's free pages; neither changes any number."""
+    ``malloc_trim(0)`` returns the heap's free pages; neither changes any number. With ``freed_bytes`` (what the
+    caller just dropped) nothing is done below :data:`RELEASE_THRESHOLD`, so one rule serves every loop."""
+    if freed_bytes is not None and freed_bytes <= RELEASE_THRESHOLD:
+        return
     import ctypes
     import ctypes.util
     import gc

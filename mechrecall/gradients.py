@@ -185,10 +185,9 @@ def gradient_stats(
         if keep_per_example:
             flat = flatten(grads)
             kept.append(proj(flat) if proj is not None else to_cpu(flat))
-        big = sum(g.numel() * g.element_size() for g in grads.values()) > 1 << 28
+        freed = sum(g.numel() * g.element_size() for g in grads.values())
         del grads
-        if big:  # a pretrained model's batch: hand the freed heap back, or it only grows (devices.release_memory)
-            release_memory()
+        release_memory(freed)  # a pretrained model's batch: hand the freed heap back, or it only grows
     model.train(was_training)
     n = len(examples)
     return GradientStats(
