@@ -113,3 +113,17 @@ def test_cuda_model_attributes_like_the_cpu(setup):
     torch.testing.assert_close(gradient_x_input(cuda, inputs), gradient_x_input(model, inputs), rtol=1e-3, atol=1e-5)
     r = attribute(cuda, tok, examples[:4], steps=8, max_steps=32)
     assert r["n"] == 4 and 0 <= r["subject_relation_share"] <= 1
+
+
+def test_refinement_is_per_example(setup):
+    """An example that converged keeps its first satisfying step count; only the rest are recomputed, and each row
+    equals a fixed-step run at the count it records."""
+    model, tok, examples = setup
+    inputs = role_inputs(tok, examples)
+    r = integrated_gradients(model, inputs, steps=1, max_steps=128)
+    assert r.converged and len(r.example_steps) == len(examples) and r.steps == max(r.example_steps)
+    assert len(set(r.example_steps)) > 1  # these prompts need different counts, so the refinement was exercised
+    for k in set(r.example_steps):
+        fixed = integrated_gradients(model, inputs, steps=k, max_steps=k)
+        rows = torch.tensor(r.example_steps) == k
+        torch.testing.assert_close(r.attributions[rows], fixed.attributions[rows], atol=1e-5, rtol=1e-4)
