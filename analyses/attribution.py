@@ -6,7 +6,7 @@
 
 Writes OUT/attribution.json and OUT/attribution.html (mechrecall.report.patching.run_attribution). With --facts the
 storage texts of your facts (the first of each fact) are attributed on any two checkpoints. Integrated gradients
-start at --steps and double until every fact's completeness gap is within 5 % (at most --max-steps).
+start at --steps; each fact's steps double until its completeness gap is within 5 % (at most --max-steps).
 """
 
 import sys

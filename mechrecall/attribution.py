@@ -4,8 +4,8 @@ For a storage-format prompt (the biography up to a fact's value, earlier sentenc
 log-probability of the value's first token at the last prompt token. Three attributions per token:
 
 - :func:`integrated_gradients` on the input embeddings (Gauss-Legendre quadrature as Captum's default), with a
-  completeness check: the attributions of a prompt sum to f(input) - f(baseline) up to the returned ``delta``; steps
-  double until ``|delta|`` is small. Baseline: the mean token embedding at every attributed position (``<bos>``
+  completeness check: the attributions of a prompt sum to f(input) - f(baseline) up to the returned ``delta``; each
+  prompt's steps double until its own ``|delta|`` is small (a converged prompt keeps its first satisfying count). Baseline: the mean token embedding at every attributed position (``<bos>``
   stays as it is). Not zero: the first norm (RMSNorm, or LayerNorm) maps every positive multiple of a vector to the
   same point, so on a path from zero the whole change happens near zero and quadrature does not converge;
 - :func:`gradient_x_input` (one backward; input minus the same baseline);
@@ -149,9 +149,10 @@ class IGResult:
     attributions: Float[Tensor, "batch pos"]  # summed over the embedding dimension
     delta: Float[Tensor, " batch"]  # sum(attributions) - (f(x) - f(baseline))
     gap: Float[Tensor, " batch"]  # f(x) - f(baseline)
-    steps: int  # the most quadrature steps any example needed
+    steps: int  # the most quadrature steps any example was computed with
     converged: bool  # every example within tolerance
     example_steps: list[int] | None = None  # the steps each example's attribution was computed with
+    example_converged: list[bool] | None = None  # False: still outside the tolerance at ``max_steps``
 
 
 def _ig_once(model, x: Tensor, baseline: Tensor, readout, answer, steps: int, batch_size: int) -> Tensor:
@@ -196,6 +197,8 @@ def integrated_gradients(
     delta = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
     used = torch.zeros(x.shape[0], dtype=torch.long)
     todo = torch.arange(x.shape[0], device=x.device)
+    if len(todo) == 0:
+        raise ValueError("integrated_gradients needs at least one example")
     while True:
         a = _ig_once(model, x[todo], baseline[todo], inputs.readout[todo], inputs.answer[todo], steps, batch_size)
         attr[todo] = a.sum(-1)
@@ -204,7 +207,12 @@ def integrated_gradients(
         ok = delta[todo].abs() <= rtol * gap[todo].abs() + 1e-3
         todo = todo[~ok]
         if len(todo) == 0 or steps * 2 > max_steps:
-            return IGResult(to_cpu(attr), to_cpu(delta), to_cpu(gap), int(used.max()), len(todo) == 0, used.tolist())
+            converged = torch.ones(x.shape[0], dtype=torch.bool)
+            converged[todo.cpu()] = False
+            return IGResult(
+                to_cpu(attr), to_cpu(delta), to_cpu(gap), int(used.max()), len(todo) == 0, used.tolist(),
+                converged.tolist(),
+            )  # fmt: skip
         steps *= 2
 
 
@@ -261,6 +269,7 @@ def attribute(model, tokenizer, examples: Sequence[Example], *, steps: int = 32,
         "ig_convergence": {
             "steps": ig.steps,
             "example_steps": ig.example_steps,
+            "n_unconverged": ig.example_converged.count(False),
             "converged": ig.converged,
             "max_abs_delta": float(ig.delta.abs().max()),
             "mean_abs_gap": float(ig.gap.abs().mean()),
@@ -274,5 +283,10 @@ def to_dataframe(result: dict, label: str = "") -> pd.DataFrame:
             "model": label,
             "fact": range(result["n"]),
             "subject_relation_share": result["subject_relation_share_per_fact"],
+            **(
+                {"ig_steps": result["ig_convergence"]["example_steps"]}
+                if "example_steps" in result.get("ig_convergence", {})
+                else {}
+            ),
         }
     )

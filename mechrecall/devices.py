@@ -111,7 +111,8 @@ def release_memory(freed_bytes: int | None = None) -> None:
     leave glibc's heap fragmented: the freed blocks stay in the process, and the resident size grew by about 1.6 GB a
     batch on SmolLM2 until the kernel killed the process. ``gc.collect`` frees what reference cycles hold and
     ``malloc_trim(0)`` returns the heap's free pages; neither changes any number. With ``freed_bytes`` (what the
-    caller just dropped) nothing is done below :data:`RELEASE_THRESHOLD`, so one rule serves every loop."""
+    caller just dropped; the gradients alone, vmap's intermediates come on top) nothing is done below
+    :data:`RELEASE_THRESHOLD`, so one rule serves every loop."""
     if freed_bytes is not None and freed_bytes <= RELEASE_THRESHOLD:
         return
     import ctypes

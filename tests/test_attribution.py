@@ -122,8 +122,13 @@ def test_refinement_is_per_example(setup):
     inputs = role_inputs(tok, examples)
     r = integrated_gradients(model, inputs, steps=1, max_steps=128)
     assert r.converged and len(r.example_steps) == len(examples) and r.steps == max(r.example_steps)
+    assert all(r.example_converged)
     assert len(set(r.example_steps)) > 1  # these prompts need different counts, so the refinement was exercised
     for k in set(r.example_steps):
         fixed = integrated_gradients(model, inputs, steps=k, max_steps=k)
         rows = torch.tensor(r.example_steps) == k
         torch.testing.assert_close(r.attributions[rows], fixed.attributions[rows], atol=1e-5, rtol=1e-4)
+    coarse = integrated_gradients(model, inputs, steps=1, max_steps=1)  # no refinement allowed: flags who failed
+    tol = 0.05 * coarse.gap.abs() + 1e-3
+    assert coarse.example_converged == (coarse.delta.abs() <= tol).tolist()
+    assert coarse.converged == all(coarse.example_converged)

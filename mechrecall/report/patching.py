@@ -188,8 +188,8 @@ def run_attribution(
     dtype=None,
 ) -> dict:
     """Token-role attribution of a lab pair (storage prompts of held-out people), or of any two checkpoints on the
-    first storage text of each of ``facts`` (its ``split``, first ``n_people`` facts); IG doubles its ``steps`` up to
-    ``max_steps`` until complete; writes ``attribution.json`` and ``attribution.html``."""
+    first storage text of each of ``facts`` (its ``split``, first ``n_people`` facts); each fact's IG steps double
+    from ``steps`` up to ``max_steps`` until complete; writes ``attribution.json`` and ``attribution.html``."""
     out = Path(out)
     fs = user_facts(facts, split, n_people, formats=("storage",)) if facts is not None else None
     pair = _pair(two_stage, mixed, fs, labels)
