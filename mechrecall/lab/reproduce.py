@@ -172,7 +172,9 @@ PRETRAINED_SIZES: dict[str, dict] = {
     "consistency": {"n_people": 40, "grad_facts": 48},
     "masks": {"count": 120, "consistency_facts": 24, "draws": 3, "sweep_draws": 1, "ks": (0.01, 0.05, 0.2)},
     "patching": {"n_people": 20, "n_pairs": 40},
-    "attribution": {"n_people": 10},
+    # IG on SmolLM2's biography prefixes: about 6 s a quadrature step for 24 prompts on 2 CPU cores, and prompts that
+    # need 128 steps (16 + 32 + 64 + 128 computed) are common, so 10 people at up to 256 steps ran for hours
+    "attribution": {"n_people": 4, "max_steps": 128},
 }
 
 
