@@ -5,8 +5,8 @@ log-probability of the value's first token at the last prompt token. Three attri
 
 - :func:`integrated_gradients` on the input embeddings (Gauss-Legendre quadrature as Captum's default), with a
   completeness check: the attributions of a prompt sum to f(input) - f(baseline) up to the returned ``delta``; each
-  prompt's steps double until its own ``|delta|`` is small (a converged prompt keeps its first satisfying count). Baseline: the mean token embedding at every attributed position (``<bos>``
-  stays as it is). Not zero: the first norm (RMSNorm, or LayerNorm) maps every positive multiple of a vector to the
+  prompt's steps double until its own ``|delta|`` is small (a converged prompt keeps its first satisfying count).
+  Baseline: the mean token embedding at every attributed position (``<bos>`` stays as it is). Not zero: the first norm (RMSNorm, or LayerNorm) maps every positive multiple of a vector to the
   same point, so on a path from zero the whole change happens near zero and quadrature does not converge;
 - :func:`gradient_x_input` (one backward; input minus the same baseline);
 - :func:`occlusion_by_role`: set a whole role's embeddings to the baseline and measure the drop of the target.
@@ -184,8 +184,8 @@ def integrated_gradients(
 
     Refinement is per example: an example that has converged keeps the attribution of the first step count that
     satisfied it, and only the others are recomputed at twice the steps (Gauss-Legendre grids are not nested, so
-    nothing is reused). On a 30-layer pretrained model most prompts converge at the first count and a few need the
-    cap; refining all of them together cost hours on a CPU. ``example_steps`` records each example's count.
+    nothing is reused): the prompts that converge early stop costing anything. ``example_steps`` records each
+    example's count and ``example_converged`` which ones met the tolerance.
 
     Runs on the model's device; attributions, deltas and gaps are float32 on the CPU."""
     inputs = inputs.to(model_device(model))
@@ -193,12 +193,12 @@ def integrated_gradients(
     baseline = baseline_embeds(model, inputs)
     with torch.no_grad():
         gap = _target(model, x, inputs.readout, inputs.answer) - _target(model, baseline, inputs.readout, inputs.answer)
+    if x.shape[0] == 0:
+        raise ValueError("integrated_gradients needs at least one example")
     attr = torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
     delta = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
     used = torch.zeros(x.shape[0], dtype=torch.long)
     todo = torch.arange(x.shape[0], device=x.device)
-    if len(todo) == 0:
-        raise ValueError("integrated_gradients needs at least one example")
     while True:
         a = _ig_once(model, x[todo], baseline[todo], inputs.readout[todo], inputs.answer[todo], steps, batch_size)
         attr[todo] = a.sum(-1)
@@ -278,15 +278,14 @@ def attribute(model, tokenizer, examples: Sequence[Example], *, steps: int = 32,
 
 
 def to_dataframe(result: dict, label: str = "") -> pd.DataFrame:
-    return pd.DataFrame(
+    steps = result.get("ig_convergence", {}).get("example_steps")  # absent from results written before session 9
+    df = pd.DataFrame(
         {
             "model": label,
             "fact": range(result["n"]),
             "subject_relation_share": result["subject_relation_share_per_fact"],
-            **(
-                {"ig_steps": result["ig_convergence"]["example_steps"]}
-                if "example_steps" in result.get("ig_convergence", {})
-                else {}
-            ),
         }
     )
+    if steps is not None:
+        df["ig_steps"] = steps
+    return df

@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechrecall import arch
-from mechrecall.devices import release_memory
+from mechrecall.devices import nbytes, release_memory
 from mechrecall.facts import FactSet
 
 
@@ -261,7 +261,7 @@ def streamed_gradient_consistency(
         gq = per_example_grads(model, answer_batch(tokenizer, q_ex))
         for r in gradient_consistency(gs, gq, by, seed=seed + start, model=model):
             parts.setdefault(r.group, []).append((r.same, r.mismatched))
-        freed = sum(g.numel() * g.element_size() for grads in (gs, gq) for g in grads.values())
+        freed = nbytes(gs.values()) + nbytes(gq.values())
         del gs, gq
         release_memory(freed)  # gigabytes a batch on a pretrained model: without it the heap only grows
     return [Consistency(g, torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for g, v in parts.items()]
@@ -277,7 +277,7 @@ def grad_batch_for(model, budget: int = GRAD_BATCH_BYTES) -> int:
     formats, from 2 (the mismatched baseline pairs facts within a batch) to 16. A function of the model alone (its
     parameter count and dtype), never of free memory, so that the same model gives the same numbers on any machine:
     16 for the lab models, 2 for SmolLM2-135M and larger (16 there would hold about 70 GB)."""
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    size = nbytes(model.parameters())
     return max(2, min(16, budget // (2 * size)))
 
 

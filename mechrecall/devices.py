@@ -17,6 +17,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "model_device",
+    "nbytes",
     "release_memory",
     "model_dtype",
     "to_cpu",
@@ -98,6 +99,11 @@ def to_cpu(x: torch.Tensor) -> torch.Tensor:
     """Storage comes back to the CPU as float32 (for floating tensors), whatever the model's dtype."""
     x = x.detach()
     return (x.float() if x.is_floating_point() else x).cpu()
+
+
+def nbytes(tensors) -> int:
+    """Bytes held by an iterable of tensors (a gradient dict's ``.values()``, a model's ``.parameters()``)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # Below this many freed bytes a trim costs more than it returns (the lab models' whole batches are a few MB).

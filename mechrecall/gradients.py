@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
-from mechrecall.devices import model_device, release_memory, to_cpu
+from mechrecall.devices import model_device, nbytes, release_memory, to_cpu
 from mechrecall.facts import Example
 from mechrecall.tokenization import collate_examples, encode_example
 
@@ -185,7 +185,7 @@ def gradient_stats(
         if keep_per_example:
             flat = flatten(grads)
             kept.append(proj(flat) if proj is not None else to_cpu(flat))
-        freed = sum(g.numel() * g.element_size() for g in grads.values())
+        freed = nbytes(grads.values())
         del grads
         release_memory(freed)  # a pretrained model's batch: hand the freed heap back, or it only grows
     model.train(was_training)

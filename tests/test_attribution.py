@@ -12,6 +12,7 @@ from mechrecall.attribution import (
     occlusion_by_role,
     role_inputs,
     role_shares,
+    to_dataframe,
 )
 
 
@@ -73,6 +74,9 @@ def test_attribute_summary(setup):
     r = attribute(model, tok, examples[:6], steps=8, max_steps=64)
     assert r["n"] == 6 and 0 <= r["subject_relation_share"] <= 1
     assert set(r["per_role"]) == set(ROLES) and sum(r["per_role"].values()) == pytest.approx(1, abs=1e-5)
+    df = to_dataframe(r, "m")
+    assert len(df) == 6 and df["ig_steps"].tolist() == r["ig_convergence"]["example_steps"]
+    assert r["ig_convergence"]["n_unconverged"] == 0 and r["ig_convergence"]["converged"]
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

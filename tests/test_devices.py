@@ -20,3 +20,7 @@ def test_release_memory_changes_no_tensor():
     before = x.clone()
     devices.release_memory()
     assert torch.equal(x, before)
+
+
+def test_nbytes_counts_each_tensor_at_its_dtype():
+    assert devices.nbytes([torch.zeros(3, 4), torch.zeros(5, dtype=torch.bfloat16)]) == 3 * 4 * 4 + 5 * 2
