@@ -4,7 +4,8 @@
 
 For each model, times the lab trainer's own step (``mechrecall.lab.train._optimizer_step``: one storage and one query
 batch of the micro dataset, each format back-propagated separately for the gradient trace, AdamW) after a warm-up
-step, with the trace on and off. Reports tokens per second (every position of the padded batches, and the scored ones)
+step, with the trace on and off, and untraced with vocabulary logits at the scored positions only (the
+``scored_logits`` preset option; ``scored_logits_speedup`` is its tokens per second over the full-logits step's). Reports tokens per second (every position of the padded batches, and the scored ones)
 and the model-FLOP utilisation: ``6 x parameters x tokens / s`` (forward + backward of the matrix products; attention
 scores left out) over the rate of a large float32 matrix multiply measured in the same run on the same device
 (``torch.mm`` of two 2048 x 2048 matrices). On a GPU the same script measures there (``--device cuda``, ``--dtype``).
@@ -43,13 +44,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _run(model, tokenizer, device, steps: int, batch: int, trace: bool) -> dict:
+def _run(model, tokenizer, device, steps: int, batch: int, trace: bool, scored_logits: bool = False) -> dict:
     from mechrecall.lab.bios import generate
     from mechrecall.lab.config import get_preset
     from mechrecall.lab.trace import GradientTrace
     from mechrecall.lab.train import StageConfig, TrainingData, _optimizer_step, _Run, _step_batches
 
-    preset = get_preset("micro")
+    preset = get_preset("micro", [f"scored_logits={str(scored_logits).lower()}"])
     ds = generate(preset.data.spec(), 0)
     data = TrainingData.build(ds, tokenizer)
     cfg = StageConfig(steps=steps + 1, lr=1e-4, batch_storage=batch, batch_query=batch)
@@ -96,11 +97,15 @@ def main() -> None:
         n_params = sum(p.numel() for p in model.parameters())
         state = {k: v.clone() for k, v in model.state_dict().items()}
         rows = {}
-        for trace in (False, True):
+        for label, trace, scored in (("untraced", False, False), ("traced", True, False),
+                                     ("untraced_scored_logits", False, True)):  # fmt: skip
             model.load_state_dict(state)
-            r = _run(model, lm.tokenizer, device, args.steps, args.batch, trace)
+            r = _run(model, lm.tokenizer, device, args.steps, args.batch, trace, scored)
             r["mfu"] = 6 * n_params * r["tokens_per_s"] / peak
-            rows["traced" if trace else "untraced"] = r
+            rows[label] = r
+        rows["scored_logits_speedup"] = (
+            rows["untraced_scored_logits"]["tokens_per_s"] / rows["untraced"]["tokens_per_s"]
+        )
         out[name] = {"parameters": n_params, **rows}
     print(json.dumps(out, indent=2))
 

@@ -98,10 +98,27 @@ def batch_rows(n: int, batch_size: int, step: int, seed: int, stage: int) -> Int
     return rows
 
 
-def lm_loss(model, batch: Batch) -> Float[Tensor, ""]:
-    """Mean next-token cross-entropy over the scored positions (``labels != -100``)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return _cross_entropy(logits, batch)
+def lm_loss(model, batch: Batch, *, scored_logits: bool = False) -> Float[Tensor, ""]:
+    """Mean next-token cross-entropy over the scored positions (``labels != -100``).
+
+    ``scored_logits=True`` computes vocabulary logits only at the positions that are scored: the decoder stack
+    (:func:`mechrecall.arch.base_model`, final norm included) runs on the whole batch, the unembedding and any logit
+    soft-capping on the gathered scored states alone. The loss is the same function; it saves the unembedding's
+    matrix products and the ``[batch, pos, vocab]`` logits of every unscored position (a QA row scores only its
+    answer and end-of-text, and padding is never scored), which dominate with a large vocabulary (gemma-3's 262,144).
+    Float summation order differs from the full-logits path, so a run's last digits do too; hence an option.
+    """
+    if not scored_logits:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return _cross_entropy(logits, batch)
+    from mechrecall.arch import base_model, normed_to_logits
+
+    net = model.get_base_model() if is_adapted(model) else model  # peft's LoRA layers sit inside it
+    hidden = base_model(net)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    targets = batch.labels[:, 1:]
+    keep = targets != -100
+    logits = normed_to_logits(net, hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep])
 
 
 def _cross_entropy(logits: Tensor, batch: Batch) -> Tensor:
@@ -346,7 +363,7 @@ def _format_loss(run: _Run, cfg: StageConfig, fmt: str, b: Batch) -> tuple[Tenso
     """A format's loss for the backward and what to log: the LM loss, plus for the query format the alignment term
     (``align_weight`` > 0; :mod:`mechrecall.lab.objectives`)."""
     if fmt != "query" or not cfg.align_weight:
-        loss = lm_loss(run.model, b)
+        loss = lm_loss(run.model, b, scored_logits=run.preset.scored_logits)
         return loss, {fmt: float(loss.detach())}
     from mechrecall.lab.objectives import alignment_term, hidden_at, prompt_end, teacher_states
 

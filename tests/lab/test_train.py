@@ -113,3 +113,37 @@ def test_pre_instruction_regime_trains_qa_first_then_both_formats(tmp_path):
     assert set(meta["stages"]) == {"qa", "joint"}
     with pytest.raises(ValueError, match="has no pre_instruction section"):
         train(get_preset("smollm2"), "pre_instruction", tmp_path / "x", progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "gpt2", "phi3"])
+def test_scored_logits_loss_equals_the_full_logits_loss(arch):
+    """Logits at the scored positions only (``scored_logits=True``) give the same loss and the same gradients as the
+    model's own forward over every position, on every family's layout (tied / untied unembedding, Gemma 2's logit
+    soft-capping, the multimodal Gemma 3's nested decoder), with padding and rows that score only a suffix."""
+    import copy
+
+    from mechrecall.lab.train import lm_loss
+    from mechrecall.tokenization import Batch
+    from tests.tiny_models import tiny_model
+
+    model = copy.deepcopy(tiny_model(arch, vocab_size=128))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 120, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # a padded row
+    labels = torch.full_like(ids, -100)
+    labels[0] = ids[0]  # a biography: every token scored
+    labels[1, 3:6] = ids[1, 3:6]  # a QA row: the answer only
+    labels[2, 7:] = ids[2, 7:]
+    batch = Batch(ids, mask, labels)
+    losses, grads = [], []
+    for scored in (False, True):
+        model.zero_grad()
+        loss = lm_loss(model, batch, scored_logits=scored)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
