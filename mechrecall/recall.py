@@ -9,15 +9,34 @@ scored on every token.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mechrecall.facts import Example, FactSet
 from mechrecall.tokenization import Batch, collate_examples, encode_example
 
-__all__ = ["correct_answers", "row_chunks", "exact_match", "recall"]
+__all__ = ["scored_tokens", "correct_answers", "row_chunks", "AnswerScores", "answer_scores", "exact_match", "recall"]
+
+
+@torch.no_grad()
+def scored_tokens(model, batch: Batch) -> tuple[Bool[Tensor, "batch pos"], Float[Tensor, "batch pos"]]:
+    """Per position: whether the scored token (``labels != -100``) is the argmax of the previous position's logits
+    (as :func:`correct_answers`), and its log-probability there (float32).
+
+    Unscored positions are True and 0.0, so ``.all(-1)`` over a row's positions is that row's exact match and
+    ``-.sum(-1)`` its answer's negative log-likelihood.
+    """
+    hit = torch.ones_like(batch.labels, dtype=torch.bool)
+    logprob = torch.zeros(batch.labels.shape, dtype=torch.float32, device=batch.labels.device)
+    rows, cols, picked, wanted = _scored_logits(model, batch)
+    hit[rows, cols + 1] = (picked.argmax(-1) == wanted).to(hit.device)
+    # gather minus logsumexp: no second [scored, vocab] tensor (262k columns for gemma-3)
+    lp = picked.gather(-1, wanted[:, None])[:, 0].float() - picked.float().logsumexp(-1)
+    logprob[rows, cols + 1] = lp.to(logprob.device)
+    return hit, logprob
 
 
 @torch.no_grad()
@@ -29,23 +48,29 @@ def correct_answers(model, batch: Batch) -> Bool[Tensor, "batch pos"]:
     final-normed states, then the unembedding): the full ``[batch, pos, vocab]`` logits of a 128k-vocabulary model
     would cost most of the forward's time and gigabytes of memory for a handful of answer tokens per row.
     """
-    target = batch.labels[:, 1:]
-    scored = target != -100
     out = torch.ones_like(batch.labels, dtype=torch.bool)
+    rows, cols, picked, wanted = _scored_logits(model, batch)
+    out[rows, cols + 1] = (picked.argmax(-1) == wanted).to(out.device)
+    return out
+
+
+def _scored_logits(model, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(rows, columns) of the scored targets, the vocabulary logits that predict them (on the model's last device) and
+    the target ids there."""
+    target = batch.labels[:, 1:]
+    rows, cols = (target != -100).nonzero(as_tuple=True)
     inner = _known_architecture(model)
     if inner is None:  # any other callable returning .logits (a test's stand-in, a wrapped model)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        out[:, 1:] = (logits[:, :-1].argmax(-1) == target) | ~scored
-        return out
-    from mechrecall import arch
+        picked = logits[:, :-1][rows.to(logits.device), cols.to(logits.device)]
+    else:
+        from mechrecall import arch
 
-    normed = arch.base_model(inner)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    rows, cols = scored.nonzero(as_tuple=True)
-    # (a model split over devices returns its states on the last one)
-    picked = normed[rows.to(normed.device), cols.to(normed.device)]
-    predicted = arch.normed_to_logits(inner, picked).argmax(-1).to(target.device)
-    out[rows, cols + 1] = predicted == target[rows, cols]
-    return out
+        normed = arch.base_model(inner)(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        normed = normed.last_hidden_state
+        # (a model split over devices returns its states on the last one)
+        picked = arch.normed_to_logits(inner, normed[rows.to(normed.device), cols.to(normed.device)])
+    return rows, cols, picked, target[rows, cols].to(picked.device)
 
 
 def _known_architecture(model):
@@ -70,19 +95,35 @@ def row_chunks(n: int, size: int):
         yield torch.arange(i, min(n, i + size))
 
 
-def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int = 512) -> Bool[Tensor, " n"]:
-    """Per example: greedy exact match of its answer (and end-of-text for queries), on the CPU."""
+@dataclass
+class AnswerScores:
+    """Per example: greedy exact match of the answer (and end-of-text for queries), and the answer's negative
+    log-likelihood under teacher forcing (summed over the same scored tokens, in nats): a continuous companion of
+    exact match that moves before any answer flips (useful for choosing a budget on a few dozen questions)."""
+
+    correct: Bool[Tensor, " n"]
+    nll: Float[Tensor, " n"]
+
+
+def answer_scores(model, tokenizer, examples: Sequence[Example], batch_size: int = 512) -> AnswerScores:
+    """:class:`AnswerScores` of ``examples`` (one teacher-forced forward per batch), on the CPU."""
     from mechrecall.devices import model_device
 
     encoded = [encode_example(tokenizer, ex) for ex in examples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = collate_examples(encoded, pad)
     device = model_device(model)
-    out = []
+    correct, nll = [], []
     for rows in row_chunks(len(batch), batch_size):
-        sub = batch.index(rows)
-        out.append(correct_answers(model, sub.to(device)).all(-1).cpu())
-    return torch.cat(out)
+        hit, logprob = scored_tokens(model, batch.index(rows).to(device))
+        correct.append(hit.all(-1).cpu())
+        nll.append(-logprob.sum(-1).cpu())
+    return AnswerScores(torch.cat(correct), torch.cat(nll))
+
+
+def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int = 512) -> Bool[Tensor, " n"]:
+    """Per example: greedy exact match of its answer (and end-of-text for queries), on the CPU."""
+    return answer_scores(model, tokenizer, examples, batch_size).correct
 
 
 def recall(model, tokenizer, facts: FactSet, split: str | None = None, fmt: str = "query") -> float:

@@ -52,3 +52,45 @@ def test_a_model_without_a_known_layout_is_scored_from_its_logits():
 
     batch = _batch(512)
     assert correct_answers(Oracle(), batch).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_answer_log_probabilities_match_the_whole_forward(arch):
+    """The log-probability of each scored token equals log_softmax of the whole forward's logits; unscored positions
+    hold 0, so a row's sum is its answer's log-likelihood."""
+    from mechrecall.recall import scored_tokens
+
+    model = tiny_model(arch)
+    batch = _batch(512)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    target = batch.labels[:, 1:]
+    scored = target != -100
+    expected = torch.zeros(batch.labels.shape)
+    full = logits[:, :-1].log_softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    expected[:, 1:] = torch.where(scored, full, 0.0)
+    hit, logprob = scored_tokens(model, batch)
+    assert torch.equal(hit, _reference(model, batch))
+    assert logprob.dtype == torch.float32 and (logprob <= 0).all() and (logprob[:, 1:][scored] < 0).all()
+    torch.testing.assert_close(logprob, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_answer_scores_give_exact_match_and_the_answers_nll(micro_dataset, micro_tokenizer):
+    """answer_scores' nll is minus the summed log-probability of each example's scored tokens (answer + end of text),
+    and its exact match is exact_match's."""
+    from mechrecall.lab.config import get_preset
+    from mechrecall.lab.models import build_model
+    from mechrecall.recall import answer_scores, exact_match, scored_tokens
+    from mechrecall.tokenization import collate_examples, encode_example
+
+    model = build_model(get_preset("micro").model, micro_tokenizer, seed=0).eval()
+    examples = micro_dataset.query_examples(micro_dataset.pids("validation")[:5])
+    scores = answer_scores(model, micro_tokenizer, examples, batch_size=4)  # two chunks
+    assert torch.equal(scores.correct, exact_match(model, micro_tokenizer, examples))
+    for i, ex in enumerate(examples):
+        alone = collate_examples([encode_example(micro_tokenizer, ex)], micro_tokenizer.pad_token_id)
+        n_scored = int((alone.labels != -100).sum())
+        _, logprob = scored_tokens(model, alone)
+        assert n_scored >= 2  # the answer and end-of-text
+        torch.testing.assert_close(scores.nll[i], -logprob.sum(), rtol=1e-5, atol=1e-5)
+    assert (scores.nll > 0).all()

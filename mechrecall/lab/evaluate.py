@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechrecall.devices import model_device
 from mechrecall.facts import Example
 from mechrecall.lab.bios import ATTRIBUTES, SPLITS, Biography, FactDataset, Split
-from mechrecall.recall import correct_answers, exact_match, row_chunks
+from mechrecall.recall import answer_scores, correct_answers, row_chunks
 from mechrecall.tokenization import collate
 
 
@@ -31,16 +31,25 @@ class Recall:
     attributes: list[str]
     splits: list[str]
     correct: Bool[Tensor, " n"]
+    nll: Float[Tensor, " n"] | None = None  # the answer's teacher-forced negative log-likelihood (query format)
 
-    def accuracy(self, split: Split | None = None, attribute: str | None = None) -> float:
-        keep = torch.tensor(
+    def _keep(self, split: Split | None, attribute: str | None) -> Tensor:
+        return torch.tensor(
             [
                 (split is None or s == split) and (attribute is None or a == attribute)
                 for s, a in zip(self.splits, self.attributes)
             ],
             dtype=torch.bool,
         )
+
+    def accuracy(self, split: Split | None = None, attribute: str | None = None) -> float:
+        keep = self._keep(split, attribute)
         return float(self.correct[keep].float().mean()) if keep.any() else float("nan")
+
+    def mean_nll(self, split: Split | None = None, attribute: str | None = None) -> float:
+        """Mean answer negative log-likelihood (nats per question) of a split: NaN without scores or examples."""
+        keep = self._keep(split, attribute)
+        return float(self.nll[keep].mean()) if self.nll is not None and keep.any() else float("nan")
 
     def per_attribute(self, split: Split | None = None) -> dict[str, float]:
         return {a: self.accuracy(split, a) for a in ATTRIBUTES}
@@ -58,13 +67,14 @@ class Recall:
 
 
 def query_recall(model, tokenizer, dataset: FactDataset, examples: Sequence[Example], batch_size: int = 512) -> Recall:
-    correct = exact_match(model, tokenizer, examples, batch_size)
+    scores = answer_scores(model, tokenizer, examples, batch_size)
     return Recall(
         "query",
         torch.tensor([ex.subject_id for ex in examples]),
         [ex.relation for ex in examples],
         [dataset.split[ex.subject_id] for ex in examples],
-        correct,
+        scores.correct,
+        scores.nll,
     )
 
 
@@ -102,7 +112,8 @@ def storage_recall(
 
 
 def evaluate(model, tokenizer, dataset: FactDataset, splits: Sequence[Split] = SPLITS, storage: bool = True) -> dict:
-    """Summary fractions: ``{split}_qa`` for each split (``trained_qa`` for ``train``), ``storage``, per attribute."""
+    """Summary fractions: ``{split}_qa`` for each split (``trained_qa`` for ``train``), ``storage``, per attribute;
+    and ``{split}_qa_nll``, the mean answer negative log-likelihood of a split's questions (nats)."""
     was_training = model.training
     model.eval()
     pids = dataset.pids(splits)
@@ -113,6 +124,7 @@ def evaluate(model, tokenizer, dataset: FactDataset, splits: Sequence[Split] = S
         qa = query_recall(model, tokenizer, dataset, dataset.query_examples(pids))
         for split in splits:
             out[names[split]] = qa.accuracy(split)
+            out[f"{names[split]}_nll"] = qa.mean_nll(split)
             per_attribute[names[split]] = qa.per_attribute(split)
     if storage:
         st = storage_recall(model, tokenizer, dataset)

@@ -90,3 +90,15 @@ def test_evaluate_reports_every_split_and_attribute(micro_dataset, micro_tokeniz
         "company",
         "company_city",
     }
+
+
+def test_evaluate_reports_each_splits_mean_answer_nll(micro_dataset, micro_tokenizer):
+    """``{split}_qa_nll`` is the mean over that split's questions of the answer's negative log-likelihood."""
+    from mechrecall.recall import answer_scores
+
+    model = build_model(get_preset("micro").model, micro_tokenizer, seed=0)
+    m = evaluate(model, micro_tokenizer, micro_dataset, storage=False)
+    for split, key in (("train", "trained_qa"), ("validation", "validation_qa"), ("heldout", "heldout_qa")):
+        nll = answer_scores(model, micro_tokenizer, micro_dataset.query_examples(micro_dataset.pids(split))).nll
+        assert abs(m[f"{key}_nll"] - float(nll.mean())) < 1e-4
+    assert m["validation_qa_nll"] > 0
