@@ -1,0 +1,50 @@
+"""Choose a budget (or a learning rate) from training histories, reading the validation people only.
+
+    python analyses/choose_budget.py runs/sweep/mixed/history.json
+    python analyses/choose_budget.py runs/gemma3/lr1e-4/mixed/history.json runs/gemma3/lr3e-4/mixed/history.json \\
+        --at-step 150 --min-trained 0
+
+Prints, per history, every evaluation's trained QA, validation QA, validation answer NLL and storage recall (never a
+held-out column), then the choice of ``mechrecall.lab.select.choose``: among steps with trained QA >= --min-trained,
+the highest validation QA, ties to the lower validation NLL, then the earlier step; the last step when none
+qualifies. ``--json FILE`` also writes the choice. A missing or malformed history is one ``error:`` line, exit 2.
+"""
+
+import argparse
+import sys
+from dataclasses import asdict
+
+import pandas as pd
+
+from mechrecall.io import atomic_write_json
+from mechrecall.lab.select import choose, read_history, validation_view
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("histories", nargs="+", help="history.json files (a run's <regime>/history.json)")
+    ap.add_argument("--min-trained", type=float, default=0.95, help="trained QA a step needs (default 0.95)")
+    ap.add_argument("--at-step", type=int, default=None, help="compare the histories at this step only")
+    ap.add_argument("--stage", default=None, help="one stage of the histories (mixed, stage2, ...)")
+    ap.add_argument("--json", default=None, help="also write the choice to this file")
+    args = ap.parse_args(argv)
+    try:
+        histories = [read_history(p) for p in args.histories]
+        choice = choose(histories, min_trained=args.min_trained, at_step=args.at_step, stage=args.stage)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        for path, h in zip(args.histories, histories):
+            print(f"== {path}")
+            print(validation_view(h, args.stage).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    rule = "qualified" if choice.qualified else f"no step reached trained QA >= {args.min_trained}: the last step"
+    print(f"chosen: {args.histories[choice.run]} step {choice.step} (trained QA {choice.trained_qa:.3f}, "
+          f"validation QA {choice.validation_qa:.3f}, validation NLL {choice.validation_qa_nll:.3f}; {rule})")  # fmt: skip
+    if args.json:
+        atomic_write_json(args.json, {"history": args.histories[choice.run], **asdict(choice)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
