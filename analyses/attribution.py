@@ -6,7 +6,8 @@
 
 Writes OUT/attribution.json and OUT/attribution.html (mechrecall.report.patching.run_attribution). With --facts the
 storage texts of your facts (the first of each fact) are attributed on any two checkpoints. Integrated gradients
-start at --steps; each fact's steps double until its completeness gap is within 5 % (at most --max-steps).
+start at --steps; each fact's steps double until its completeness gap is within 5 % (at most --max-steps). The
+first position is held fixed (the attention sink of models trained without <bos>; --attribute-first attributes it).
 """
 
 import sys
@@ -19,7 +20,7 @@ from mechrecall.report.patching import run_attribution, summary_rows
 
 def _main(args) -> int:
     result = run_attribution(*pair(args), args.out, registry=args.registry, n_people=args.people, steps=args.steps,
-                             max_steps=args.max_steps, **user_kwargs(args))  # fmt: skip
+                             max_steps=args.max_steps, fix_first=not args.attribute_first, **user_kwargs(args))  # fmt: skip
     print("\n".join(summary_rows(None, result)))
     return 0
 
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
                     help="held-out people (6 facts each), or with --facts the first facts (default 20)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=16, help="first number of IG steps (default 16)")
     ap.add_argument("--max-steps", type=int, default=256, help="IG step cap (default 256)")
+    ap.add_argument("--attribute-first", action="store_true",
+                    help="attribute position 0 too when it is not <bos> (IG converges badly on it)")  # fmt: skip
     return run_cli(_main, ap.parse_args(argv))
 
 

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         for path, h in zip(args.histories, histories):
             print(f"== {path}")
-            print(validation_view(h, args.stage).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+            print(validation_view(h, args.stage).to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     rule = "qualified" if choice.qualified else f"no step reached trained QA >= {args.min_trained}: the last step"
     print(f"chosen: {args.histories[choice.run]} step {choice.step} (trained QA {choice.trained_qa:.3f}, "
           f"validation QA {choice.validation_qa:.3f}, validation NLL {choice.validation_qa_nll:.3f}; {rule})")  # fmt: skip

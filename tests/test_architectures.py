@@ -82,7 +82,7 @@ def _facts() -> FactSet:
     return FactSet(facts, "by hand")
 
 
-def _tokenizer(facts: FactSet) -> PreTrainedTokenizerFast:
+def _tokenizer(facts: FactSet, bos: bool = True) -> PreTrainedTokenizerFast:
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
     pre = pre_tokenizers.Whitespace()
     for ex in facts.examples("storage") + facts.examples("query"):
@@ -91,7 +91,8 @@ def _tokenizer(facts: FactSet) -> PreTrainedTokenizerFast:
     assert len(vocab) < VOCAB - 3  # clear of the multimodal Gemma 3's image tokens
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if bos:  # (without: the text starts at position 0, as with SmolLM2's or GPT-2's tokenizer)
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
@@ -323,6 +324,26 @@ def test_integrated_gradients_are_complete(name, facts, tok):
     assert r.attributions.dtype == torch.float32 and r.attributions.device.type == "cpu"
     assert r.converged and (r.delta.abs() <= 0.05 * r.gap.abs() + 1e-3).all(), (r.delta, r.gap, r.steps)
     assert (r.attributions[inputs.fixed] == 0).all()
+
+
+def test_without_bos_the_first_token_is_held_fixed(facts):
+    """A tokenizer that adds no <bos>: position 0 (the text's first token, the model's attention sink) is fixed by
+    default, in the baseline too, and gets no attribution or role; ``fix_first=False`` attributes it."""
+    tok = _tokenizer(facts, bos=False)
+    examples = facts.examples("storage")
+    assert encode_example(tok, examples[0], add_eos=False).input_ids[0] != tok.bos_token_id
+    inputs = role_inputs(tok, examples)
+    assert inputs.fixed[:, 0].all()
+    stacked = torch.stack([inputs.roles[r] for r in inputs.roles]).long()
+    assert (stacked.sum(0) + inputs.fixed.long() == 1).all() and not stacked[:, :, 0].any()
+    assert inputs.roles["relation"].any(1).all() and inputs.roles["answer_preceding"].sum(1).eq(1).all()
+    free = role_inputs(tok, examples, fix_first=False)
+    assert not free.fixed[:, 0].any() and free.roles["subject_elsewhere"][:, 0].all()  # the name starts the texts
+    model = tiny_model("llama", VOCAB)
+    base = baseline_embeds(model, inputs)
+    torch.testing.assert_close(base[:, 0], _embeds(model, inputs.input_ids)[:, 0], rtol=0, atol=0)
+    r = integrated_gradients(model, inputs, steps=16, max_steps=256)
+    assert r.converged and (r.attributions[:, 0] == 0).all()
 
 
 # ------------------------------------------------------------------------------------------------ patching backends

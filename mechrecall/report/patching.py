@@ -181,6 +181,7 @@ def run_attribution(
     n_people: int = 20,
     steps: int = 16,
     max_steps: int = 256,
+    fix_first: bool = True,
     facts=None,
     split: str | None = None,
     labels=None,
@@ -189,7 +190,8 @@ def run_attribution(
 ) -> dict:
     """Token-role attribution of a lab pair (storage prompts of held-out people), or of any two checkpoints on the
     first storage text of each of ``facts`` (its ``split``, first ``n_people`` facts); each fact's IG steps double
-    from ``steps`` up to ``max_steps`` until complete; writes ``attribution.json`` and ``attribution.html``."""
+    from ``steps`` up to ``max_steps`` until complete (``fix_first``: position 0 is held fixed, see
+    :func:`mechrecall.attribution.role_inputs`); writes ``attribution.json`` and ``attribution.html``."""
     out = Path(out)
     fs = user_facts(facts, split, n_people, formats=("storage",)) if facts is not None else None
     pair = _pair(two_stage, mixed, fs, labels)
@@ -208,7 +210,7 @@ def run_attribution(
             examples = ds.storage_examples(ds.pids("heldout")[:n_people])
         else:
             examples = fs.check_tokenization(lm.tokenizer, ("subject", "final"), src).examples("storage", templates=[0])
-        r = attribute(lm.model, lm.tokenizer, examples, steps=steps, max_steps=max_steps)  # 128: short on bioS
+        r = attribute(lm.model, lm.tokenizer, examples, steps=steps, max_steps=max_steps, fix_first=fix_first)
         sr = torch.tensor(r["subject_relation_share_per_fact"])
         g = torch.Generator().manual_seed(0)
         boots = torch.stack([sr[torch.randint(len(sr), (len(sr),), generator=g)].mean() for _ in range(1000)])
