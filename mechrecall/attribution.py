@@ -122,15 +122,16 @@ def role_inputs(tokenizer, examples: Sequence[Example], *, fix_first: bool = Tru
 
 
 def _target(model, embeds: Tensor, readout: Tensor, answer: Tensor) -> Float[Tensor, " batch"]:
-    """Log-probability (float32) of ``answer`` at position ``readout`` of each row, from input embeddings."""
-    logits = model(inputs_embeds=embeds).logits
-    rows = torch.arange(embeds.shape[0], device=logits.device)
-    return (
-        logits[rows, readout.to(logits.device)]
-        .float()
-        .log_softmax(-1)
-        .gather(1, answer.to(logits.device)[:, None])[:, 0]
-    )
+    """Log-probability (float32) of ``answer`` at position ``readout`` of each row, from input embeddings.
+
+    The decoder stack runs on every position and the unembedding at the readout alone (a 262k-token vocabulary
+    would otherwise spend most of each integrated-gradients step on logits nobody reads); the result is the full
+    forward's, as ``tests/test_architectures.py`` checks."""
+    rows = torch.arange(embeds.shape[0], device=embeds.device)
+    normed = arch.base_model(model)(inputs_embeds=embeds).last_hidden_state
+    at = readout.to(normed.device)
+    logits = arch.normed_to_logits(model, normed[rows.to(normed.device), at])
+    return logits.float().log_softmax(-1).gather(1, answer.to(logits.device)[:, None])[:, 0]
 
 
 def _embeds(model, ids: Tensor) -> Tensor:

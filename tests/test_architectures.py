@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from mechrecall import arch
-from mechrecall.attribution import _embeds, baseline_embeds, integrated_gradients, role_inputs
+from mechrecall.attribution import _embeds, _target, baseline_embeds, integrated_gradients, role_inputs
 from mechrecall.cache import cache_residuals, default_sites
 from mechrecall.facts import Example, Fact, FactSet
 from mechrecall.gradients import answer_batch, per_example_grads, per_example_grads_loop
@@ -318,6 +318,11 @@ def test_integrated_gradients_are_complete(name, facts, tok):
         by_embeds = model(inputs_embeds=_embeds(model, inputs.input_ids)).logits  # ... and is not scaled again
         mean = arch.embedding(model)(torch.arange(arch.dims(model).vocab)).mean(0)
     torch.testing.assert_close(by_embeds, by_ids, rtol=0, atol=1e-5)
+    rows = torch.arange(len(inputs.readout))  # the target: the full forward's log-prob, unembedded at the readout only
+    full = by_ids[rows, inputs.readout].float().log_softmax(-1)[rows, inputs.answer]
+    with torch.no_grad():
+        torch.testing.assert_close(_target(model, _embeds(model, inputs.input_ids), inputs.readout, inputs.answer),
+                                   full, rtol=0, atol=1e-5)  # fmt: skip
     base = baseline_embeds(model, inputs)
     torch.testing.assert_close(base[~inputs.fixed], mean.expand(int((~inputs.fixed).sum()), -1), rtol=1e-5, atol=1e-6)
     r = integrated_gradients(model, inputs, steps=16, max_steps=256)
