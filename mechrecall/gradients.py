@@ -39,6 +39,7 @@ __all__ = [
     "answer_batch",
     "per_example_grads",
     "per_example_grads_loop",
+    "scored_positions",
     "flatten",
     "Projection",
     "GradientStats",
@@ -59,13 +60,28 @@ def answer_batch(tokenizer, examples: Sequence[Example]):
     return collate_examples([encode_example(tokenizer, ex) for ex in examples], pad)
 
 
-def _answer_loss(model, params, rest, ids: Int[Tensor, " pos"], labels: Int[Tensor, " pos"]):
+def _answer_loss(model, params, rest, ids: Int[Tensor, " pos"], labels: Int[Tensor, " pos"], keep: Tensor | None):
     # An all-ones mask: batches are right-padded and attention is causal, so padding (after the answer, label -100)
     # cannot change any scored position. Giving a mask at all keeps GPT-2 from looking for padding in the ids (data-
     # dependent control flow, which vmap refuses); for the other families it gives the same logits as no mask.
     inputs = {"input_ids": ids[None], "attention_mask": torch.ones_like(ids[None]), "use_cache": False}
-    logits = functional_call(model, {**rest, **params}, (), inputs).logits
-    return F.cross_entropy(logits[0, :-1].float(), labels[1:], ignore_index=-100)
+    if keep is None:
+        logits = functional_call(model, {**rest, **params}, (), inputs).logits
+        return F.cross_entropy(logits[0, :-1].float(), labels[1:], ignore_index=-100)
+    # logits only where some row of the batch is scored (the same positions for every row, so vmap sees no
+    # data-dependent shape): the unembedding of the other positions is most of a large vocabulary's cost
+    logits = functional_call(model, {**rest, **params}, (), {**inputs, "logits_to_keep": keep}).logits
+    return F.cross_entropy(logits[0].float(), labels[keep + 1], ignore_index=-100)
+
+
+def scored_positions(model, labels: Int[Tensor, "batch pos"]) -> Tensor | None:
+    """The positions whose logits some row's loss reads (``labels[:, p + 1] != -100``), for the model's
+    ``logits_to_keep``; None when its forward has no such argument (then every position's logits are computed)."""
+    import inspect
+
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return None
+    return (labels[:, 1:] != -100).any(0).nonzero()[:, 0]
 
 
 def per_example_grads(
@@ -81,7 +97,8 @@ def per_example_grads(
     params = select_params(model) if params is None else params
     rest = {n: p.detach() for n, p in model.named_parameters() if n not in params}
     batch = batch.to(model_device(model))
-    fn = vmap(grad(lambda p, i, y: _answer_loss(model, p, rest, i, y)), in_dims=(None, 0, 0))
+    keep = scored_positions(model, batch.labels)
+    fn = vmap(grad(lambda p, i, y: _answer_loss(model, p, rest, i, y, keep)), in_dims=(None, 0, 0))
     return fn(params, batch.input_ids, batch.labels)
 
 

@@ -20,7 +20,7 @@ from mechrecall import arch
 from mechrecall.attribution import _embeds, _target, baseline_embeds, integrated_gradients, role_inputs
 from mechrecall.cache import cache_residuals, default_sites
 from mechrecall.facts import Example, Fact, FactSet
-from mechrecall.gradients import answer_batch, per_example_grads, per_example_grads_loop
+from mechrecall.gradients import answer_batch, per_example_grads, per_example_grads_loop, scored_positions
 from mechrecall.interventions import ablate, graft, loaded, recall_under, state_of
 from mechrecall.masks import localize, topk_mask
 from mechrecall.tokenization import encode_example
@@ -189,7 +189,12 @@ def test_residual_backends_agree_with_hugging_face(name, backend, facts, tok):
 def test_per_example_grads_under_hf_names(name, facts, tok):
     model = copy.deepcopy(tiny_model(name, VOCAB))  # the loop reference fills .grad
     batch = answer_batch(tok, facts.examples("query")[:3])
-    fast, slow = per_example_grads(model, batch), per_example_grads_loop(model, batch)
+    fast, slow = (
+        per_example_grads(model, batch),
+        per_example_grads_loop(model, batch),
+    )  # (slow: every position's logits)
+    keep = scored_positions(model, batch.labels)  # the fast path unembeds these positions only
+    assert keep is not None and 0 < len(keep) < batch.labels.shape[1] - 1
     assert list(fast) == list(slow) == [n for n, _ in model.named_parameters()]  # tied weights once
     assert all(p.grad is None for p in model.parameters())
     for n, g in fast.items():
