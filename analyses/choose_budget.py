@@ -18,6 +18,24 @@ import pandas as pd
 
 from mechrecall.io import atomic_write_json
 from mechrecall.lab.select import choose, read_history, validation_view
+from mechrecall.loading import run_cli
+
+
+def _main(args) -> int:
+    histories = [read_history(p) for p in args.histories]
+    choice = choose(histories, min_trained=args.min_trained, at_step=args.at_step, stage=args.stage)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        for path, h in zip(args.histories, histories):
+            print(f"== {path}")
+            print(validation_view(h, args.stage).to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    rule = "qualified" if choice.qualified else f"no step reached trained QA >= {args.min_trained}: the last step"
+    nll = "n/a" if choice.validation_qa_nll is None else f"{choice.validation_qa_nll:.3f}"
+    where = f"{choice.stage} " if choice.stage else ""
+    print(f"chosen: {args.histories[choice.run]} {where}step {choice.step} (global {choice.global_step}; trained QA "
+          f"{choice.trained_qa:.3f}, validation QA {choice.validation_qa:.3f}, validation NLL {nll}; {rule})")  # fmt: skip
+    if args.json:
+        atomic_write_json(args.json, {"history": args.histories[choice.run], **asdict(choice)})
+    return 0
 
 
 def main(argv=None) -> int:
@@ -27,23 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--at-step", type=int, default=None, help="compare the histories at this step only")
     ap.add_argument("--stage", default=None, help="one stage of the histories (mixed, stage2, ...)")
     ap.add_argument("--json", default=None, help="also write the choice to this file")
-    args = ap.parse_args(argv)
-    try:
-        histories = [read_history(p) for p in args.histories]
-        choice = choose(histories, min_trained=args.min_trained, at_step=args.at_step, stage=args.stage)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    with pd.option_context("display.width", 160, "display.max_columns", 20):
-        for path, h in zip(args.histories, histories):
-            print(f"== {path}")
-            print(validation_view(h, args.stage).to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-    rule = "qualified" if choice.qualified else f"no step reached trained QA >= {args.min_trained}: the last step"
-    print(f"chosen: {args.histories[choice.run]} step {choice.step} (trained QA {choice.trained_qa:.3f}, "
-          f"validation QA {choice.validation_qa:.3f}, validation NLL {choice.validation_qa_nll:.3f}; {rule})")  # fmt: skip
-    if args.json:
-        atomic_write_json(args.json, {"history": args.histories[choice.run], **asdict(choice)})
-    return 0
+    return run_cli(_main, ap.parse_args(argv))
 
 
 if __name__ == "__main__":

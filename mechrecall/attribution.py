@@ -6,12 +6,13 @@ log-probability of the value's first token at the last prompt token. Three attri
 - :func:`integrated_gradients` on the input embeddings (Gauss-Legendre quadrature as Captum's default), with a
   completeness check: the attributions of a prompt sum to f(input) - f(baseline) up to the returned ``delta``; each
   prompt's steps double until its own ``|delta|`` is small (a converged prompt keeps its first satisfying count).
-  Baseline: the mean token embedding at every attributed position (``<bos>`` stays as it is). Not zero: the first norm (RMSNorm, or LayerNorm) maps every positive multiple of a vector to the
+  Baseline: the mean token embedding at every attributed position (position 0, ``<bos>`` or the first text token,
+  stays as it is: :func:`role_inputs`). Not zero: the first norm (RMSNorm, or LayerNorm) maps every positive multiple of a vector to the
   same point, so on a path from zero the whole change happens near zero and quadrature does not converge;
 - :func:`gradient_x_input` (one backward; input minus the same baseline);
 - :func:`occlusion_by_role`: set a whole role's embeddings to the baseline and measure the drop of the target.
 
-Roles partition the prompt (``<bos>`` and padding excluded): ``subject`` (this sentence's subject mention),
+Roles partition the prompt (position 0 and padding excluded): ``subject`` (this sentence's subject mention),
 ``relation`` (the relation words before the last prompt token), ``answer_preceding`` (the last prompt token, which
 predicts the value), ``subject_elsewhere`` (the subject's tokens in earlier sentences: with the full name in every
 sentence the name recurs), ``other_context`` (everything else: the rest of earlier sentences, punctuation).
@@ -89,8 +90,8 @@ def role_inputs(tokenizer, examples: Sequence[Example], *, fix_first: bool = Tru
     is not a ``<bos>`` token: a model trained without ``<bos>`` (SmolLM2, GPT-2) uses its first token as the attention
     sink, and a path that moves that token's embedding moves every later position's attention. Measured on SmolLM2
     (6 storage prompts, 64 Gauss-Legendre steps): median ``|delta| / |gap|`` 1.2 with position 0 attributed, 0.14
-    with it fixed. A ``<bos>`` at position 0 is fixed either way; the lab's tokenizer adds one, so its numbers do not
-    depend on this. The cost: a role whose first token is position 0 (the subject of a biography's first
+    with it fixed. A ``<bos>`` at position 0 is fixed either way: the lab presets' word-level tokenizer adds one, so
+    their numbers do not depend on this; SmolLM2's tokenizer does not (the ``smollm2`` preset's do). The cost: a role whose first token is position 0 (the subject of a biography's first
     sentence) is attributed without that token."""
     from mechrecall.tokenization import encode_example
 

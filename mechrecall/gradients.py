@@ -76,12 +76,14 @@ def _answer_loss(model, params, rest, ids: Int[Tensor, " pos"], labels: Int[Tens
 
 def scored_positions(model, labels: Int[Tensor, "batch pos"]) -> Tensor | None:
     """The positions whose logits some row's loss reads (``labels[:, p + 1] != -100``), for the model's
-    ``logits_to_keep``; None when its forward has no such argument (then every position's logits are computed)."""
+    ``logits_to_keep`` (on the CPU: Hugging Face indexes the last device's states with it, and a CPU index serves any
+    device); None when its forward has no such argument (then every position's logits are computed)."""
     import inspect
 
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it on
+    if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
         return None
-    return (labels[:, 1:] != -100).any(0).nonzero()[:, 0]
+    return (labels[:, 1:] != -100).any(0).nonzero()[:, 0].cpu()
 
 
 def per_example_grads(

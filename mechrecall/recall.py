@@ -18,7 +18,16 @@ from torch import Tensor
 from mechrecall.facts import Example, FactSet
 from mechrecall.tokenization import Batch, collate_examples, encode_example
 
-__all__ = ["scored_tokens", "correct_answers", "row_chunks", "AnswerScores", "answer_scores", "exact_match", "recall"]
+__all__ = [
+    "scored_logits",
+    "scored_tokens",
+    "correct_answers",
+    "row_chunks",
+    "AnswerScores",
+    "answer_scores",
+    "exact_match",
+    "recall",
+]
 
 
 @torch.no_grad()
@@ -31,9 +40,9 @@ def scored_tokens(model, batch: Batch) -> tuple[Bool[Tensor, "batch pos"], Float
     """
     hit = torch.ones_like(batch.labels, dtype=torch.bool)
     logprob = torch.zeros(batch.labels.shape, dtype=torch.float32, device=batch.labels.device)
-    rows, cols, picked, wanted = _scored_logits(model, batch)
+    rows, cols, picked, wanted = scored_logits(model, batch)
     hit[rows, cols + 1] = (picked.argmax(-1) == wanted).to(hit.device)
-    # gather minus logsumexp: no second [scored, vocab] tensor (262k columns for gemma-3)
+    # gather minus logsumexp rather than log_softmax, whose output would be one more [scored, vocab] tensor
     lp = picked.gather(-1, wanted[:, None])[:, 0].float() - picked.float().logsumexp(-1)
     logprob[rows, cols + 1] = lp.to(logprob.device)
     return hit, logprob
@@ -49,14 +58,18 @@ def correct_answers(model, batch: Batch) -> Bool[Tensor, "batch pos"]:
     would cost most of the forward's time and gigabytes of memory for a handful of answer tokens per row.
     """
     out = torch.ones_like(batch.labels, dtype=torch.bool)
-    rows, cols, picked, wanted = _scored_logits(model, batch)
+    rows, cols, picked, wanted = scored_logits(model, batch)
     out[rows, cols + 1] = (picked.argmax(-1) == wanted).to(out.device)
     return out
 
 
-def _scored_logits(model, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(rows, columns) of the scored targets, the vocabulary logits that predict them (on the model's last device) and
-    the target ids there."""
+def scored_logits(model, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(rows, columns) of the scored targets (``labels[:, 1:] != -100``, row-major), the vocabulary logits that
+    predict them (``[n_scored, vocab]``, on the model's last device) and the target ids there.
+
+    For an architecture :mod:`mechrecall.arch` knows, the decoder stack (final norm included) runs on the whole batch
+    and the unembedding (with any logit soft-capping) on the scored states alone; any other model runs its whole
+    forward. Differentiable: training's ``lm_loss(scored_logits=True)`` is the cross-entropy of its output."""
     target = batch.labels[:, 1:]
     rows, cols = (target != -100).nonzero(as_tuple=True)
     inner = _known_architecture(model)
@@ -109,9 +122,7 @@ def answer_scores(model, tokenizer, examples: Sequence[Example], batch_size: int
     """:class:`AnswerScores` of ``examples`` (one teacher-forced forward per batch), on the CPU."""
     from mechrecall.devices import model_device
 
-    encoded = [encode_example(tokenizer, ex) for ex in examples]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = collate_examples(encoded, pad)
+    batch = _example_batch(tokenizer, examples)
     device = model_device(model)
     correct, nll = [], []
     for rows in row_chunks(len(batch), batch_size):
@@ -122,8 +133,23 @@ def answer_scores(model, tokenizer, examples: Sequence[Example], batch_size: int
 
 
 def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int = 512) -> Bool[Tensor, " n"]:
-    """Per example: greedy exact match of its answer (and end-of-text for queries), on the CPU."""
-    return answer_scores(model, tokenizer, examples, batch_size).correct
+    """Per example: greedy exact match of its answer (and end-of-text for queries), on the CPU (no log-probabilities:
+    :func:`answer_scores` gives both)."""
+    from mechrecall.devices import model_device
+
+    batch = _example_batch(tokenizer, examples)
+    device = model_device(model)
+    return torch.cat(
+        [
+            correct_answers(model, batch.index(rows).to(device)).all(-1).cpu()
+            for rows in row_chunks(len(batch), batch_size)
+        ]
+    )
+
+
+def _example_batch(tokenizer, examples: Sequence[Example]) -> Batch:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return collate_examples([encode_example(tokenizer, ex) for ex in examples], pad)
 
 
 def recall(model, tokenizer, facts: FactSet, split: str | None = None, fmt: str = "query") -> float:

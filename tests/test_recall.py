@@ -77,10 +77,10 @@ def test_answer_log_probabilities_match_the_whole_forward(arch):
 
 def test_answer_scores_give_exact_match_and_the_answers_nll(micro_dataset, micro_tokenizer):
     """answer_scores' nll is minus the summed log-probability of each example's scored tokens (answer + end of text),
-    and its exact match is exact_match's."""
+    and its exact match is each example's own correct_answers row, scored alone."""
     from mechrecall.lab.config import get_preset
     from mechrecall.lab.models import build_model
-    from mechrecall.recall import answer_scores, exact_match, scored_tokens
+    from mechrecall.recall import answer_scores, correct_answers, exact_match, scored_tokens
     from mechrecall.tokenization import collate_examples, encode_example
 
     model = build_model(get_preset("micro").model, micro_tokenizer, seed=0).eval()
@@ -93,4 +93,5 @@ def test_answer_scores_give_exact_match_and_the_answers_nll(micro_dataset, micro
         _, logprob = scored_tokens(model, alone)
         assert n_scored >= 2  # the answer and end-of-text
         torch.testing.assert_close(scores.nll[i], -logprob.sum(), rtol=1e-5, atol=1e-5)
+        assert bool(scores.correct[i]) == bool(correct_answers(model, alone).all())
     assert (scores.nll > 0).all()

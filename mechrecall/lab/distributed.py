@@ -179,10 +179,24 @@ def reshard(model: nn.Module) -> None:
             m.reshard()
 
 
-def sharded_lm_loss(net: nn.Module, batch, procs: Processes) -> Tensor:
-    """This shard's part of the global batch's mean next-token loss, scaled for DDP's average over processes."""
-    logits = net(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+def sharded_lm_loss(
+    net: nn.Module, batch, procs: Processes, *, scored_logits: bool = False, model: nn.Module | None = None
+) -> Tensor:
+    """This shard's part of the global batch's mean next-token loss, scaled for DDP's average over processes.
+
+    ``scored_logits``: logits only at the positions some row of this shard scores (Hugging Face's
+    ``logits_to_keep``, passed through the DDP / FSDP wrapper's own forward, which both need), where the
+    single-process loss gathers each row's scored positions; same loss, other float summation order. ``model`` is the
+    module under ``net``'s wrapper (where the forward's signature is read)."""
+    from mechrecall.gradients import scored_positions
+
     labels = batch.labels[:, 1:]
-    summed = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    keep = scored_positions(net if model is None else model, batch.labels) if scored_logits else None
+    if keep is None:
+        logits = net(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    else:
+        logits = net(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
+        labels = labels[:, keep.to(labels.device)]
+    summed = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
     count = procs.total(float((labels != -100).sum()))
     return summed / count * procs.world

@@ -9,6 +9,9 @@ the columns a choice may read (step, trained QA, validation QA and its answer NL
     ties go to the lower validation answer NLL (``validation_qa_nll``, a continuous measure: exact match on a few
     dozen validation questions ties often), then to the earlier step. When no step qualifies, the last one.
 
+Steps are ordered by ``global_step`` (a two-stage or pre-instruction history restarts ``step`` at each stage); a
+history with validation QA in several stages needs ``stage=`` to say which.
+
 CLI: ``python analyses/choose_budget.py RUN/mixed/history.json [...] [--at-step N] [--min-trained 0.95]``.
 """
 
@@ -49,7 +52,8 @@ def validation_view(records: Sequence[dict], stage: str | None = None) -> pd.Dat
     for r in records:
         if stage is not None and r.get("stage") != stage:
             continue
-        if "validation_qa" not in r:
+        v = r.get("validation_qa")
+        if v is None or v != v:  # storage-only evaluations; an empty validation split (NaN)
             continue
         rows.append({k: r[k] for k in r if k in VISIBLE or k.startswith("loss_")})
     return pd.DataFrame(rows)
@@ -57,13 +61,15 @@ def validation_view(records: Sequence[dict], stage: str | None = None) -> pd.Dat
 
 @dataclass
 class Choice:
-    """The chosen evaluation: its run (index into the histories given), step, and why."""
+    """The chosen evaluation: its run (index into the histories given), stage, step, and why."""
 
     run: int
+    stage: str | None
     step: int
+    global_step: int
     trained_qa: float
     validation_qa: float
-    validation_qa_nll: float
+    validation_qa_nll: float | None  # None: the history predates the NLL (or it was NaN)
     qualified: bool  # False: no step reached min_trained, so the last step was taken
 
 
@@ -77,21 +83,32 @@ def choose(
     """The rule of this module's docstring over every evaluation of every history (``at_step``: that step only, e.g.
     to compare learning-rate probes at equal steps). Reads validation and trained columns only."""
     views = [validation_view(h, stage) for h in histories]
+    stages = sorted({str(x) for v in views if "stage" in v for x in v["stage"].unique()})
+    if stage is None and len(stages) > 1:
+        raise ValueError(f"the histories hold validation QA of several stages ({', '.join(stages)}): choose one")
     cands = []
     for i, v in enumerate(views):
         for r in v.to_dict("records"):
+            r.setdefault("global_step", r["step"])
             if at_step is None or r["step"] == at_step:
                 cands.append((i, r))
     if not cands:
         raise ValueError(f"no evaluation with validation QA{'' if at_step is None else f' at step {at_step}'}")
     ok = [(i, r) for i, r in cands if r.get("trained_qa", 0.0) >= min_trained]
 
-    def nll(r: dict) -> float:
+    def nll(r: dict) -> float | None:
         x = r.get("validation_qa_nll")
-        return math.inf if x is None or x != x else x
+        return None if x is None or x != x else float(x)
+
+    def key(c) -> tuple:  # best validation QA, then lowest NLL (a missing one last), then earliest
+        nl = nll(c[1])
+        return (-c[1]["validation_qa"], math.inf if nl is None else nl, c[1]["global_step"], c[0])
 
     if ok:
-        i, r = min(ok, key=lambda c: (-c[1]["validation_qa"], nll(c[1]), c[1]["step"], c[0]))
-    else:  # the budget cap: the last evaluated step (of the first history holding it)
-        i, r = max(cands, key=lambda c: (c[1]["step"], -c[0]))
-    return Choice(i, int(r["step"]), r.get("trained_qa", math.nan), r["validation_qa"], nll(r), bool(ok))
+        i, r = min(ok, key=key)
+    else:  # the budget cap: the last evaluation (of the first history holding it)
+        i, r = max(cands, key=lambda c: (c[1]["global_step"], -c[0]))
+    return Choice(
+        i, r.get("stage"), int(r["step"]), int(r["global_step"]), r.get("trained_qa", math.nan), r["validation_qa"],
+        nll(r), bool(ok),
+    )  # fmt: skip

@@ -111,14 +111,10 @@ def lm_loss(model, batch: Batch, *, scored_logits: bool = False) -> Float[Tensor
     if not scored_logits:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         return _cross_entropy(logits, batch)
-    from mechrecall.arch import base_model, normed_to_logits
+    from mechrecall.recall import scored_logits as logits_at_scored
 
-    net = model.get_base_model() if is_adapted(model) else model  # peft's LoRA layers sit inside it
-    hidden = base_model(net)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    targets = batch.labels[:, 1:]
-    keep = targets != -100
-    logits = normed_to_logits(net, hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep])
+    _, _, logits, targets = logits_at_scored(model, batch)
+    return F.cross_entropy(logits.float(), targets)
 
 
 def _cross_entropy(logits: Tensor, batch: Batch) -> Tensor:
@@ -410,7 +406,7 @@ def _sharded_step(run: _Run, batches: dict[str, Batch], weights: dict[str, float
     logged = {}
     for f, b in batches.items():
         with autocast:
-            loss = sharded_lm_loss(run.net, b, run.procs)
+            loss = sharded_lm_loss(run.net, b, run.procs, scored_logits=run.preset.scored_logits, model=run.model)
         (loss * weights[f]).backward()
         if is_adapted(run.model):
             tie_gradients(run.model)

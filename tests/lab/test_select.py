@@ -38,6 +38,27 @@ def test_the_rule_takes_the_best_validation_among_learnt_steps_and_breaks_ties_b
     assert (c.step, c.qualified) == (100, False)  # no step learnt the trained half: the cap
 
 
+def test_multi_stage_histories_need_a_stage_and_are_ordered_by_global_step():
+    h = [_h(100, 0.5, 0.1, 2.0, stage="qa"), _h(200, 0.6, 0.1, 2.0, stage="qa"),
+         {**_h(100, 0.7, 0.1, 2.0, stage="joint"), "global_step": 300}]  # fmt: skip
+    with pytest.raises(ValueError, match="several stages"):
+        choose([h])
+    c = choose([h], stage="joint")
+    assert (c.stage, c.step, c.global_step, c.qualified) == ("joint", 100, 300, False)
+    two = [_h(100, 0.97, 0.1, 2.0, stage="stage2"), {**_h(50, 0.97, 0.1, 2.0, stage="stage2"), "global_step": 350}]
+    assert choose([two]).global_step == 100  # a tie goes to the earlier global step
+
+
+def test_old_histories_without_nll_and_empty_validation_splits():
+    old = [
+        {k: v for k, v in _h(s, 0.96, v, 0.0).items() if k != "validation_qa_nll"} for s, v in ((50, 0.1), (100, 0.1))
+    ]
+    c = choose([old])
+    assert (c.step, c.validation_qa_nll) == (50, None)
+    nan = [_h(50, 0.96, float("nan"), float("nan")), _h(100, 0.96, 0.0, 3.0)]
+    assert len(validation_view(nan)) == 1 and choose([nan]).step == 100
+
+
 def test_learning_rate_probes_are_compared_at_equal_steps():
     slow = [_h(50, 0.1, 0.0, 4.0), _h(150, 0.3, 0.0, 3.1)]
     fast = [_h(50, 0.2, 0.0, 3.5), _h(150, 0.4, 0.0, 3.4)]
@@ -56,6 +77,14 @@ def test_cli_prints_no_held_out_number_and_refuses_bad_files_in_one_line(tmp_pat
     assert r.returncode == 0, r.stderr
     assert "heldout" not in r.stdout and "0.123" not in r.stdout and "0.654" not in r.stdout
     assert "step 100" in r.stdout and json.loads(out.read_text())["step"] == 100
+    old = tmp_path / "old.json"  # a history from before the answer NLL: valid JSON out (null, not Infinity)
+    old.write_text(json.dumps([{k: v for k, v in _h(50, 0.96, 0.1, 2.0).items() if k != "validation_qa_nll"}]))
+    r = subprocess.run([*script, str(old), "--json", str(out)], capture_output=True, text=True)
+    assert (
+        r.returncode == 0
+        and "Infinity" not in out.read_text()
+        and json.loads(out.read_text())["validation_qa_nll"] is None
+    )
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     r = subprocess.run([*script, str(bad)], capture_output=True, text=True)

@@ -119,7 +119,8 @@ def test_pre_instruction_regime_trains_qa_first_then_both_formats(tmp_path):
 def test_scored_logits_loss_equals_the_full_logits_loss(arch):
     """Logits at the scored positions only (``scored_logits=True``) give the same loss and the same gradients as the
     model's own forward over every position, on every family's layout (tied / untied unembedding, Gemma 2's logit
-    soft-capping, the multimodal Gemma 3's nested decoder), with padding and rows that score only a suffix."""
+    soft-capping, the multimodal Gemma 3's nested decoder), with padding and rows that score only a suffix; so do
+    the multi-process loss's scored path and a LoRA-adapted model's."""
     import copy
 
     from mechrecall.lab.train import lm_loss
@@ -136,14 +137,55 @@ def test_scored_logits_loss_equals_the_full_logits_loss(arch):
     labels[1, 3:6] = ids[1, 3:6]  # a QA row: the answer only
     labels[2, 7:] = ids[2, 7:]
     batch = Batch(ids, mask, labels)
+    from mechrecall.lab.distributed import Processes, sharded_lm_loss
+
+    losses, grads = [], []
+    for loss_fn in (
+        lambda: lm_loss(model, batch),
+        lambda: lm_loss(model, batch, scored_logits=True),
+        # the multi-process loss's scored path (logits_to_keep through the wrapper's forward), here in one process
+        lambda: sharded_lm_loss(model, batch, Processes(), scored_logits=True),
+    ):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for loss, grad in zip(losses[1:], grads[1:]):
+        torch.testing.assert_close(loss, losses[0], rtol=1e-5, atol=1e-6)
+        assert grad.keys() == grads[0].keys() and grads[0]
+        for name in grads[0]:
+            torch.testing.assert_close(grad[name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_scored_logits_loss_of_a_lora_model_equals_the_full_logits_loss():
+    """Through peft's wrapper the scored path unembeds the base model's states with the adapters in place."""
+    import copy
+
+    from mechrecall.lab.adapters import apply_lora
+    from mechrecall.lab.config import StageConfig
+    from mechrecall.lab.train import lm_loss
+    from mechrecall.tokenization import Batch
+    from tests.tiny_models import tiny_model
+
+    cfg = StageConfig(steps=1, lr=1e-3, trainable="lora", lora_targets=("q_proj", "v_proj"))
+    model, params = apply_lora(copy.deepcopy(tiny_model("llama", vocab_size=128)), cfg, seed=0)
+    with torch.no_grad():  # B starts at zero: make the adapters matter
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(3, 120, (2, 8), generator=torch.Generator().manual_seed(1))
+    labels = torch.full_like(ids, -100)
+    labels[0, 5:] = ids[0, 5:]
+    labels[1, 2:4] = ids[1, 2:4]
+    batch = Batch(ids, torch.ones_like(ids), labels)
     losses, grads = [], []
     for scored in (False, True):
         model.zero_grad()
         loss = lm_loss(model, batch, scored_logits=scored)
         loss.backward()
         losses.append(loss.detach())
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads.append([p.grad.clone() for p in params])
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert any(bool(g.abs().sum() > 0) for g in grads[1])
