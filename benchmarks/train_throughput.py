@@ -5,7 +5,8 @@
 For each model, times the lab trainer's own step (``mechrecall.lab.train._optimizer_step``: one storage and one query
 batch of the micro dataset, each format back-propagated separately for the gradient trace, AdamW) after a warm-up
 step, with the trace on and off, and untraced with vocabulary logits at the scored positions only (the
-``scored_logits`` preset option; ``scored_logits_speedup`` is its tokens per second over the full-logits step's). Reports tokens per second (every position of the padded batches, and the scored ones)
+``scored_logits`` preset option; ``scored_logits_speedup`` is its tokens per second over the full-logits step's).
+Reports tokens per second (every position of the padded batches, and the scored ones)
 and the model-FLOP utilisation: the step's matrix-product FLOPs per second (forward + backward: ``6 x block
 parameters x tokens`` plus ``6 x vocabulary x d_model`` at every position whose logits are computed; the input
 embedding is a lookup and costs none; attention scores left out) over the rate of a large float32 matrix multiply
