@@ -12,7 +12,8 @@ parameters x tokens`` plus ``6 x vocabulary x d_model`` at every position whose 
 embedding is a lookup and costs none; attention scores left out) over the rate of a large float32 matrix multiply
 measured in the same run on the same device (``torch.mm`` of two 2048 x 2048 matrices). ``mfu_6nd`` is the usual
 ``6 x all parameters x tokens`` approximation, kept for comparison: it counts the embedding as matrix work, which
-overstates the utilisation of a model whose vocabulary is most of its parameters (gemma-3-270m: 63 %). On a GPU the same script measures there (``--device cuda``, ``--dtype``).
+overstates the utilisation of a model whose vocabulary is most of its parameters (gemma-3-270m: 63 %). On a GPU
+the same script measures there (``--device cuda``, ``--dtype``).
 """
 
 from __future__ import annotations
