@@ -34,7 +34,10 @@ def _main(args) -> int:
     print(f"chosen: {args.histories[choice.run]} {where}step {choice.step} (global {choice.global_step}; trained QA "
           f"{choice.trained_qa:.3f}, validation QA {choice.validation_qa:.3f}, validation NLL {nll}; {rule})")  # fmt: skip
     if args.json:
-        atomic_write_json(args.json, {"history": args.histories[choice.run], **asdict(choice)})
+        try:
+            atomic_write_json(args.json, {"history": args.histories[choice.run], **asdict(choice)})
+        except OSError as e:  # a bad output path is bad input: one line, exit 2
+            raise ValueError(f"--json {args.json}: cannot write ({e.strerror or e})") from None
     return 0
 
 

@@ -89,5 +89,9 @@ def test_cli_prints_no_held_out_number_and_refuses_bad_files_in_one_line(tmp_pat
     bad.write_text("{not json")
     r = subprocess.run([*script, str(bad)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "bad.json" in r.stderr
+    # a folder that is a file: one line, exit 2
+    r = subprocess.run([*script, str(path), "--json", str(path / "c.json")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--json" in r.stderr
     with pytest.raises(ValueError, match="no such history"):
         read_history(tmp_path / "missing.json")
