@@ -187,7 +187,7 @@ SMOLLM2 = Preset(
 # 60 (within noise; the validation answer NLL leaned the other way, 6.64 vs 6.43, but the rule ranks exact match
 # first). Both regimes then use it, as smollm2 does. Mixed's 600 steps: the lr-3e-4 probe continued to 600 steps and
 # read every 50 (validation only) by the rule fixed before the first run; no step reached trained QA 0.95 (best 0.933
-# at 500), so the rule's fallback, the last step. README, "The science on a pretrained LM".
+# at 500), so the rule's fallback, the last step. README, "A second architecture: gemma3-270m".
 GEMMA3_270M = SMOLLM2.model_copy(
     update={
         "name": "gemma3-270m",
