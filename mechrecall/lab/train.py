@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
 import re
 import sys
 import time
@@ -191,6 +192,25 @@ def _meta(preset: Preset, dataset: FactDataset, regime: str, stage: str, step: i
     }
 
 
+def load_trainer_state(checkpoint: Path) -> dict:
+    """A resumable checkpoint's ``trainer_state.pt``, loaded without running code from it.
+
+    ``weights_only=True`` restricts unpickling to tensors and plain containers (dict, list, tuple, str, numbers), which
+    is all a trainer state holds: a crafted file from a run folder someone handed over cannot execute anything, it is
+    refused with one line naming it. Memory-mapped: under DDP / FSDP every process reads the same file, and the page
+    cache holds it once (a 3B model's AdamW moments are 26 GB: eight private copies would not fit a node's memory).
+    """
+    path = checkpoint / "trainer_state.pt"
+    try:
+        state = torch.load(path, weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refused, it holds more than tensors and plain values ({first})") from None
+    if not isinstance(state, dict) or "global_step" not in state:
+        raise ValueError(f"{path}: not a mechrecall trainer state")
+    return state
+
+
 def _latest_checkpoint(regime_dir: Path) -> Path | None:
     steps = sorted(regime_dir.glob("checkpoints/step-*"), key=lambda p: int(re.sub(r"\D", "", p.name)))
     return steps[-1] if steps else None
@@ -256,9 +276,7 @@ def _start(preset: Preset, regime: str, run_dir: Path, resume: bool, procs: Proc
     latest = _latest_checkpoint(regime_dir) if resume else None
     if latest is not None:
         model, _, _ = load_checkpoint(latest)
-        # memory-mapped: under DDP / FSDP every process reads the same file, and the page cache holds it once (a 3B
-        # model's AdamW moments are 26 GB: eight private copies would not fit a node's host memory)
-        state = torch.load(latest / "trainer_state.pt", weights_only=False, mmap=True)
+        state = load_trainer_state(latest)
         procs = procs or Processes()
         saved_world = state.get("world_size", 1)
         if saved_world != procs.world:
@@ -558,7 +576,17 @@ def _save_resumable(run: _Run, opt, cfg: StageConfig, stage: str, stage_index: i
         saved = merged_copy(model) if cfg.trainable == "lora" else model
         path = run.regime_dir / "checkpoints" / f"step-{state['global_step']:06d}"
         save_checkpoint(path, saved, run.tokenizer, meta, state, writers=writers, state_dict=weights)
+        _drop_old_states(run.regime_dir, run.preset.keep_states)
     run.procs.barrier()
+
+
+def _drop_old_states(regime_dir: Path, keep: int | None) -> None:
+    """Delete trainer_state.pt from all but the newest ``keep`` checkpoints (their weights stay)."""
+    if keep is None:
+        return
+    steps = sorted(regime_dir.glob("checkpoints/step-*"), key=lambda p: int(re.sub(r"\D", "", p.name)))
+    for old in steps[:-keep]:
+        (old / "trainer_state.pt").unlink(missing_ok=True)
 
 
 def add_training_device_args(ap: argparse.ArgumentParser) -> None:
