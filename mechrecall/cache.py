@@ -14,7 +14,7 @@ run attention and MLP in parallel off ``resid_pre`` (GPT-NeoX / Pythia with ``us
 :func:`default_sites` (``resid_pre``, ``resid_mid``, ``resid_post`` where the model has them, else without
 ``resid_mid``).
 
-Shards of ``shard_size`` examples are written as they fill (atomic writes), so memory does not grow with the
+Shards of ``shard_size`` examples are written as they fill, so memory does not grow with the
 number of facts; :class:`ResidualCache` reads them back with TransformerLens-like indexing::
 
     cache = ResidualCache.load(folder)
@@ -30,6 +30,7 @@ Inputs go to the model's device; what is kept comes back to the CPU in float32, 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from mechrecall import arch, devices
 from mechrecall.facts import Example
-from mechrecall.io import atomic_write_json
+from mechrecall.io import atomic_write_dir, atomic_write_json
 from mechrecall.tokenization import EncodedExample, collate_examples, encode_example
 
 __all__ = [
@@ -275,11 +276,28 @@ def cache_residuals(
         "fact_ids": [[e.subject_id, e.relation, e.format] for e in examples],
         **(meta or {}),
     }
+    if out_dir is None:
+        kept = _stream(model, fn, encoded_all, pad, sites, roles, batch_size, width, all_positions, None, shard_size)
+        return ResidualCache({s: torch.cat(v, dim=1) for s, v in kept.items()}, axis, info)
+    folder = Path(out_dir)
+
+    def fill(tmp: Path) -> None:
+        shards = _stream(model, fn, encoded_all, pad, sites, roles, batch_size, width, all_positions, tmp, shard_size)
+        atomic_write_json(tmp / "meta.json", {**info, "shards": shards})
+
+    # All or nothing: the shards stream into a temporary folder beside ``out_dir`` that replaces it whole at the end,
+    # so an interrupted run leaves the previous cache (or none) and never old metadata over new shards. A temporary
+    # left by an interrupted run is removed first.
+    for stale in folder.parent.glob(f".{folder.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return atomic_write_dir(folder, fill)
+
+
+def _stream(model, fn, encoded_all, pad, sites, roles, batch_size, width, all_positions, folder, shard_size):
+    """Run the model over the examples in batches and pick the states: into safetensors shards in ``folder`` (returns
+    their names), or kept in memory when ``folder`` is None (returns the picked blocks per site)."""
     pending: dict[str, list[Tensor]] = {s: [] for s in sites}
     n_pending, shards, kept = 0, [], {s: [] for s in sites}
-    folder = Path(out_dir) if out_dir is not None else None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
 
     def flush() -> None:
         nonlocal n_pending
@@ -287,15 +305,13 @@ def cache_residuals(
             return
         block = {s: torch.cat(v, dim=1).contiguous() for s, v in pending.items()}
         name = f"shard-{len(shards):05d}.safetensors"
-        tmp = folder / f".{name}.tmp"
-        save_file(block, str(tmp))
-        tmp.replace(folder / name)
+        save_file(block, str(folder / name))
         shards.append(name)
         for v in pending.values():
             v.clear()
         n_pending = 0
 
-    for start in range(0, len(examples), batch_size):
+    for start in range(0, len(encoded_all), batch_size):
         encoded = encoded_all[start : start + batch_size]
         batch = collate_examples(encoded, pad)
         with torch.no_grad():
@@ -315,7 +331,6 @@ def cache_residuals(
             if n_pending >= shard_size:
                 flush()
     if folder is None:
-        return ResidualCache({s: torch.cat(v, dim=1) for s, v in kept.items()}, axis, info)
+        return kept
     flush()
-    atomic_write_json(folder / "meta.json", {**info, "shards": shards})
-    return folder
+    return shards

@@ -61,9 +61,8 @@ def _regime_summary(regime: str, meta: dict) -> dict:
     return row
 
 
-def _register_seed(preset: Preset, run_dir: Path, registry: Path | None, extra: Sequence[str] = ()) -> list[str]:
-    names = []
-    arch = preset.model.source or f"scratch:llama-L{preset.model.n_layers}-d{preset.model.d_model}"
+def _seed_entries(preset: Preset, run_dir: Path, extra: Sequence[str] = ()) -> list[tuple[str, Path, str, str]]:
+    """(registry name, folder, regime, stage) of every checkpoint a seed's run registers."""
     prefix = f"{preset.name}-s{preset.seed}"
     entries = [
         (f"{prefix}-base", run_dir / "data" / "base", "base", "init"),
@@ -71,8 +70,33 @@ def _register_seed(preset: Preset, run_dir: Path, registry: Path | None, extra: 
         (f"{prefix}-two-stage", run_dir / "two_stage" / "final", "two_stage", "final"),
         (f"{prefix}-mixed", run_dir / "mixed" / "final", "mixed", "final"),
     ]
-    entries += [(f"{prefix}-{r.replace('_', '-')}", run_dir / r / "final", r, "final") for r in extra]
-    for name, folder, regime, stage in entries:
+    return entries + [(f"{prefix}-{r.replace('_', '-')}", run_dir / r / "final", r, "final") for r in extra]
+
+
+def check_registry_names(entries: Sequence[tuple[str, Path, str, str]], registry: Path | None) -> None:
+    """Refuse, before any work, names the registry already gives to checkpoints elsewhere: a run never repoints
+    another run's names silently (``force`` does it on purpose; another ``--registry`` keeps both)."""
+    from mechrecall.registry import default_path, load_registry
+
+    reg_path = registry if registry is not None else default_path()
+    reg = load_registry(reg_path)
+    taken = []
+    for name, folder, _, _ in entries:
+        held = reg.get(name)
+        if held is not None and (reg_path.resolve().parent / held.path).resolve() != folder.resolve():
+            taken.append(f"{name!r} -> {held.path}")
+    if taken:
+        raise RunExistsError(
+            f"{reg_path}: {len(taken)} name(s) this run registers already point elsewhere ({'; '.join(taken[:3])}"
+            f"{'; ...' if len(taken) > 3 else ''}): pass --force to repoint them, or --registry another file"
+        )
+
+
+def _register_seed(preset: Preset, run_dir: Path, registry: Path | None, extra: Sequence[str] = ()) -> list[str]:
+    names = []
+    arch = preset.model.source or f"scratch:llama-L{preset.model.n_layers}-d{preset.model.d_model}"
+    prefix = f"{preset.name}-s{preset.seed}"
+    for name, folder, regime, stage in _seed_entries(preset, run_dir, extra):
         meta = read_meta(folder)
         metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if isinstance(v, (int, float))}
         entry = Entry(
@@ -255,6 +279,9 @@ def reproduce(
     if not seeds:
         raise ValueError("need at least one seed")
     presets = {s: get_preset(preset_name, [*overrides, f"seed={s}"]) for s in seeds}  # validate all before work
+    if not force:
+        entries = [e for s, p in presets.items() for e in _seed_entries(p, out / f"seed{s}", extra_regimes)]
+        check_registry_names(entries, Path(registry) if registry else None)
     t0 = time.perf_counter()
     per_seed = []
     for seed, preset in presets.items():

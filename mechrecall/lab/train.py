@@ -15,11 +15,14 @@ CLI: ``python -m mechrecall.lab.train --preset default --regime mixed --out runs
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import pickle
 import re
+import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,9 +214,106 @@ def load_trainer_state(checkpoint: Path) -> dict:
     return state
 
 
-def _latest_checkpoint(regime_dir: Path) -> Path | None:
-    steps = sorted(regime_dir.glob("checkpoints/step-*"), key=lambda p: int(re.sub(r"\D", "", p.name)))
-    return steps[-1] if steps else None
+def _checkpoints(regime_dir: Path) -> list[Path]:
+    """The resumable checkpoints of a regime, oldest first."""
+    return sorted(regime_dir.glob("checkpoints/step-*"), key=lambda p: int(re.sub(r"\D", "", p.name)))
+
+
+def _resume_point(regime_dir: Path) -> tuple[Path, nn.Module, dict] | None:
+    """(checkpoint, model, trainer state) of the newest checkpoint that reads back whole; None if there is none.
+
+    A newer one that does not (weights or trainer state truncated, say by a full disk) is named in one warning line
+    and the previous one is used; its steps are trained again and the broken folder is replaced when they are
+    saved. Checkpoints without a trainer state (``keep_states`` pruned it) are skipped. A trainer state that holds
+    more than tensors and plain values is refused outright (:func:`load_trainer_state`): that is tampering, not
+    wear, and resuming around it would hide it."""
+    for path in reversed(_checkpoints(regime_dir)):
+        if not (path / "trainer_state.pt").exists():
+            continue
+        try:
+            state = load_trainer_state(path)
+            model, _, _ = load_checkpoint(path)
+        except ValueError as e:
+            if "refused" in str(e):
+                raise
+            reason = str(e).strip().splitlines()[0]
+        except Exception as e:  # a torn zip or safetensors file raises whatever its reader raises
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        else:
+            return path, model, state
+        print(f"warning: {path} does not read back ({reason[:200]}); resuming from the checkpoint before it",
+              file=sys.stderr)  # fmt: skip
+    return None
+
+
+def _clean_stale(regime_dir: Path) -> None:
+    """Remove the temporaries of interrupted writes (``.NAME.*.tmp`` / ``.NAME.old`` beside checkpoint folders and
+    JSON files): the folder's writer holds the run lock, so nothing else can be writing them."""
+    for folder in (regime_dir, regime_dir / "checkpoints"):
+        for stale in [*folder.glob(".*.tmp"), *folder.glob(".*.old")]:
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------- run identity
+RUN_FILE = "run.json"
+_EXECUTION_KEYS = ("threads",)  # how a run executes, not what it computes: may change between resumes
+
+
+def _fingerprint(preset: Preset, regime: str, autocast: torch.dtype | None) -> dict:
+    """What a run computes: its regime, its whole config but execution knobs, and its precision. (Process count and
+    sharding are checked against each checkpoint by :func:`_start`, with their own messages.)"""
+    config = preset.model_dump(mode="json")
+    for key in _EXECUTION_KEYS:
+        config.pop(key, None)
+    return {"regime": regime, "config": config, "autocast": None if autocast is None else str(autocast)[6:]}
+
+
+def _differences(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON-like values, as ``key: old -> new``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+def claim_run(regime_dir: Path, identity: dict, write: bool = True) -> None:
+    """Record what a run folder trains (``run.json``) at its creation, or check that a resume asks for the same.
+
+    A regime folder belongs to one run: another config, process count, sharding or precision is refused with one
+    line listing the differing keys, so that no folder ends as a mix of two runs. (A folder from before this record
+    adopts the identity of the first run that resumes it.)"""
+    path = regime_dir / RUN_FILE
+    if path.exists():
+        try:
+            held = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(
+                f"{path}: unreadable run record ({e}): move the folder away or use another --out"
+            ) from None
+        diff = _differences(held, identity)
+        if diff:
+            shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+            raise ValueError(
+                f"{regime_dir} holds another run ({shown}): use another --out, or --no-resume to replace it"
+            )
+        return
+    if write:
+        atomic_write_json(path, identity)
+
+
+def _lock(regime_dir: Path):
+    """An exclusive lock on a regime folder for this process (one writer at a time), or one line if it is held."""
+    from filelock import FileLock, Timeout
+
+    regime_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(regime_dir / ".writer.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ValueError(f"{regime_dir} is being trained by another process (lock {lock.lock_file})") from None
+    return lock
 
 
 @dataclass
@@ -273,10 +373,9 @@ def _start(preset: Preset, regime: str, run_dir: Path, resume: bool, procs: Proc
     model, _, _ = load_checkpoint(run_dir / "data" / "base")
     state = _fresh_state()
     regime_dir = run_dir / regime
-    latest = _latest_checkpoint(regime_dir) if resume else None
-    if latest is not None:
-        model, _, _ = load_checkpoint(latest)
-        state = load_trainer_state(latest)
+    found = _resume_point(regime_dir) if resume else None
+    if found is not None:
+        latest, model, state = found
         procs = procs or Processes()
         saved_world = state.get("world_size", 1)
         if saved_world != procs.world:
@@ -503,8 +602,6 @@ def train(
     """
     regime = normalize_regime(regime)
     run_dir = Path(run_dir)
-    if resume and (run_dir / regime / "final").exists():
-        return read_meta(run_dir / regime / "final")
     if preset.threads:
         torch.set_num_threads(preset.threads)
     from mechrecall.devices import resolve_device, resolve_dtype
@@ -513,7 +610,47 @@ def train(
     amp = None if autocast is None else resolve_dtype(autocast, dev)
     if amp is not None and amp not in (torch.bfloat16, torch.float16):
         raise ValueError(f"autocast {autocast!r}: choose bf16 or fp16 (the weights stay float32)")
+    if amp == torch.float16 and dev.type == "cpu":
+        # measured on this project's CPU (micro preset): fp16 autocast ran about 6.5x slower than float32, since
+        # CPUs emulate fp16 matmuls; bf16 runs natively where the CPU has AVX-512 BF16 / AMX
+        warnings.warn(
+            "autocast fp16 on the CPU is emulated (about 6.5x slower than float32 here): use bf16", stacklevel=2
+        )
+    _check_sizes(preset, regime)
     procs = processes(dev)
+    regime_dir = run_dir / regime
+    lock = _lock(regime_dir) if procs.main else None
+    try:
+        identity = _fingerprint(preset, regime, amp)
+        if procs.main:
+            if not resume and regime_dir.exists():  # --no-resume: the folder's old run goes, whole
+                for child in regime_dir.iterdir():
+                    if child.name != ".writer.lock":
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+            claim_run(regime_dir, identity)
+            _clean_stale(regime_dir)
+        elif resume:  # every process of a launch refuses a mismatch alike (none may wait at a collective alone)
+            claim_run(regime_dir, identity, write=False)
+        if (regime_dir / "final").exists():
+            meta = read_meta(regime_dir / "final")
+            meta["finished_before"] = True
+            return meta
+        return _train(preset, regime, run_dir, procs, dev, amp, resume, progress, callbacks, stop_after,
+                      gradient_checkpointing)  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _check_sizes(preset: Preset, regime: str) -> None:
+    """Refuse a stage that would train on nothing before any work (one line naming the stage's keys)."""
+    for stage, cfg in stage_plan(preset, regime):
+        if cfg.steps and not (cfg.batch_storage or cfg.batch_query):
+            key = "mixed" if regime == "mixed" else f"{regime}.{stage}"
+            raise ValueError(f"{key}: batch_storage and batch_query are both 0, so its {cfg.steps} steps train nothing")
+
+
+def _train(preset, regime, run_dir, procs, dev, amp, resume, progress, callbacks, stop_after, gradient_checkpointing):
     if procs.world > 1:
         dev = procs.accelerator.device
         procs.agree("preset, regime and run folder", f"{preset.model_dump_json()}|{regime}|{run_dir.resolve()}")
@@ -624,6 +761,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     m = meta["metrics"]
+    if meta.get("finished_before"):
+        print(f"{Path(args.out) / normalize_regime(args.regime)} already finished this config (preset {meta['preset']}, "
+              f"seed {meta['seed']}, {meta['global_step']} steps): nothing trained; its final metrics:")  # fmt: skip
     print(
         f"{meta['regime']}: heldout_qa={m['heldout_qa']:.3f} trained_qa={m['trained_qa']:.3f} "
         f"storage={m['storage']:.3f} ({meta.get('train_seconds', 0):.0f}s)"

@@ -226,3 +226,14 @@ def test_a_further_regime_gets_the_pair_analyses_against_two_stage(tmp_path, mon
     p = run_patching("micro-s0-two-stage", "micro-s0-pre-instruction", tmp_path / "p", registry=reg, labels=labels,
                      n_people=4, n_pairs=4)  # fmt: skip
     assert json.loads((tmp_path / "p" / "patching.json").read_text())["labels"] == labels and "mixed" not in p
+
+
+def test_another_run_never_repoints_registered_names(micro_run, tmp_path, capsys):
+    out, reg = micro_run
+    before = reg.read_text()
+    other = tmp_path / "other"
+    rc = main(["reproduce", "--preset", "micro", "--out", str(other), "--registry", str(reg), "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already point elsewhere" in err[0] and "'micro-s0-base'" in err[0] and "--force" in err[0]
+    assert reg.read_text() == before and not other.exists()  # refused before any work
