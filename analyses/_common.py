@@ -10,11 +10,12 @@ exit status 2, and nothing written to ``--out``.
 import argparse
 from pathlib import Path
 
+from mechrecall.cli import Parser, at_least, positive_int
 from mechrecall.loading import add_model_args, run_cli
 
 
 def pair_parser(doc: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=doc)
     ap.add_argument("--two-stage", default="default-s0-two-stage", help="registry name or folder")
     ap.add_argument("--mixed", default="default-s0-mixed", help="registry name or folder")
     add_user_args(ap)
@@ -49,23 +50,27 @@ def user_kwargs(args) -> dict:
 def consistency_part(part: str, doc: str, argv=None) -> int:
     """Run the consistency report on the pair and write its ``part`` ("gradient" or "representation") on its own."""
     ap = pair_parser(doc)
-    ap.add_argument("--count", type=int, default=200, help="held-out people, or with --facts facts (default 200)")
-    ap.add_argument("--grad-facts", type=int, default=240, help="facts whose per-example gradients are compared")
+    ap.add_argument(
+        "--count", type=positive_int, default=200, help="held-out people, or with --facts facts (default 200)"
+    )
+    ap.add_argument(
+        "--grad-facts", type=at_least(2), default=240, help="facts whose per-example gradients are compared"
+    )
     ap.add_argument("--no-parity", action="store_true", help="skip the TransformerLens / nnsight logit checks")
     return run_cli(lambda a: _consistency_part(part, a), ap.parse_args(argv))
 
 
 def _consistency_part(part: str, args) -> int:
-    from mechrecall.io import atomic_write_json, atomic_write_text
+    from mechrecall.io import atomic_write_files
     from mechrecall.report.consistency import figures, run
 
     labels = args.labels or (None if args.facts or args.checkpoints else ["two_stage", "mixed"])
     result = run(list(pair(args)), args.out, registry=args.registry, n_people=args.count, grad_facts=args.grad_facts,
                  parity=not args.no_parity, **{**user_kwargs(args), "labels": labels})  # fmt: skip
     out = Path(args.out)
-    atomic_write_json(out / f"{part}_consistency.json", result[part])
     fig = figures(result)[0 if part == "gradient" else 1]
-    atomic_write_text(out / f"{part}_consistency.html", fig.to_html(include_plotlyjs=True))
+    page = fig.to_html(include_plotlyjs=True)
+    atomic_write_files(out, {f"{part}_consistency.json": result[part], f"{part}_consistency.html": page})
     keys = {"gradient": ("heldout_mean_cos", "baseline_mean_cos"),
             "representation": ("subject_last_layer_margin", "final_last_layer_margin")}[part]  # fmt: skip
     for regime, r in result[part].items():

@@ -14,6 +14,7 @@ import sys
 
 from _common import pair, pair_parser, user_kwargs
 
+from mechrecall.cli import positive_int
 from mechrecall.loading import run_cli
 from mechrecall.report.patching import run_attribution, summary_rows
 
@@ -27,10 +28,10 @@ def _main(args) -> int:
 
 def main(argv=None) -> int:
     ap = pair_parser(__doc__)
-    ap.add_argument("--people", "--count", dest="people", type=int, default=20,
+    ap.add_argument("--people", "--count", dest="people", type=positive_int, default=20,
                     help="held-out people (6 facts each), or with --facts the first facts (default 20)")  # fmt: skip
-    ap.add_argument("--steps", type=int, default=16, help="first number of IG steps (default 16)")
-    ap.add_argument("--max-steps", type=int, default=256, help="IG step cap (default 256)")
+    ap.add_argument("--steps", type=positive_int, default=16, help="first number of IG steps (default 16)")
+    ap.add_argument("--max-steps", type=positive_int, default=256, help="IG step cap (default 256)")
     ap.add_argument("--attribute-first", action="store_true",
                     help="attribute position 0 too when it is not <bos> (IG converges badly on it)")  # fmt: skip
     return run_cli(_main, ap.parse_args(argv))

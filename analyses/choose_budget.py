@@ -10,12 +10,12 @@ the highest validation QA, ties to the lower validation NLL, then the earlier st
 qualifies. ``--json FILE`` also writes the choice. A missing or malformed history is one ``error:`` line, exit 2.
 """
 
-import argparse
 import sys
 from dataclasses import asdict
 
 import pandas as pd
 
+from mechrecall.cli import Parser, nonnegative_int
 from mechrecall.io import atomic_write_json
 from mechrecall.lab.select import choose, read_history, validation_view
 from mechrecall.loading import run_cli
@@ -42,10 +42,10 @@ def _main(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__)
     ap.add_argument("histories", nargs="+", help="history.json files (a run's <regime>/history.json)")
     ap.add_argument("--min-trained", type=float, default=0.95, help="trained QA a step needs (default 0.95)")
-    ap.add_argument("--at-step", type=int, default=None, help="compare the histories at this step only")
+    ap.add_argument("--at-step", type=nonnegative_int, default=None, help="compare the histories at this step only")
     ap.add_argument("--stage", default=None, help="one stage of the histories (mixed, stage2, ...)")
     ap.add_argument("--json", default=None, help="also write the choice to this file")
     return run_cli(_main, ap.parse_args(argv))

@@ -16,12 +16,13 @@ sets it (memory about 2 x 4 bytes x parameters x grad-batch, and vmap's intermed
 import argparse
 import sys
 
+from mechrecall.cli import Parser, at_least, positive_int
 from mechrecall.loading import add_model_args, run_cli
 from mechrecall.report.consistency import run, trajectory
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__)
     ap.add_argument("--checkpoints", nargs="+", help="registry names, folders, HF ids or .gguf files")
     ap.add_argument("--trajectory", default=None, help="a run folder of one seed: measure every saved checkpoint")
     ap.add_argument("--out", required=True)
@@ -29,10 +30,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--facts", default=None, metavar="FILE", help="your own facts (.jsonl / .json; mechrecall.facts)")
     ap.add_argument("--split", default=None, help="with --facts: only facts of this split (default: all)")
     ap.add_argument("--labels", nargs="+", default=None, help="names for the checkpoints in the JSON and figures")
-    ap.add_argument("--people", "--count", dest="people", type=int, default=200,
+    ap.add_argument("--people", "--count", dest="people", type=positive_int, default=200,
                     help="held-out people, or with --facts the first facts, to use (default 200)")  # fmt: skip
-    ap.add_argument("--grad-facts", type=int, default=240)
-    ap.add_argument("--grad-batch", type=int, default=None,
+    ap.add_argument("--grad-facts", type=at_least(2), default=240)
+    ap.add_argument("--grad-batch", type=at_least(2), default=None,
                     help="facts per per-example-gradient batch (default: by model size; memory ~ 4 x this x 4 "
                          "bytes x parameters; >= 2)")  # fmt: skip
     ap.add_argument("--no-parity", action="store_true", help="skip the TransformerLens / nnsight logit checks")

@@ -11,9 +11,9 @@ top update size |theta_mixed - theta_base| (block matrices, or every parameter),
 and the format-only sets (mechrecall.report.grafting). Writes OUT/grafting.json and grafting.html.
 """
 
-import argparse
 import sys
 
+from mechrecall.cli import Parser, fraction, positive_int
 from mechrecall.loading import add_model_args, run_cli
 from mechrecall.report.grafting import DEFAULT_KS, MASK_SOURCES, run, summary_rows
 
@@ -49,16 +49,16 @@ def _main(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__)
     ap.add_argument("--family", default="default-s0", help="registry prefix of a reproduce seed (default-s0)")
     ap.add_argument("--mixed", default=None, help="the donor (default: FAMILY-mixed)")
     ap.add_argument("--recipients", nargs="+", default=None, metavar="LABEL=CHECKPOINT",
                     help="default: two_stage=FAMILY-two-stage stage1=FAMILY-two-stage-stage1")  # fmt: skip
     ap.add_argument("--with-base", action="store_true", help="graft into the base checkpoint too")
     ap.add_argument("--base", default=None, help="the family's base checkpoint (default: the registry's base_model)")
-    ap.add_argument("--ks", type=float, nargs="+", default=list(DEFAULT_KS), help="mask sizes (fractions)")
+    ap.add_argument("--ks", type=fraction, nargs="+", default=list(DEFAULT_KS), help="mask sizes (fractions)")
     ap.add_argument("--sources", nargs="+", default=list(MASK_SOURCES), choices=MASK_SOURCES)
-    ap.add_argument("--draws", type=int, default=3, help="random-mask draws per variant")
+    ap.add_argument("--draws", type=positive_int, default=3, help="random-mask draws per variant")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scope", choices=["per_matrix", "global"], default="per_matrix")
     ap.add_argument("--registry", default=None, help="checkpoints.yaml (default: the project's)")

@@ -18,6 +18,7 @@ import sys
 
 from _common import add_user_args, pair, user_kwargs
 
+from mechrecall.cli import Parser, at_least, fraction, positive_int
 from mechrecall.loading import run_cli
 from mechrecall.report.masks import IMPORTANCES, run, summary_rows
 
@@ -34,23 +35,26 @@ def _main(args) -> int:
 
 
 def main(argv=None) -> int:
-    import argparse
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__)
     ap.add_argument("--two-stage", default="default-s0-two-stage", help="registry name or folder")
     ap.add_argument("--mixed", default="default-s0-mixed", help="registry name or folder")
     ap.add_argument("--base", default=None, help="base checkpoint (default: the registry entry's base_model)")
     add_user_args(ap)
-    ap.add_argument("--k", type=float, default=0.05, help="top fraction per format (default 0.05)")
-    ap.add_argument("--ks", type=float, nargs="+", default=None, help="mask sizes of the sweep (default 0.01 ... 0.2)")
+    ap.add_argument("--k", type=fraction, default=0.05, help="top fraction per format (default 0.05)")
+    ap.add_argument(
+        "--ks", type=fraction, nargs="+", default=None, help="mask sizes of the sweep (default 0.01 ... 0.2)"
+    )
     ap.add_argument("--kind", choices=["abs_grad", "grad_x_update"], default="abs_grad", help="lab trace importance")
     ap.add_argument("--importance", choices=IMPORTANCES, default=None,
                     help="with --facts (default: posthoc, or posthoc_x_update with --base)")  # fmt: skip
     ap.add_argument("--scope", choices=["per_matrix", "global"], default="per_matrix")
-    ap.add_argument("--draws", type=int, default=5, help="random-mask draws per control")
-    ap.add_argument("--count", type=int, default=None, help="with --facts: the first facts only")
-    ap.add_argument("--consistency-facts", type=int, default=64, help="facts of the inside/outside gradient cosine")
-    ap.add_argument("--batch-size", type=int, default=4, help="with --facts: per-example gradients at a time")
+    ap.add_argument("--draws", type=positive_int, default=5, help="random-mask draws per control")
+    ap.add_argument("--count", type=positive_int, default=None, help="with --facts: the first facts only")
+    ap.add_argument(
+        "--consistency-facts", type=at_least(2), default=64, help="facts of the inside/outside gradient cosine"
+    )
+    ap.add_argument("--batch-size", type=positive_int, default=4, help="with --facts: per-example gradients at a time")
     ap.add_argument("--recall-format", choices=["query", "storage"], default="query",
                     help="with --facts: recall of the query texts (default) or of the first storage texts")  # fmt: skip
     ap.add_argument("--layers", nargs="+", type=int, default=None,

@@ -13,6 +13,7 @@ import sys
 
 from _common import pair, pair_parser, user_kwargs
 
+from mechrecall.cli import positive_int
 from mechrecall.loading import run_cli
 from mechrecall.report.patching import SITES, run_patching, summary_rows
 
@@ -26,7 +27,7 @@ def _main(args) -> int:
 
 def main(argv=None) -> int:
     ap = pair_parser(__doc__)
-    ap.add_argument("--pairs", "--count", dest="pairs", type=int, default=120, help="fact pairs (default 120)")
+    ap.add_argument("--pairs", "--count", dest="pairs", type=positive_int, default=120, help="fact pairs (default 120)")
     ap.add_argument("--sites", nargs="+", choices=SITES, default=list(SITES), help="activation sites (default: all)")
     ap.add_argument("--layers", nargs="+", type=int, default=None, help="layers to patch (default: every layer)")
     return run_cli(_main, ap.parse_args(argv))

@@ -16,13 +16,14 @@ interrupted grid resumes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from mechrecall.cli import Parser, at_least, fraction, positive_int
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -177,13 +178,13 @@ def figure(rows: list[dict], fractions):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="micro")
     ap.add_argument("--runs", nargs="+", default=list(GRID), choices=list(GRID))
-    ap.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25])
-    ap.add_argument("--grad-facts", type=int, default=48)
-    ap.add_argument("--boot", type=int, default=2000)
+    ap.add_argument("--fractions", nargs="+", type=fraction, default=[0.1, 0.25])
+    ap.add_argument("--grad-facts", type=at_least(2), default=48)
+    ap.add_argument("--boot", type=positive_int, default=2000)
     args = ap.parse_args(argv)
     out = Path(args.out)
     try:
@@ -195,10 +196,11 @@ def main(argv=None) -> int:
     except (KeyError, ValueError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
-    from mechrecall.io import atomic_write_json, atomic_write_text
 
-    atomic_write_json(out / "predict.json", result)
-    atomic_write_text(out / "predict.html", figure(rows, args.fractions).to_html(include_plotlyjs=True))
+    from mechrecall.io import atomic_write_files
+
+    page = figure(rows, args.fractions).to_html(include_plotlyjs=True)
+    atomic_write_files(out, {"predict.json": result, "predict.html": page})
     for f, res in result["correlations"].items():
         for r in res:
             print(f"{float(f):.0%} {r['predictor']:20s} rho={r['rho']:+.2f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]")

@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    from mechrecall.io import atomic_write_json, atomic_write_text
+    from mechrecall.io import atomic_write_files
 
     try:
         rows = [run_one(n, 0, args.preset, out, args.overrides) for n in args.variants]
@@ -206,8 +206,7 @@ def main(argv=None) -> int:
         "over_mixed": versus("mixed"), "over_compute_control": versus(next(iter(CONTROLS))),
         "total_seconds": sum(r["seconds"] - r.get("shared_stage1_seconds", 0.0) for r in rows),
     }  # fmt: skip
-    atomic_write_json(out / "remedy.json", result)
-    atomic_write_text(out / "remedy.html", figure(result).to_html(include_plotlyjs=True))
+    atomic_write_files(out, {"remedy.json": result, "remedy.html": figure(result).to_html(include_plotlyjs=True)})
     for r in rows:  # every variant's validation QA (what chose); held-out QA only for what is reported
         shown = f"held-out {r['heldout_qa']:.3f} " if r["name"] in keep else ""
         print(f"{r['name']:24s} s{r['seed']} {shown}validation {r['validation_qa']:.3f} "

@@ -7,24 +7,33 @@ evaluation where trained QA >= target) is selected without looking at validation
     python analyses/stage2_tradeoff.py --run runs/default/seed0 --out runs/default/stage2_sweep
 """
 
-import argparse
 import sys
+from pathlib import Path
 
+from mechrecall.cli import Parser, fraction, positive_int, run_cli
 from mechrecall.lab.config import get_preset
 from mechrecall.lab.stage2 import RECIPES, figure, sweep
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__)
     ap.add_argument("--run", required=True, help="run folder of one seed (holds data/ and two_stage/)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="default")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    ap.add_argument("--steps", type=int, default=None, help="stage-2 budget (default: the preset's)")
-    ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--target", type=float, default=0.95)
-    args = ap.parse_args(argv)
+    ap.add_argument("--steps", type=positive_int, default=None, help="stage-2 budget (default: the preset's)")
+    ap.add_argument("--eval-every", type=positive_int, default=25)
+    ap.add_argument("--target", type=fraction, default=0.95)
+    return run_cli(_main, ap.parse_args(argv))
+
+
+def _main(args) -> int:
+    stage1 = Path(args.run) / "two_stage" / "stage1"
+    if not stage1.is_dir():
+        raise ValueError(
+            f"--run {args.run}: no two-stage stage-1 checkpoint at {stage1} (a finished run's seed folder)"
+        )
     preset = get_preset(args.preset, args.overrides)
     args.steps = args.steps or preset.two_stage.stage2.steps
     result = sweep(

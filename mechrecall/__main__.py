@@ -114,9 +114,9 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m mechrecall", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    from mechrecall.cli import Parser
+
+    ap = Parser(prog="python -m mechrecall", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     rp = sub.add_parser("reproduce", help="data, both regimes, evaluation, registry, results.json")
     rp.add_argument("--preset", default="default")
@@ -165,10 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     from mechrecall.checkpoint import CheckpointError
+    from mechrecall.cli import check_out
     from mechrecall.lab.reproduce import RunExistsError
     from mechrecall.registry import RegistryError
 
     try:
+        if args.command == "reproduce":
+            check_out(args.out or f"runs/{args.preset}")
         return args.func(args)
     except (RunExistsError, RegistryError, CheckpointError, KeyError, ValueError, FileNotFoundError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)

@@ -503,7 +503,12 @@ def _jsonl(path: Path) -> Iterator[tuple[str, object]]:
             try:
                 yield f"{path}, line {n}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise FactFormatError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise FactFormatError(f"{path}, line {n}, column {e.colno}: not valid JSON ({_json_msg(e)})") from None
+
+
+def _json_msg(e) -> str:
+    """A JSON error's message without a dangling "at" (``Unterminated string starting at``): the caller says where."""
+    return e.msg.removesuffix(" at").removesuffix(":")
 
 
 def load_facts(source) -> FactSet:
@@ -519,7 +524,9 @@ def load_facts(source) -> FactSet:
                 try:
                     records = json.loads(path.read_text(encoding="utf-8"))
                 except json.JSONDecodeError as e:
-                    raise FactFormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+                    raise FactFormatError(
+                        f"{path}, line {e.lineno}, column {e.colno}: not valid JSON ({_json_msg(e)})"
+                    ) from None
                 if not isinstance(records, list):
                     raise FactFormatError(f"{path}: a .json fact file holds a list of records (or use .jsonl)")
                 return facts_from_records(records, str(path), "index")

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_write_dir", "finite"]
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_write_files", "atomic_write_dir", "finite"]
 
 
 def _umask() -> int:
@@ -38,6 +38,38 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: object) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_files(folder: str | Path, files: dict[str, str | dict | list]) -> list[Path]:
+    """Write several files of one result together (``name -> text``, or a dict / list written as JSON).
+
+    Every content is serialised and written to a temporary beside its target first; only then are they swapped in,
+    one rename each, so a run killed while writing leaves all the previous files (an analysis's JSON and its figures
+    never come from two runs, short of a kill in the microseconds between renames). Temporaries of an earlier,
+    interrupted write of the same names are removed first."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        for stale in folder.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+    texts = {n: c if isinstance(c, str) else json.dumps(c, indent=2, sort_keys=False) + "\n" for n, c in files.items()}
+    temps: dict[str, str] = {}
+    try:
+        for name, text in texts.items():
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            temps[name] = tmp
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for name, tmp in temps.items():
+        os.replace(tmp, folder / name)
+    return [folder / n for n in files]
 
 
 def finite(obj):

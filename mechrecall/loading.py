@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from mechrecall.checkpoint import CheckpointError, read_meta
+from mechrecall.cli import input_errors, run_cli  # noqa: F401  (re-exported: the CLIs import them from here)
 from mechrecall.registry import RegistryError, resolve
 
 __all__ = [
@@ -391,16 +392,6 @@ def to_nnsight(loaded: LoadedModel, *, check: bool = True):
 
 
 # ------------------------------------------------------------------------------------------------ CLI plumbing
-def input_errors() -> tuple[type[Exception], ...]:
-    """What a CLI reports as bad input (one line on stderr, exit status 2) rather than as a crash.
-
-    Unknown or broken checkpoints, registry entries, devices and dtypes, architectures :mod:`mechrecall.arch` does
-    not know, malformed fact records and roles that land on no token; plus ``ValueError`` (bad option combinations,
-    facts that cannot be paired) and ``FileNotFoundError``.
-    """
-    return (ValueError, FileNotFoundError)  # every mechrecall input error above is a ValueError
-
-
 def add_model_args(ap, *, device: bool = True) -> None:
     """``--device`` (default: CUDA when available, else CPU) and ``--dtype`` (default float32) on a parser."""
     from mechrecall.devices import DTYPES, default_device
@@ -409,16 +400,3 @@ def add_model_args(ap, *, device: bool = True) -> None:
                     help="cpu, cuda, cuda:N, mps, or map:auto to shard over the GPUs with a Hugging Face device_map "
                          "(default: %(default)s)")  # fmt: skip
     ap.add_argument("--dtype", default="float32", help=f"{', '.join(sorted(DTYPES))} (default: %(default)s)")
-
-
-def run_cli(fn, args) -> int:
-    """``fn(args)`` -> its exit status; bad input (:func:`input_errors`) -> ``error: <message>`` on one stderr line
-    and status 2. ``MECHRECALL_TRACEBACK=1`` re-raises instead (for debugging)."""
-    try:
-        return fn(args)
-    except input_errors() as e:
-        if os.environ.get("MECHRECALL_TRACEBACK") == "1":
-            raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2

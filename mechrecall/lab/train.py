@@ -738,7 +738,9 @@ def training_device_kwargs(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mechrecall.lab.train", description=__doc__.split("\n\n")[0])
+    from mechrecall.cli import Parser, check_out
+
+    ap = Parser(prog="python -m mechrecall.lab.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="default")
     ap.add_argument("--regime", required=True, help="two-stage or mixed")
     ap.add_argument("--out", required=True, help="run folder (shared by both regimes of one preset and seed)")
@@ -750,6 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate an interruption
     args = ap.parse_args(argv)
     try:
+        check_out(args.out)
         overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
         preset = get_preset(args.preset, overrides)
         meta = train(preset, args.regime, args.out, resume=not args.no_resume, progress=not args.quiet,

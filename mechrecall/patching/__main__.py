@@ -41,7 +41,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mechrecall.io import atomic_write_json, atomic_write_text
+from mechrecall.cli import Parser, at_least, positive_int
+from mechrecall.io import atomic_write_files
 from mechrecall.loading import add_model_args, run_cli
 from mechrecall.patching.core import METRICS, SITES, GaussianNoise, activation_patch
 from mechrecall.patching.prompts import FORMATS, fact_inputs, fact_pairs
@@ -51,7 +52,7 @@ LAB_SPLITS = ("heldout", "train", "validation")
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="python -m mechrecall.patching", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, nargs="+",
@@ -61,8 +62,8 @@ def parser() -> argparse.ArgumentParser:
                     help="your own facts (.jsonl / .json; mechrecall.facts); default: a lab checkpoint's people. "
                          "(A split name here is read as --split, as before.)")  # fmt: skip
     ap.add_argument("--split", default=None, help="whose facts: a split (lab default heldout; with --facts: all)")
-    ap.add_argument("--count", type=int, default=60, help="number of fact pairs (default 60)")
-    ap.add_argument("--people", type=int, default=40, help="lab: people to draw pairs from (default 40)")
+    ap.add_argument("--count", type=positive_int, default=60, help="number of fact pairs (default 60)")
+    ap.add_argument("--people", type=at_least(2), default=40, help="lab: people to draw pairs from (default 40)")
     ap.add_argument("--source-format", choices=FORMATS, default="storage")
     ap.add_argument("--base-format", choices=FORMATS, default="query")
     ap.add_argument("--mode", choices=["cross_fact", "same_fact"], default="cross_fact")
@@ -182,12 +183,12 @@ def run(args) -> dict:
             frames.append(df)
         result["models"][name] = {"source": source_name, "n": len(base), "roles": list(roles), "sites": per_site}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "patching.json", result)
     table = pd.concat(frames, ignore_index=True)
     tmp = out / ".patching.parquet.tmp"
     table.to_parquet(tmp)
-    tmp.replace(out / "patching.parquet")
-    atomic_write_text(out / "patching.html", _html(result))
+    page = _html(result)
+    tmp.replace(out / "patching.parquet")  # (the JSON and page follow at once; the parquet is the JSON's rows)
+    atomic_write_files(out, {"patching.json": result, "patching.html": page})
     return result
 
 

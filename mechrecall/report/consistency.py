@@ -13,7 +13,7 @@ from pathlib import Path
 from mechrecall.consistency import measure
 from mechrecall.devices import model_device, model_dtype
 from mechrecall.facts import FactFormatError, FactSet, load_facts
-from mechrecall.io import atomic_write_json, atomic_write_text
+from mechrecall.io import atomic_write_files, atomic_write_json, atomic_write_text
 from mechrecall.lab.models import lab_dataset
 from mechrecall.loading import load_model, to_nnsight, to_transformer_lens
 
@@ -114,8 +114,7 @@ def run(
         "gradient": {k: {"source": v["source"], **v["gradient"]} for k, v in models.items()},
         "representation": {k: {"source": v["source"], **v["representation"]} for k, v in models.items()},
     }
-    atomic_write_json(out / "consistency.json", result)
-    atomic_write_text(out / "consistency.html", figures_html(result))
+    atomic_write_files(out, {"consistency.json": result, "consistency.html": figures_html(result)})
     return result
 
 

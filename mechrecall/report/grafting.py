@@ -40,7 +40,7 @@ import numpy as np
 
 from mechrecall.checkpoint import CheckpointError
 from mechrecall.interventions import graft, recall_under, state_of, with_random_controls
-from mechrecall.io import atomic_write_json, atomic_write_text, finite
+from mechrecall.io import atomic_write_files, finite
 from mechrecall.lab.models import lab_dataset
 from mechrecall.lab.trace import GradientTrace
 from mechrecall.loading import load_model
@@ -161,8 +161,8 @@ def run(
         result["recipients"][label] = {"source": source, "before": before, "rows": rows}
     result["any_transfer"] = any(r["transfers"] for e in result["recipients"].values() for r in e["rows"])
     result["best"] = _best(result)
-    atomic_write_json(out / "grafting.json", finite(result))
-    atomic_write_text(out / "grafting.html", figure(result).to_html(include_plotlyjs=True))
+    page = figure(result).to_html(include_plotlyjs=True)
+    atomic_write_files(out, {"grafting.json": finite(result), "grafting.html": page})
     return result
 
 

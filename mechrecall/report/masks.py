@@ -42,7 +42,7 @@ from mechrecall.devices import model_device, model_dtype
 from mechrecall.facts import FactSet
 from mechrecall.gradients import gradient_stats
 from mechrecall.interventions import ablate, graft, recall_under, state_of, with_random_controls
-from mechrecall.io import atomic_write_json, atomic_write_text, finite
+from mechrecall.io import atomic_write_files, finite
 from mechrecall.lab.models import lab_dataset
 from mechrecall.lab.trace import GradientTrace
 from mechrecall.loading import LoadedModel, load_model
@@ -235,8 +235,7 @@ def run(
         entry["sweep"] = _sweep(models, regime, recipient, traces[regime], states, base_sd, facts, ks, kind, scope,
                                 sweep_draws, seed, intact["heldout"])  # fmt: skip
         result[regime] = entry
-    atomic_write_json(out / "masks.json", result)
-    atomic_write_text(out / "masks.html", figures_html(result, config))
+    atomic_write_files(out, {"masks.json": result, "masks.html": figures_html(result, config)})
     return result
 
 
@@ -531,8 +530,7 @@ def run_facts(
         )  # fmt: skip
         result[regime] = entry
     result = finite(result)  # layers outside ``layers`` have no ranked parameters: 0 / 0
-    atomic_write_json(out / "masks.json", result)
-    atomic_write_text(out / "masks.html", figures_html(result, first_lm.model.config))
+    atomic_write_files(out, {"masks.json": result, "masks.html": figures_html(result, first_lm.model.config)})
     return result
 
 

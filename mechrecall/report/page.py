@@ -60,7 +60,16 @@ pre{background:#f7f7f7;padding:1em;overflow-x:auto;font-size:12px}h2{margin-top:
 
 
 def _load(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
+    """A run's JSON file (None when absent); one error naming the file when it is not a JSON object."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _sha256(path: Path) -> str | None:
@@ -395,6 +404,8 @@ def build(run: str | Path) -> Path:
     results = _load(run / "results.json")
     if results is None:
         raise FileNotFoundError(f"{run / 'results.json'} does not exist: run `python -m mechrecall reproduce` first")
+    if not isinstance(results.get("regimes"), dict):
+        raise ValueError(f"{run / 'results.json'}: not a reproduce result (no 'regimes' table)")
     consistency = _load(run / "consistency.json")
     masks = _load(run / "masks.json")
     patching = _load(run / "patching.json")

@@ -24,7 +24,7 @@ import torch
 from mechrecall.attribution import attribute
 from mechrecall.devices import model_device, model_dtype
 from mechrecall.facts import FactSet
-from mechrecall.io import atomic_write_json, atomic_write_text
+from mechrecall.io import atomic_write_files
 from mechrecall.lab.models import lab_dataset
 from mechrecall.patching import GaussianNoise, activation_patch, fact_inputs, fact_pairs
 from mechrecall.patching.atp import attribution_patch, check_attribution
@@ -167,8 +167,9 @@ def run_patching(
             done[id(lm)] = patching_one(lm.model, lm.tokenizer, these, n_people=n_people, n_pairs=n_pairs, sites=sites,
                                         layers=layers, whole_answer=fs is not None)  # fmt: skip
         result[label] = {"source": src, **done[id(lm)]}
-    atomic_write_json(out / "patching.json", result)
-    atomic_write_text(out / "patching.html", html(patching_figures(result), "mechrecall patching"))
+    atomic_write_files(
+        out, {"patching.json": result, "patching.html": html(patching_figures(result), "mechrecall patching")}
+    )
     return result
 
 
@@ -217,8 +218,8 @@ def run_attribution(
         r["subject_relation_share_ci"] = [float(boots.quantile(0.025)), float(boots.quantile(0.975))]
         r["subject_relation_share_std"] = float(sr.std()) if len(sr) > 1 else 0.0
         result[label] = done[id(lm)] = {"source": src, **r}
-    atomic_write_json(out / "attribution.json", result)
-    atomic_write_text(out / "attribution.html", html(attribution_figures(result), "mechrecall attribution"))
+    page = html(attribution_figures(result), "mechrecall attribution")
+    atomic_write_files(out, {"attribution.json": result, "attribution.html": page})
     return result
 
 
