@@ -60,7 +60,8 @@ Caveats worth knowing when reading activations of these models:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import MappingProxyType
@@ -117,6 +118,7 @@ __all__ = [
     "ParamPlace",
     "place_of",
     "has_layout",
+    "attention_implementation",
 ]
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head")
@@ -949,3 +951,44 @@ def has_layout(name: str, model_or_config: nn.Module | PreTrainedConfig) -> bool
     if suffix.endswith(".bias"):
         suffix = suffix[: -len(".bias")] + ".weight"
     return suffix in spec_of(model_or_config).matrices
+
+
+# ------------------------------------------------------------------------------------------ attention implementation
+def _all_configs(model: nn.Module) -> list[PreTrainedConfig]:
+    """Every distinct Hugging Face config a model's modules carry (a multimodal model's text and vision configs too)."""
+    seen: dict[int, PreTrainedConfig] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PreTrainedConfig):
+            seen.setdefault(id(config), config)
+            for key in getattr(config, "sub_configs", {}) or {}:
+                sub = getattr(config, key, None)
+                if isinstance(sub, PreTrainedConfig):
+                    seen.setdefault(id(sub), sub)
+    return list(seen.values())
+
+
+@contextmanager
+def attention_implementation(model: nn.Module, implementation: str = "eager") -> Iterator[nn.Module]:
+    """Run ``model`` with another attention implementation inside the block, and give the user's back after it.
+
+    Models loaded with transformers' defaults use ``sdpa`` (or ``flash_attention_2`` where asked for), whose mask
+    builder inspects the mask's values in Python: ``torch.func.vmap`` (per-example gradients) refuses that. The
+    implementation is read from the configs at every forward, so switching them is enough; every config's setting is
+    restored on exit, exceptions included. A model that does not support switching (its own attention classes) is left
+    as it is and the caller's forward decides. Works on peft-wrapped models (their base model's configs are reached
+    through ``modules()``)."""
+    configs = _all_configs(model)
+    before = [(c, getattr(c, "_attn_implementation_internal", None)) for c in configs]
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    current = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    try:
+        if current != implementation and hasattr(inner, "set_attn_implementation"):
+            try:
+                inner.set_attn_implementation(implementation)
+            except (ValueError, ImportError):  # an implementation this model or machine cannot switch to
+                pass
+        yield model
+    finally:
+        for config, value in before:
+            config._attn_implementation_internal = value

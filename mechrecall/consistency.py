@@ -232,6 +232,76 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------- end-to-end measures
+def _groups(names: Sequence[str], by: Sequence[str], model: Any) -> list[tuple[str, list[int]]]:
+    """``all`` first, then each group of each grouping in ``by``, in :func:`gradient_consistency`'s order, as indices
+    into ``names``."""
+    out = [("all", list(range(len(names))))]
+    for kind in by:
+        groups: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            groups.setdefault(param_group(n, kind, model), []).append(i)
+        out += [(f"{kind}:{g}", idx) for g, idx in groups.items()]
+    return out
+
+
+def _products(a: dict[str, Tensor], b: dict[str, Tensor]) -> Float[Tensor, "3 param"]:
+    """Per parameter tensor: (a . b, a . a, b . b), each summed in float32 where the tensors live, returned in
+    float64 on the CPU (one transfer)."""
+    rows = []
+    for n in a:
+        x, y = a[n].float(), b[n].float()
+        rows.append(torch.stack([(x * y).sum(), (x * x).sum(), (y * y).sum()]))
+    return torch.stack(rows).double().cpu().T
+
+
+def _group_cosines(products: Tensor, groups: list[tuple[str, list[int]]]) -> Float[Tensor, " group"]:
+    out = []
+    for _, idx in groups:
+        dot, aa, bb = products[:, idx].sum(1)
+        out.append(float(dot / max(float((aa * bb).sqrt()), 1e-12)))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _cycles(perm: Tensor) -> list[list[int]]:
+    """The cycles of a permutation, each from its smallest element: ``c[t + 1] == perm[c[t]]``."""
+    seen, out = set(), []
+    for start in range(len(perm)):
+        if start in seen:
+            continue
+        cycle, i = [], start
+        while i not in seen:
+            seen.add(i)
+            cycle.append(i)
+            i = int(perm[i])
+        out.append(cycle)
+    return out
+
+
+def _streamed_batch(model, tokenizer, s_ex, q_ex, groups, perm) -> tuple[Tensor, Tensor]:
+    """Same-fact and mismatched (``perm``) cosines per group for one batch of facts, holding at most three
+    gradients at once: each cycle of ``perm`` is walked keeping its first query gradient, the current storage
+    gradient and the next query gradient."""
+    from mechrecall.gradients import answer_batch, iter_example_grads
+
+    def grad(ex):
+        return next(iter_example_grads(model, answer_batch(tokenizer, [ex])))
+
+    same = torch.zeros(len(groups), len(s_ex))
+    mismatched = torch.zeros(len(groups), len(s_ex))
+    for cycle in _cycles(perm):
+        first = grad(q_ex[cycle[0]])
+        current = first
+        for t, i in enumerate(cycle):
+            s = grad(s_ex[i])
+            same[:, i] = _group_cosines(_products(s, current), groups)
+            current = None  # (the first query gradient stays referenced by ``first``)
+            current = grad(q_ex[cycle[t + 1]]) if t + 1 < len(cycle) else first
+            mismatched[:, i] = _group_cosines(_products(s, current), groups)
+            del s
+        del first, current
+    return same, mismatched
+
+
 def streamed_gradient_consistency(
     model,
     tokenizer,
@@ -241,22 +311,40 @@ def streamed_gradient_consistency(
     by: Sequence[str] = ("layer", "module"),
     batch_size: int = 16,
     seed: int = 0,
+    streamed: bool | None = None,
 ) -> list[Consistency]:
     """:func:`gradient_consistency` over aligned (storage, query) example lists, one batch of facts at a time.
 
-    Per-example gradients are never stored for more than one batch; the mismatched baseline pairs facts inside each
-    batch (a derangement), so batches of at least two facts are needed. Groups are the model's own
+    The mismatched baseline pairs facts inside each batch of ``batch_size`` (a derangement seeded by ``seed`` plus
+    the batch's start), so batches of at least two facts are needed. Groups are the model's own
     (:func:`param_group` with ``model``).
+
+    Two ways to the same numbers (within float tolerance): ``streamed=False`` holds a batch's per-example gradients
+    of both formats at once (``vmap``; fast for small models); ``streamed=True`` computes one gradient at a time
+    with ordinary backwards and keeps at most three (memory: the model, its gradient buffers, three gradients and
+    small per-parameter sums, whatever the batch size; any attention implementation); None (default) streams when a
+    batch's two formats would hold more than :data:`mechrecall.gradients.VMAP_BUDGET` bytes.
     """
-    from mechrecall.gradients import answer_batch, per_example_grads
+    from mechrecall.gradients import VMAP_BUDGET, answer_batch, per_example_grads, select_params, vmap_bytes
 
     if len(storage) != len(query):
         raise ValueError("storage and query examples must be aligned fact by fact")
+    if streamed is None:
+        streamed = 2 * vmap_bytes(select_params(model), batch_size) > VMAP_BUDGET
+    names = list(select_params(model))
+    groups = _groups(names, by, model) if streamed else None
     parts: dict[str, list[tuple[Tensor, Tensor]]] = {}
     for start in range(0, len(storage), batch_size):
         s_ex, q_ex = storage[start : start + batch_size], query[start : start + batch_size]
         if len(s_ex) < 2:
             break
+        if streamed:
+            same, mismatched = _streamed_batch(
+                model, tokenizer, s_ex, q_ex, groups, derangement(len(s_ex), seed + start)
+            )
+            for g, (name, _) in enumerate(groups):
+                parts.setdefault(name, []).append((same[g], mismatched[g]))
+            continue
         gs = per_example_grads(model, answer_batch(tokenizer, s_ex))
         gq = per_example_grads(model, answer_batch(tokenizer, q_ex))
         for r in gradient_consistency(gs, gq, by, seed=seed + start, model=model):
@@ -282,15 +370,23 @@ def grad_batch_for(model, budget: int = GRAD_BATCH_BYTES) -> int:
 
 
 def measure(
-    model, tokenizer, facts: FactSet, *, grad_facts: int = 240, seed: int = 0, grad_batch: int | None = None
+    model,
+    tokenizer,
+    facts: FactSet,
+    *,
+    grad_facts: int = 240,
+    seed: int = 0,
+    grad_batch: int | None = None,
+    streamed: bool | None = None,
 ) -> dict:
     """Gradient and representation consistency of one model on ``facts`` (first storage and first query text each).
 
-    Returns a JSON-able dict; ``gradient`` uses the first ``grad_facts`` facts (per-example gradients are costly:
-    ``grad_batch`` facts at a time hold about 2 x ``grad_batch`` x 4 bytes x parameters of gradients, and vmap's
-    intermediates about as much again; None: :func:`grad_batch_for`
-    the model). The mismatched baseline pairs facts within each batch, so a different ``grad_batch`` draws a different
-    baseline; the batch used is in the result.
+    Returns a JSON-able dict; ``gradient`` uses the first ``grad_facts`` facts. The mismatched baseline pairs facts
+    within batches of ``grad_batch`` (None: :func:`grad_batch_for` the model), so a different ``grad_batch`` draws a
+    different baseline; the batch used is in the result. ``streamed`` chooses how per-example gradients are held
+    (:func:`streamed_gradient_consistency`: None streams when a batch's vmap would exceed
+    :data:`mechrecall.gradients.VMAP_BUDGET`, so a pretrained model needs the model, its gradient buffers and three
+    gradients); the choice is in the result and does not change the numbers beyond float tolerance.
     """
     from mechrecall.cache import cache_residuals
 
@@ -300,8 +396,12 @@ def measure(
         raise ValueError("every fact needs a storage and a query text for consistency measures")
     model.eval()
     grad_batch = grad_batch_for(model) if grad_batch is None else grad_batch
+    from mechrecall.gradients import VMAP_BUDGET, select_params, vmap_bytes
+
+    if streamed is None:
+        streamed = 2 * vmap_bytes(select_params(model), grad_batch) > VMAP_BUDGET
     grads = streamed_gradient_consistency(
-        model, tokenizer, storage[:grad_facts], query[:grad_facts], seed=seed, batch_size=grad_batch
+        model, tokenizer, storage[:grad_facts], query[:grad_facts], seed=seed, batch_size=grad_batch, streamed=streamed
     )
     gsum = {r.group: r.summary(seed=seed) for r in grads}
     cs = cache_residuals(model, tokenizer, storage)
@@ -327,6 +427,7 @@ def measure(
             "margin_ci": gsum["all"]["margin_ci"],
             "n_facts": gsum["all"]["n"],
             "grad_batch": grad_batch,
+            "streamed": streamed,
             "groups": {k: v for k, v in gsum.items() if k != "all"},
         },
         "representation": {

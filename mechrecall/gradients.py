@@ -18,7 +18,8 @@ in float32 on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
+from mechrecall.arch import attention_implementation
 from mechrecall.devices import model_device, nbytes, release_memory, to_cpu
 from mechrecall.facts import Example
 from mechrecall.tokenization import collate_examples, encode_example
@@ -39,6 +41,9 @@ __all__ = [
     "answer_batch",
     "per_example_grads",
     "per_example_grads_loop",
+    "iter_example_grads",
+    "VMAP_BUDGET",
+    "vmap_bytes",
     "scored_positions",
     "flatten",
     "Projection",
@@ -101,7 +106,10 @@ def per_example_grads(
     batch = batch.to(model_device(model))
     keep = scored_positions(model, batch.labels)
     fn = vmap(grad(lambda p, i, y: _answer_loss(model, p, rest, i, y, keep)), in_dims=(None, 0, 0))
-    return fn(params, batch.input_ids, batch.labels)
+    # eager attention inside vmap: sdpa's mask builder (transformers' default) branches on the mask's values, which
+    # vmap refuses; the model's own setting is back when this returns
+    with attention_implementation(model, "eager"):
+        return fn(params, batch.input_ids, batch.labels)
 
 
 def per_example_grads_loop(model, batch, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -123,6 +131,66 @@ def per_example_grads_loop(model, batch, params: dict[str, Tensor] | None = None
             out[n].append(torch.zeros_like(named[n]) if g is None else g.detach().clone())
     model.zero_grad(set_to_none=True)
     return {n: torch.stack(v) for n, v in out.items()}
+
+
+@contextmanager
+def _gradients_of(model, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+    """Inside: only ``names`` require gradients and every ``.grad`` starts empty; after: the model's own
+    ``requires_grad`` flags and ``.grad`` tensors are back (a user's model may hold gradients of its own)."""
+    named = dict(model.named_parameters())
+    flags = {n: p.requires_grad for n, p in named.items()}
+    grads = {n: p.grad for n, p in named.items()}
+    wanted = set(names)
+    try:
+        for n, p in named.items():
+            p.requires_grad_(n in wanted)
+            p.grad = None
+        yield {n: named[n] for n in names}
+    finally:
+        for n, p in named.items():
+            p.requires_grad_(flags[n])
+            p.grad = grads[n]
+
+
+def iter_example_grads(model, batch, params: dict[str, Tensor] | None = None) -> Iterator[dict[str, Tensor]]:
+    """The gradients of :func:`per_example_grads`, one row at a time, each from an ordinary backward of that row.
+
+    Memory: the model's gradient buffers plus the one gradient handed out (a copy, in the parameters' dtype on their
+    device), whatever the batch size; any attention implementation works (no ``vmap``). The loss is the same answer
+    loss (vocabulary logits at the row's scored positions only, where the model takes ``logits_to_keep``); results
+    equal :func:`per_example_grads`'s within float tolerance. The model's ``requires_grad`` flags and ``.grad`` are
+    restored afterwards."""
+    names = list((select_params(model) if params is None else params).keys())
+    batch = batch.to(model_device(model))
+    with _gradients_of(model, names) as live:
+        for i in range(len(batch)):
+            row = batch.index(torch.tensor([i], device=batch.input_ids.device))
+            keep = scored_positions(model, row.labels)
+            kwargs = {"input_ids": row.input_ids, "attention_mask": row.attention_mask, "use_cache": False}
+            if keep is None:
+                logits = model(**kwargs).logits
+                loss = F.cross_entropy(logits[0, :-1].float(), row.labels[0, 1:], ignore_index=-100)
+            else:
+                logits = model(**kwargs, logits_to_keep=keep).logits
+                loss = F.cross_entropy(logits[0].float(), row.labels[0, keep.to(row.labels.device) + 1])
+            loss.backward()
+            del logits, loss
+            out = {n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for n, p in live.items()}
+            for p in live.values():
+                p.grad = None
+            yield out
+
+
+# vmap over a batch holds the batch's gradients and about as much again of intermediates; above this many bytes the
+# streamed path (one gradient at a time) is used by default. The lab's models stay well below it (their published
+# numbers were computed with vmap), a 135M-parameter model's two gradients are above.
+VMAP_BUDGET = 1 << 30
+
+
+def vmap_bytes(params: dict[str, Tensor], batch_size: int) -> int:
+    """What :func:`per_example_grads` holds for a batch: ``batch_size`` gradients of ``params`` and vmap's
+    intermediates, counted as as much again."""
+    return 2 * batch_size * nbytes(params.values())
 
 
 def flatten(grads: dict[str, Tensor]) -> Float[Tensor, "batch n_params"]:
@@ -182,13 +250,22 @@ def gradient_stats(
     keep_per_example: bool = False,
     project_dim: int | None = None,
     seed: int = 0,
+    streamed: bool | None = None,
 ) -> GradientStats:
     """Stream per-example gradients over ``examples`` in batches and aggregate them (memory: one batch at a time).
+
+    ``streamed=True`` computes them one example at a time with ordinary backwards (:func:`iter_example_grads`):
+    memory is then the model, its gradient buffers, one gradient and the float32 sums on the CPU, whatever
+    ``batch_size``; ``False`` uses ``vmap`` over each batch (faster for small models; ``batch_size`` gradients and
+    vmap's intermediates at once); None (default) streams when a batch's vmap would hold more than
+    :data:`VMAP_BUDGET` bytes (:func:`vmap_bytes`). Either way the same numbers within float tolerance.
 
     Gradients are computed where the model lives, in its dtype; sums, means and the kept (optionally projected)
     per-example rows accumulate in float32 on the CPU.
     """
     params = select_params(model) if params is None else params
+    if streamed is None:
+        streamed = vmap_bytes(params, batch_size) > VMAP_BUDGET
     fmt = ",".join(sorted({e.format for e in examples}))
     total = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
     total_abs = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
@@ -197,16 +274,20 @@ def gradient_stats(
     was_training = model.training
     model.eval()
     for start in range(0, len(examples), batch_size):
-        grads = per_example_grads(model, answer_batch(tokenizer, examples[start : start + batch_size]), params)
-        for n, g in grads.items():
-            total[n] += g.sum(0, dtype=torch.float32).cpu()
-            total_abs[n] += g.abs().sum(0, dtype=torch.float32).cpu()
-        if keep_per_example:
-            flat = flatten(grads)
-            kept.append(proj(flat) if proj is not None else to_cpu(flat))
-        freed = nbytes(grads.values())
-        del grads
-        release_memory(freed)  # a pretrained model's batch: hand the freed heap back, or it only grows
+        batch = answer_batch(tokenizer, examples[start : start + batch_size])
+        # one gradient at a time (streamed: memory of one, any model size) or the batch's at once (vmap: faster)
+        parts = ({n: g[None] for n, g in one.items()} for one in iter_example_grads(model, batch, params)) if streamed \
+            else iter([per_example_grads(model, batch, params)])  # fmt: skip
+        for grads in parts:
+            for n, g in grads.items():
+                total[n] += g.sum(0, dtype=torch.float32).cpu()
+                total_abs[n] += g.abs().sum(0, dtype=torch.float32).cpu()
+            if keep_per_example:
+                flat = flatten(grads)
+                kept.append(proj(flat) if proj is not None else to_cpu(flat))
+            freed = nbytes(grads.values())
+            del grads
+            release_memory(freed)  # a pretrained model's batch: hand the freed heap back, or it only grows
     model.train(was_training)
     n = len(examples)
     return GradientStats(

@@ -177,3 +177,51 @@ def test_the_gradient_batch_follows_the_model_size_only(micro_model):
     preset = get_preset("default")
     default = build_model(preset.model, train_tokenizer(generate(preset.data.spec(), 0)), 0)
     assert grad_batch_for(default) == 16
+
+
+# ------------------------------------------------------------------------------------ streamed, bounded memory
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox", "gemma3_text", "phi3"])
+def test_streamed_consistency_equals_the_vmap_path_with_three_gradients_at_most(name, monkeypatch):
+    """The streamed path (one ordinary backward per gradient, at most three held) gives the vmap path's per-fact
+    cosines, same-fact and mismatched, in every group; on models with transformers' default (sdpa) attention."""
+    import weakref
+
+    import mechrecall.gradients as gradients_mod
+    from mechrecall.consistency import streamed_gradient_consistency
+    from tests.test_architectures import VOCAB, _facts, _tokenizer
+    from tests.tiny_models import tiny_model
+
+    facts = _facts()
+    tok = _tokenizer(facts)
+    model = tiny_model(name, VOCAB)
+    assert model.config._attn_implementation == "sdpa"
+    storage, query = facts.examples("storage") * 2, facts.examples("query") * 2  # 8 facts: cycles longer than 2
+    ref = streamed_gradient_consistency(model, tok, storage, query, batch_size=5, streamed=False)
+
+    class Tracked(dict):
+        pass
+
+    alive, peak = [0], [0]
+    real = gradients_mod.iter_example_grads
+
+    def gone():
+        alive[0] -= 1
+
+    def tracked(*a, **k):
+        for g in real(*a, **k):
+            t = Tracked(g)
+            weakref.finalize(t, gone)
+            alive[0] += 1
+            peak[0] = max(peak[0], alive[0])
+            del g
+            yield t
+
+    monkeypatch.setattr(gradients_mod, "iter_example_grads", tracked)
+    got = streamed_gradient_consistency(model, tok, storage, query, batch_size=5, streamed=True)
+    assert peak[0] <= 3, peak
+    assert [r.group for r in got] == [r.group for r in ref] and len(ref) > 3
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.same, b.same, rtol=0, atol=2e-5, msg=a.group)
+        torch.testing.assert_close(a.mismatched, b.mismatched, rtol=0, atol=2e-5, msg=a.group)
+    assert model.config._attn_implementation == "sdpa"  # the user's setting is back
+    assert all(p.grad is None for p in model.parameters())

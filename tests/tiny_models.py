@@ -2,7 +2,7 @@
 
 Each model has 2 blocks, ``d_model`` 64, 4 query heads of ``head_dim`` 16 (2 key/value heads where the family uses
 grouped-query attention; GPT-2 and GPT-NeoX are multi-head only), an MLP of 128 neurons and 128 positions, in fp32,
-eager attention and eval mode. Family traits that change the layouts or the residual stream are kept as the real
+transformers' default attention implementation (sdpa: the model object a user has) and eval mode. Family traits that change the layouts or the residual stream are kept as the real
 checkpoints have them: embedding tying (Gemma, GPT-2, the small Llama/Qwen models tie; Pythia, Mistral, OLMo-2 and
 Phi-3 do not), Pythia's partial rotary (25 %) and parallel residual, Gemma 2's attention and final-logit
 soft-capping with a sliding window that fits the 128 positions.
@@ -93,13 +93,17 @@ def _config_kwargs(arch: str, vocab_size: int) -> dict:
 
 
 @functools.cache
-def tiny_model(arch: str, vocab_size: int = 512, seed: int = 0) -> PreTrainedModel:
-    """A randomly initialised tiny ``arch`` causal LM (see the module docstring); shared, so do not modify it."""
+def tiny_model(arch: str, vocab_size: int = 512, seed: int = 0, attn: str | None = None) -> PreTrainedModel:
+    """A randomly initialised tiny ``arch`` causal LM (see the module docstring); shared, so do not modify it.
+
+    ``attn=None`` keeps transformers' default attention implementation (``sdpa``), as a user's
+    ``from_pretrained`` / ``from_config`` gives it; ``attn="eager"`` asks for eager attention."""
     if arch not in ARCHS:
         raise ValueError(f"unknown tiny arch {arch!r}; expected one of {', '.join(ARCHS)}")
     if not 16 <= vocab_size <= 49152:
         raise ValueError(f"vocab_size must be in [16, 49152], got {vocab_size}")
     config = AutoConfig.for_model(arch, **_config_kwargs(arch, vocab_size))
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    extra = {} if attn is None else {"attn_implementation": attn}
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **extra)
     return model.eval()

@@ -59,16 +59,16 @@ pre{background:#f7f7f7;padding:1em;overflow-x:auto;font-size:12px}h2{margin-top:
 """
 
 
-def _load(path: Path):
-    """A run's JSON file (None when absent); one error naming the file when it is not a JSON object."""
+def _load(path: Path, expect: type = dict):
+    """A run's JSON file (None when absent); one error naming the file when it is not a JSON ``expect``."""
     if not path.exists():
         return None
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if not isinstance(data, expect):
+        raise ValueError(f"{path}: expected a JSON {expect.__name__}, got {type(data).__name__}")
     return data
 
 
@@ -133,7 +133,7 @@ def _recall_figures(results: dict, run: Path) -> list[tuple]:
     curves = go.Figure()
     seed_dir = _seed_dir(results, run)
     for regime in ("two_stage", "mixed"):
-        hist = _load(seed_dir / regime / "history.json") or []
+        hist = _load(seed_dir / regime / "history.json", list) or []
         pts = [h for h in hist if "heldout_qa" in h]
         for key, dash in (("heldout_qa", None), ("trained_qa", "dot"), ("storage", "dash")):
             curves.add_trace(

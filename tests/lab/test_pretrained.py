@@ -126,8 +126,10 @@ def test_a_base_with_dropout_trains_without_it_and_a_changed_source_is_refused(b
     assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     train(preset, "mixed", tmp_path / "run", progress=False, stop_after=1)
     other = get_preset("micro", [*TINY, f"model.source={gpt2}"])
+    with pytest.raises(ValueError, match=r"holds another run \(config.model.source: "):
+        train(other, "mixed", tmp_path / "run", progress=False)  # the regime folder's run record refuses it
     with pytest.raises(ValueError, match=r"built from model.source=.* but the preset asks for"):
-        train(other, "mixed", tmp_path / "run", progress=False)
+        train(other, "two_stage", tmp_path / "run", progress=False)  # and the shared data/ folder, for a new regime
 
 
 def test_reproduce_without_a_trace_runs_every_analysis_on_a_pretrained_pair(tmp_path, monkeypatch):
