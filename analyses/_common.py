@@ -10,8 +10,7 @@ exit status 2, and nothing written to ``--out``.
 import argparse
 from pathlib import Path
 
-from mechrecall.cli import Parser, at_least, positive_int
-from mechrecall.loading import add_model_args, run_cli
+from mechrecall.cli import Parser, add_model_args, at_least, positive_int, run_cli
 
 
 def pair_parser(doc: str) -> argparse.ArgumentParser:

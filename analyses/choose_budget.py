@@ -15,10 +15,9 @@ from dataclasses import asdict
 
 import pandas as pd
 
-from mechrecall.cli import Parser, nonnegative_int
+from mechrecall.cli import Parser, nonnegative_int, run_cli
 from mechrecall.io import atomic_write_json
 from mechrecall.lab.select import choose, read_history, validation_view
-from mechrecall.loading import run_cli
 
 
 def _main(args) -> int:

@@ -16,8 +16,7 @@ sets it (memory about 2 x 4 bytes x parameters x grad-batch, and vmap's intermed
 import argparse
 import sys
 
-from mechrecall.cli import Parser, at_least, positive_int
-from mechrecall.loading import add_model_args, run_cli
+from mechrecall.cli import Parser, add_model_args, at_least, positive_int, run_cli
 from mechrecall.report.consistency import run, trajectory
 
 

@@ -13,8 +13,7 @@ and the format-only sets (mechrecall.report.grafting). Writes OUT/grafting.json 
 
 import sys
 
-from mechrecall.cli import Parser, fraction, positive_int
-from mechrecall.loading import add_model_args, run_cli
+from mechrecall.cli import Parser, add_model_args, fraction, positive_int, run_cli
 from mechrecall.report.grafting import DEFAULT_KS, MASK_SOURCES, run, summary_rows
 
 

@@ -18,8 +18,7 @@ import sys
 
 from _common import add_user_args, pair, user_kwargs
 
-from mechrecall.cli import Parser, at_least, fraction, positive_int
-from mechrecall.loading import run_cli
+from mechrecall.cli import Parser, at_least, fraction, positive_int, run_cli
 from mechrecall.report.masks import IMPORTANCES, run, summary_rows
 
 

@@ -13,8 +13,7 @@ import sys
 
 from _common import pair, pair_parser, user_kwargs
 
-from mechrecall.cli import positive_int
-from mechrecall.loading import run_cli
+from mechrecall.cli import positive_int, run_cli
 from mechrecall.report.patching import SITES, run_patching, summary_rows
 
 

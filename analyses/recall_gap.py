@@ -16,8 +16,9 @@ from pathlib import Path
 import plotly.graph_objects as go
 from _common import pair, pair_parser
 
+from mechrecall.cli import run_cli
 from mechrecall.io import atomic_write_json, atomic_write_text
-from mechrecall.loading import load_model, run_cli
+from mechrecall.loading import load_model
 
 
 def _lab(args) -> dict:

@@ -29,11 +29,4 @@ sweep and ``reproduce``.
 **The reports** (``mechrecall.report``): JSON + figures per finding and the self-contained ``report.html``.
 """
 
-import os as _os
-
-# Hugging Face's per-file progress bars drown ours; its hub is never reachable from the lab's machines.
-_os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-_os.environ.setdefault("HF_HUB_OFFLINE", "1")
-_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-
 __version__ = "0.1.0"

@@ -108,7 +108,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
-    from mechrecall.loading import add_model_args as add
+    from mechrecall.cli import add_model_args as add
 
     add(ap)
 
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import mechrecall.cli  # noqa: F401  (the command line's environment, before anything imports transformers)
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
         from mechrecall.lab.train import main as train_main

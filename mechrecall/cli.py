@@ -16,7 +16,24 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["Parser", "positive_int", "nonnegative_int", "at_least", "fraction", "check_out", "run_cli", "input_errors"]
+__all__ = [
+    "Parser",
+    "positive_int",
+    "nonnegative_int",
+    "at_least",
+    "fraction",
+    "check_out",
+    "run_cli",
+    "input_errors",
+    "add_model_args",
+]
+
+# The command lines' environment, set when this module is imported (the CLIs import it before anything loads
+# transformers, which reads these once): no per-file download bars over ours, no advisory warnings, and the hub
+# offline unless the caller's environment says otherwise (the lab's machines cannot reach it; with a network, run
+# with HF_HUB_OFFLINE=0 to download Hugging Face ids). Importing the library modules changes no environment variable.
+for _key in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_NO_ADVISORY_WARNINGS", "HF_HUB_OFFLINE"):
+    os.environ.setdefault(_key, "1")
 
 
 class Parser(argparse.ArgumentParser):
@@ -110,3 +127,13 @@ def run_cli(fn, args) -> int:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2
+
+
+def add_model_args(ap, *, device: bool = True) -> None:
+    """``--device`` (default: CUDA when available, else CPU) and ``--dtype`` (default float32) on a parser."""
+    from mechrecall.devices import DTYPES, default_device
+
+    ap.add_argument("--device", default=default_device(),
+                    help="cpu, cuda, cuda:N, mps, or map:auto to shard over the GPUs with a Hugging Face device_map "
+                         "(default: %(default)s)")  # fmt: skip
+    ap.add_argument("--dtype", default="float32", help=f"{', '.join(sorted(DTYPES))} (default: %(default)s)")

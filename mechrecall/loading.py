@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 
 from mechrecall.checkpoint import CheckpointError, read_meta
-from mechrecall.cli import input_errors, run_cli  # noqa: F401  (re-exported: the CLIs import them from here)
 from mechrecall.registry import RegistryError, resolve
 
 __all__ = [
@@ -57,9 +56,6 @@ __all__ = [
     "logit_parity",
     "to_transformer_lens",
     "to_nnsight",
-    "input_errors",
-    "add_model_args",
-    "run_cli",
 ]
 
 PARITY_PROMPT = "The capital of France is Paris. Anya Forger was born in"
@@ -389,14 +385,3 @@ def to_nnsight(loaded: LoadedModel, *, check: bool = True):
             raise CheckpointError(f"{loaded.source}: nnsight logits differ from Hugging Face by {diff:.2e}")
         wrapped.parity_max_abs_diff = diff
     return wrapped
-
-
-# ------------------------------------------------------------------------------------------------ CLI plumbing
-def add_model_args(ap, *, device: bool = True) -> None:
-    """``--device`` (default: CUDA when available, else CPU) and ``--dtype`` (default float32) on a parser."""
-    from mechrecall.devices import DTYPES, default_device
-
-    ap.add_argument("--device", default=default_device(),
-                    help="cpu, cuda, cuda:N, mps, or map:auto to shard over the GPUs with a Hugging Face device_map "
-                         "(default: %(default)s)")  # fmt: skip
-    ap.add_argument("--dtype", default="float32", help=f"{', '.join(sorted(DTYPES))} (default: %(default)s)")

@@ -13,8 +13,9 @@ An entry names a checkpoint and says where it came from::
       dataset_hash: 3f0c...
       metrics: {heldout_qa: 0.62, trained_qa: 1.0, storage: 1.0}
 
-``path`` may also be ``hf:<org>/<name>`` or a ``.gguf`` file for pretrained models. The registry file is
-``$MECHRECALL_REGISTRY`` if set, else ``checkpoints.yaml`` in the working folder.
+``path`` may also be ``hf:<org>/<name>`` or a ``.gguf`` file for pretrained models. The registry file written to is
+``$MECHRECALL_REGISTRY`` if set, else ``checkpoints.yaml`` in the working folder; names are looked up there and then
+in the entries the package ships (:func:`search_path`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ __all__ = [
     "register",
     "relative_path",
     "resolve",
+    "search_path",
+    "BUILTIN",
 ]
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
@@ -152,20 +155,43 @@ def relative_path(target: str | Path, registry_path: str | Path | None = None) -
         return str(target)
 
 
+BUILTIN = Path(__file__).with_name("data") / "builtin_checkpoints.yaml"
+
+
+def search_path(registry_path: str | Path | None = None) -> list[Path]:
+    """Where a registry name is looked up, in order: ``registry_path`` (a command's ``--registry``) if given, else
+    ``$MECHRECALL_REGISTRY`` if set, else ``checkpoints.yaml`` in the working folder; then the entries the package
+    ships (:data:`BUILTIN`: the pretrained bases), so those names resolve from any folder."""
+    first = Path(registry_path) if registry_path is not None else default_path()
+    return [first, BUILTIN]
+
+
 def resolve(name_or_path: str, registry_path: str | Path | None = None) -> tuple[str, Entry | None]:
     """A registry name or a path/id -> (location, entry). Folder locations are absolute and must exist.
 
-    Raises :class:`RegistryError` for a name that is neither registered nor an existing path.
+    Names are looked up along :func:`search_path` (the first registry that has the name wins; a folder entry is
+    relative to its own registry's folder). Raises :class:`RegistryError` for a name that is neither registered
+    anywhere there nor an existing path, listing where it looked.
     """
-    reg_path = Path(registry_path) if registry_path is not None else default_path()
-    reg = load_registry(reg_path)
-    entry = reg.get(name_or_path)
-    if entry is None:
+    for reg_path in search_path(registry_path):
+        entry = load_registry(reg_path).get(name_or_path)
+        if entry is not None:
+            break
+    else:
         if Path(name_or_path).exists() or name_or_path.startswith("hf:"):
             return name_or_path, None
-        known = ", ".join(e.name for e in reg.checkpoints) or "none"
+        looked = []
+        for reg_path in search_path(registry_path):
+            names = [e.name for e in load_registry(reg_path).checkpoints]
+            state = (
+                "missing"
+                if not reg_path.exists()
+                else (", ".join(names[:8]) + (", ..." if len(names) > 8 else "") or "empty")
+            )
+            looked.append(f"{reg_path} ({state})")
         raise RegistryError(
-            f"{name_or_path!r} is neither a checkpoint in {str(reg_path)!r} (known: {known}) nor an existing path"
+            f"{name_or_path!r} is neither an existing path nor a checkpoint name in {'; '.join(looked)}: give the "
+            f"registry that holds it with --registry (or $MECHRECALL_REGISTRY)"
         )
     loc = entry.path
     if loc.startswith("hf:") or re.match(r"^[A-Za-z]+:", loc):

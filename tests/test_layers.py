@@ -104,3 +104,22 @@ def test_analyses_and_notebooks_import_only_public_toolkit_names():
             if isinstance(node, ast.ImportFrom) and node.module in public:
                 bad += [f"{where}: {node.module}.{a.name}" for a in node.names if a.name not in public[node.module]]
     assert bad == []
+
+
+def test_importing_the_library_changes_no_environment_variable():
+    """Only the command lines (``mechrecall.cli``, imported by every entry point) set the environment they need."""
+    import subprocess
+    import sys
+
+    modules = [m for m in TOOLKIT_MODULES if m != "mechrecall.cli"] + ["mechrecall.lab.train", "mechrecall.report.page"]
+    third_party = ["torch", "transformers", "transformer_lens", "nnsight", "peft", "accelerate", "plotly", "pandas"]
+    code = (
+        f"import os, importlib\nfor m in {third_party!r}: importlib.import_module(m)\n"  # (torch sets one of its own)
+        "before = dict(os.environ)\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))\n"
+        "print(changed)"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out

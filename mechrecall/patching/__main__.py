@@ -41,9 +41,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mechrecall.cli import Parser, at_least, positive_int
+from mechrecall.cli import Parser, add_model_args, at_least, positive_int, run_cli
 from mechrecall.io import atomic_write_files
-from mechrecall.loading import add_model_args, run_cli
 from mechrecall.patching.core import METRICS, SITES, GaussianNoise, activation_patch
 from mechrecall.patching.prompts import FORMATS, fact_inputs, fact_pairs
 

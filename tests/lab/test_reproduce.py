@@ -81,7 +81,7 @@ def test_finished_run_is_refused_without_force(micro_run, capsys):
     [
         (["reproduce", "--preset", "nope"], "unknown preset 'nope'"),
         (["reproduce", "--preset", "micro", "--set", "mixed.bogus=1"], "unknown key 'bogus'"),
-        (["eval", "no-such-checkpoint"], "neither a checkpoint"),
+        (["eval", "no-such-checkpoint"], "neither an existing path nor a checkpoint name"),
         (["train", "--preset", "micro", "--regime", "sideways", "--out", "x"], "unknown regime 'sideways'"),
     ],
 )
