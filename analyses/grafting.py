@@ -1,4 +1,4 @@
-"""Grafting, settled (issue #14): every protocol variant of grafting the mixed model's parameters into another model.
+"""Every protocol variant of grafting a mixed model's parameters into another (shared-base test: a pretrained pair).
 
     python analyses/grafting.py --family default-s0 --out runs/default/grafting
     python analyses/grafting.py --mixed runs/x/mixed/final --recipients two_stage=runs/x/two_stage/final \\

@@ -1,4 +1,4 @@
-"""Does early cross-format consistency predict which runs will generalize? (issue #14, first result)
+"""Does early cross-format consistency predict which runs will generalize? (beyond the paper: early prediction)
 
     python analyses/predict_generalization.py --out runs/predict [--preset micro] [--fractions 0.1 0.25]
 

@@ -1,4 +1,4 @@
-"""A consistency-aware recipe (issue #14, second result): can an explicit cross-format term make training generalize?
+"""A consistency-aware recipe (beyond the paper): can an explicit cross-format term make training generalize?
 
     python analyses/remedy.py --out runs/remedy [--preset micro] [--seeds 0 1 2]
 

@@ -49,7 +49,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     loaded = load_model(args.checkpoint, registry=args.registry, device=args.device, dtype=args.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     if args.facts is not None:
-        print(json.dumps(_eval_facts(model, tokenizer, args.facts, args.split, args.checkpoint), indent=2))
+        result = _eval_facts(model, tokenizer, args.facts, args.split, args.checkpoint, args.chat_template)
+        print(json.dumps(result, indent=2))
         return 0
     from mechrecall.lab.evaluate import evaluate
     from mechrecall.lab.models import lab_dataset
@@ -63,7 +64,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_facts(model, tokenizer, path: str, split: str | None, source: str) -> dict:
+def _eval_facts(model, tokenizer, path: str, split: str | None, source: str, chat: bool = False) -> dict:
     """Exact match (every answer token, + end-of-text for queries) of a fact file's texts, per format and split."""
     from mechrecall.facts import load_facts
     from mechrecall.recall import recall
@@ -71,6 +72,8 @@ def _eval_facts(model, tokenizer, path: str, split: str | None, source: str) -> 
     facts = load_facts(path).split(split)
     if not len(facts):
         raise ValueError(f"{path}: no fact has split {split!r}")
+    if chat:
+        facts = facts.with_chat_template(tokenizer)
     facts.check_tokenization(tokenizer, ("subject",), source)
     out: dict = {"facts": str(path), "n_facts": len(facts)}
     for fmt in ("storage", "query"):
@@ -141,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--per-attribute", action="store_true")
     ev.add_argument("--facts", default=None, metavar="FILE", help="your own facts (any checkpoint; mechrecall.facts)")
     ev.add_argument("--split", default=None, help="with --facts: only this split's facts")
+    ev.add_argument("--chat-template", action="store_true",
+                    help="with --facts: wrap query texts in the tokenizer's chat template (instruct models)")  # fmt: skip
     add_model_args(ev)
     ev.set_defaults(func=_cmd_eval)
     rg = sub.add_parser("registry", help="list registered checkpoints")

@@ -295,7 +295,7 @@ def attribute(
 
 
 def to_dataframe(result: dict, label: str = "") -> pd.DataFrame:
-    steps = result.get("ig_convergence", {}).get("example_steps")  # absent from results written before session 9
+    steps = result.get("ig_convergence", {}).get("example_steps")  # absent from results written by older versions
     df = pd.DataFrame(
         {
             "model": label,

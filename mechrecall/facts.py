@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -91,6 +91,7 @@ __all__ = [
     "facts_from_records",
     "load_facts",
     "example_record",
+    "chat_example",
 ]
 
 Format = Literal["storage", "query"]
@@ -216,6 +217,15 @@ class FactSet:
                     f"needs a {' and a '.join(formats)} text of every fact)"
                 )
         return self
+
+    def with_chat_template(self, tokenizer) -> FactSet:
+        """The same facts with every query text wrapped in ``tokenizer``'s chat template (:func:`chat_example`), role
+        spans kept; storage texts unchanged. For instruct models, which otherwise end their turn where a base model
+        would answer."""
+        return FactSet(
+            [replace(f, query=tuple(chat_example(ex, tokenizer) for ex in f.query)) for f in self.facts],
+            f"{self.source} (queries in {getattr(tokenizer, 'name_or_path', '') or 'the'} chat template)",
+        )
 
     def check_tokenization(self, tokenizer, roles: Sequence[str] = ("subject",), model: str = "") -> FactSet:
         """``self`` if every text tokenizes with ``tokenizer`` into whole-token roles and each of ``roles`` (``"final"``:
@@ -509,6 +519,32 @@ def _jsonl(path: Path) -> Iterator[tuple[str, object]]:
 def _json_msg(e) -> str:
     """A JSON error's message without a dangling "at" (``Unterminated string starting at``): the caller says where."""
     return e.msg.removesuffix(" at").removesuffix(":")
+
+
+def chat_example(example: Example, tokenizer) -> Example:
+    """``example`` with its prompt as the user's turn of ``tokenizer``'s chat template and its answer as the start of
+    the assistant's turn (``apply_chat_template(..., add_generation_prompt=True)`` followed by the answer, its leading
+    space dropped). Role spans move with the prompt inside the rendered template; the answer span is the new text's
+    end. The tokenizer's end-of-sequence token (for chat models the end of turn) is what query recall expects after the
+    answer. Raises ``ValueError`` for a tokenizer without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')!r} has no chat template")
+    prompt = example.text[: example.answer_start]
+    stripped = prompt.rstrip()
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": stripped}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+    offset = rendered.rfind(stripped)
+    if offset < 0:
+        raise ValueError(f"the chat template does not keep the prompt {stripped[:60]!r} verbatim")
+    answer = example.answer.lstrip()
+    text = rendered + answer
+    spans = {
+        role: tuple((a + offset, b + offset) for a, b in spans)
+        for role, spans in example.spans.items()
+        if role != "answer"
+    }
+    spans["answer"] = ((len(rendered), len(text)),)
+    return replace(example, text=text, spans=spans)
 
 
 def load_facts(source) -> FactSet:

@@ -251,3 +251,27 @@ def test_a_role_on_no_token_is_named(smollm2_tokenizer):
     facts = load_facts([rec(id="x", relation_text=..., query=[])])
     with pytest.raises(RoleAlignmentError, match=r"fact 'x', storage\[0\] with the tokenizer of smol: role 'relation'"):
         facts.check_tokenization(smollm2_tokenizer, ("subject", "relation"), "smol")
+
+
+def test_query_texts_in_a_chat_template_keep_their_roles():
+    from mechrecall.tokenization import encode_example
+    from tests.test_architectures import _facts, _tokenizer
+
+    facts = _facts()
+    tok = _tokenizer(facts)
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
+    chat = facts.with_chat_template(tok)
+    for old, new in zip(facts, chat):
+        assert new.storage == old.storage
+        q, q0 = new.query[0], old.query[0]
+        assert q.text.startswith("<|user|> ") and q.text.endswith(f"</s> <|assistant|> {q0.answer}")
+        for role, spans in q0.spans.items():
+            got = [q.text[a:b] for a, b in q.spans[role]]
+            assert got == [q0.text[a:b].lstrip() if role == "answer" else q0.text[a:b] for a, b in spans], role
+        enc = encode_example(tok, q)
+        assert enc.input_ids[-1] == tok.eos_token_id and len(enc.roles["subject"]) == 2
+    with pytest.raises(ValueError, match="has no chat template"):
+        facts.with_chat_template(_tokenizer(facts))

@@ -112,7 +112,7 @@ class Preset(_Strict):
     threads: int | None = Field(None, ge=1)
     trace: bool = True  # per-format gradient trace during training (mechrecall.lab.trace), saved with checkpoints
     # vocabulary logits only at scored positions in the single-process loss (mechrecall.lab.train.lm_loss); off for
-    # the lab presets so that their runs keep the digits their README numbers were measured with
+    # the lab presets so that their runs keep the digits their published numbers (docs/results) were measured with
     scored_logits: bool = False
 
 
@@ -125,7 +125,7 @@ def _stage(**kw: Any) -> StageConfig:
 # validation QA at seed 0); stage 1 of two-stage keeps 0.1, because after a decay-1.0 stage 1 every stage-2 recipe
 # erased the biographies, which would make two-stage's failure a matter of forgetting. Stage 2 is the recipe of
 # mechrecall.lab.stage2's sweep (800-step budget) that keeps the most storage recall when trained QA reaches 95 % (full
-# fine-tuning at lr 3e-4). See the README ("How the default was chosen").
+# fine-tuning at lr 3e-4). See docs/results/lab.md ("How the default was chosen").
 DEFAULT = Preset(
     name="default",
     data=DataConfig(fullname=False),
@@ -165,7 +165,7 @@ MICRO = Preset(
 # a third of the throughput (``--set trace=true`` turns it on). Mixed's 450 steps: a 600-step run read every 50 steps,
 # the rule fixed before any held-out number was read (among steps with trained QA >= 0.95, the highest validation QA,
 # the earliest on ties): validation 0.033 at 450, 550 and 600. Validation stays at 0.017-0.05 throughout (1-3 of 60
-# questions), so the choice is within noise. README, "The science on a pretrained LM".
+# questions), so the choice is within noise. docs/results/pretrained.md.
 SMOLLM2 = Preset(
     name="smollm2",
     data=DataConfig(n_people=100, name_style="multi_token", fullname=False),
@@ -190,7 +190,7 @@ SMOLLM2 = Preset(
 # 60 (within noise; the validation answer NLL leaned the other way, 6.64 vs 6.43, but the rule ranks exact match
 # first). Both regimes then use it, as smollm2 does. Mixed's 600 steps: the lr-3e-4 probe continued to 600 steps and
 # read every 50 (validation only) by the rule fixed before the first run; no step reached trained QA 0.95 (best 0.933
-# at 500), so the rule's fallback, the last step. README, "A second architecture: gemma3-270m".
+# at 500), so the rule's fallback, the last step. docs/results/pretrained.md.
 GEMMA3_270M = SMOLLM2.model_copy(
     update={
         "name": "gemma3-270m",
@@ -205,7 +205,7 @@ GEMMA3_270M = SMOLLM2.model_copy(
 # Starting points, not tuned results: 1,000 people (100 validation), full fine-tuning at lr 2e-5 (constant after
 # warm-up), global batches of 32 + 32, about 20 storage epochs. Tune lr and steps on the validation people before
 # reading a held-out number. No gradient trace: it keeps 4 float32 tensors per parameter (45 GB at 2.8B), as much
-# as the AdamW state. Commands (one GPU, 8 GPUs, FSDP): README, "On GPUs and clusters".
+# as the AdamW state. Commands (one GPU, 8 GPUs, FSDP): docs/guides/gpus-and-clusters.md.
 def _gpu_recipe(name: str, source: str) -> Preset:
     return Preset(
         name=name,

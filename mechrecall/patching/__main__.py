@@ -153,15 +153,19 @@ def run(args) -> dict:
             examples = facts.examples(args.base_format, templates=[0])
             base = fact_inputs(loaded.tokenizer, examples[: args.count], roles=roles, whole_answer=whole)
             source, corruption = base, GaussianNoise(3.0, seed=args.seed)
+            kept = examples[: args.count]
             if args.granularity == "position":  # positions are comparable only across prompts of one length
                 readout = base.readout.tolist()
                 common = max(set(readout), key=readout.count)
-                kept = [ex for ex, r in zip(examples[: args.count], readout) if r == common]
+                kept = [ex for ex, r in zip(kept, readout) if r == common]
                 base = source = fact_inputs(loaded.tokenizer, kept, roles=roles, whole_answer=whole).all_positions()
+            pairs = [{"subject": ex.subject_id, "relation": ex.relation} for ex in kept]  # (each its own source)
+            stats = {"asked": args.count, "available": len(examples), "kept": len(kept)}
         else:
-            base, source, _ = fact_pairs(
+            stats = {"asked": args.count}
+            base, source, pairs = fact_pairs(
                 facts, loaded.tokenizer, source_format=args.source_format, base_format=args.base_format,
-                mode=args.mode, n=args.count, seed=args.seed, roles=roles, whole_answer=whole,
+                mode=args.mode, n=args.count, seed=args.seed, roles=roles, whole_answer=whole, stats=stats,
             )  # fmt: skip
             corruption = None
         model = _wrap(loaded, args.backend)
@@ -180,7 +184,8 @@ def run(args) -> dict:
             df = r.to_dataframe()
             df.insert(0, "checkpoint", name)
             frames.append(df)
-        result["models"][name] = {"source": source_name, "n": len(base), "roles": list(roles), "sites": per_site}
+        result["models"][name] = {"source": source_name, "n": len(base), "roles": list(roles), "pairs": pairs,
+                                  "pair_counts": stats, "sites": per_site}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     table = pd.concat(frames, ignore_index=True)
     tmp = out / ".patching.parquet.tmp"
@@ -209,14 +214,41 @@ def _html(result: dict) -> str:
     return html(figs, "mechrecall.patching")
 
 
+def best_site(site_result: dict) -> dict:
+    """Where a site's mean metric is highest: its value and one label per axis (layer, position or role, head)."""
+    mean = torch.tensor(site_result["mean"])
+    flat = int(mean.argmax())
+    where = {}
+    for axis, size in reversed(list(zip(site_result["axes"], mean.shape))):
+        flat, i = divmod(flat, size)
+        labels = site_result["labels"].get(axis)
+        where[axis] = labels[i] if labels is not None and i < len(labels) else i
+    return {"value": float(mean.max()), **dict(reversed(list(where.items())))}
+
+
+def _pairs_line(name: str, m: dict) -> str:
+    c = m["pair_counts"]
+    line = f"{name}: {c['kept']} pairs"
+    if "candidates" in c and c["same_first_token"]:
+        line += (f" of {c['candidates']} formed ({c['same_first_token']} dropped: the two answers begin with the same "
+                 f"token, which the first-token metrics cannot tell apart)")  # fmt: skip
+    if c["asked"] > c["kept"]:
+        line += f"; --count {c['asked']} asked for more than the {c['available']} available"
+    return line
+
+
 def _main(args) -> int:
     result = run(args)
     for name, m in result["models"].items():
+        print(_pairs_line(name, m))
         for site, s in m["sites"].items():
             mean = torch.tensor(s["mean"])
-            print(f"{name} {site}: {args.metric} base {s['base_mean']:.3f}, best patch {float(mean.max()):.3f}, "
-                  f"worst {float(mean.min()):.3f} ({m['n']} examples)")  # fmt: skip
-    print(f"wrote {Path(args.out) / 'patching.json'}, patching.parquet, patching.html")
+            best = best_site(s)
+            at = ", ".join(f"{k} {v}" for k, v in best.items() if k != "value")
+            print(f"{name} {site}: {args.metric} unpatched {s['base_mean']:.3f}; best patch {best['value']:.3f} at "
+                  f"{at}; worst {float(mean.min()):.3f} ({m['n']} examples)")  # fmt: skip
+    print(f"wrote {Path(args.out) / 'patching.json'} (per-pair facts under models.<name>.pairs), patching.parquet, "
+          f"patching.html")  # fmt: skip
     return 0
 
 

@@ -114,6 +114,7 @@ def fact_pairs(
     roles: Sequence[str] = DEFAULT_ROLES,
     seed: int = 0,
     whole_answer: bool = False,
+    stats: dict | None = None,
 ) -> tuple[PatchInputs, PatchInputs, list[dict]]:
     """(base, source, rows) for patching ``source_format`` prompts into ``base_format`` prompts of ``facts``.
 
@@ -122,6 +123,10 @@ def fact_pairs(
     (source fact, base fact, relation) for the results table. ``whole_answer=True`` adds the whole answers for the
     whole-answer metrics: the base prompt is followed by the *source* fact's answer (as the base format tokenizes
     it), which a successful patch makes likely; its foil is the base fact's own answer.
+
+    Pairs whose two answers begin with the same token are dropped (the first-token metrics, ``logit_diff`` and
+    ``hit``, cannot tell them apart), and at most ``n`` pairs are kept (a seeded sample). ``stats``, if given, is filled
+    with the counts: ``candidates`` (pairs formed), ``same_first_token`` (dropped), ``available`` and ``kept``.
     """
     if mode not in ("cross_fact", "same_fact"):
         raise ValueError(f"unknown pairing mode {mode!r}; expected 'cross_fact' or 'same_fact'")
@@ -129,6 +134,7 @@ def fact_pairs(
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     rng = random.Random(seed)
+    candidates = 0
     src_ex, base_ex, answers, foils, rows, whole, whole_foil, src_foil = [], [], [], [], [], [], [], []
     for relation in facts.relations if relations is None else relations:
         group = [f for f in facts if f.relation == relation and f.texts(source_format) and f.texts(base_format)]
@@ -141,6 +147,7 @@ def fact_pairs(
             t = (a if mode == "same_fact" else b).texts(base_format)[0]
             ans_a = _first_answer_token(tokenizer, s)
             ans_b = _first_answer_token(tokenizer, b.texts(base_format)[0])
+            candidates += 1
             if ans_a == ans_b:
                 continue
             src_ex.append(s)
@@ -154,6 +161,9 @@ def fact_pairs(
             rows.append({"source_fact": a.id, "base_fact": a.id if mode == "same_fact" else b.id, "relation": relation})
     if not rows:
         raise ValueError("no pair of facts has answers that differ in their first token")
+    if stats is not None:
+        kept = len(rows) if n is None else min(n, len(rows))
+        stats.update(candidates=candidates, same_first_token=candidates - len(rows), available=len(rows), kept=kept)
     keep = list(range(len(rows)))
     rng.shuffle(keep)
     keep = sorted(keep[:n]) if n is not None else keep[: len(rows)]

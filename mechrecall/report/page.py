@@ -252,7 +252,7 @@ def _masks_figures(masks: dict) -> list[tuple]:
 
 
 def _extra(run: Path, name: str) -> dict | None:
-    """An issue-#14 result beside the run: ``run/NAME.json`` or ``run/NAME/NAME.json`` (what the README's commands
+    """A beyond-the-paper result beside the run: ``run/NAME.json`` or ``run/NAME/NAME.json`` (what the documented commands
     write), else None."""
     return _load(run / f"{name}.json") or _load(run / name / f"{name}.json")
 

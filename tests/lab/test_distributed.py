@@ -23,7 +23,7 @@ SHORT = ["data.n_people=40", "mixed.steps=8", "mixed.eval_every=4", "save_every=
 def _launch(out: Path, *extra: str, n: int = 2, fsdp: bool = False) -> subprocess.CompletedProcess:
     # accelerate's --cpu launches one process (its multi-CPU mode needs MPI); --multi_gpu is its torch.distributed
     # launcher, which on a CPU machine gives gloo processes (the trainer asks accelerate for the CPU); --use_fsdp the
-    # same processes with ACCELERATE_USE_FSDP set (here from the README's FSDP config file, with 2 processes), which
+    # same processes with ACCELERATE_USE_FSDP set (here from the documented FSDP config file, with 2 processes), which
     # the trainer shards with FSDP2 itself
     mode = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp-3b.yaml")] if fsdp else ["--multi_gpu"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(n), "--num_machines",

@@ -178,7 +178,7 @@ def test_reproduce_without_a_trace_runs_every_analysis_on_a_pretrained_pair(tmp_
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "gpt2", "qwen2", "gemma3_text"])
 def test_alignment_objectives_train_on_pretrained_architectures(arch, tmp_path):
-    """Both alignment recipes of issue #14 (stage 2 against the frozen stage-1 model; mixed against the live model,
+    """Both cross-format alignment recipes (stage 2 against the frozen stage-1 model; mixed against the live model,
     contrastive) run on real architectures' hidden states, log their term, and change what training does."""
     import json
 

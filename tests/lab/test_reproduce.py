@@ -161,6 +161,17 @@ def test_patching_cli_on_registered_checkpoints(micro_run, tmp_path, capsys):
     assert set(df["checkpoint"]) == {"micro-s0-mixed", "micro-s0-two-stage"}
     assert len(df) == 2 * (2 * 3 * 12 + 2 * 4 * 3 * 12)  # resid_pre: layer x role x example; head: x 4 heads
     assert "plotly" in (tmp_path / "p" / "patching.html").read_text()
+    out = capsys.readouterr().out
+    assert "micro-s0-mixed resid_pre: hit unpatched" in out and "best patch" in out and " at layer " in out
+    result = json.loads((tmp_path / "p" / "patching.json").read_text())
+    pairs = result["models"]["micro-s0-mixed"]["pairs"]
+    assert len(pairs) == 12 and set(pairs[0]) == {"source_fact", "base_fact", "relation"}
+    assert all(p["source_fact"] != p["base_fact"] and p["source_fact"].endswith("/" + p["relation"]) for p in pairs)
+    rc = patching_main(["--checkpoint", "micro-s0-mixed", "--registry", str(reg), "--count", "5000", "--sites",
+                        "resid_pre", "--metric", "hit", "--out", str(tmp_path / "q")])  # fmt: skip
+    assert rc == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "--count 5000 asked for more than the" in line and "available" in line, line
 
 
 @pytest.mark.parametrize(

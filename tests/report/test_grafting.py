@@ -82,7 +82,7 @@ def test_grafting_refuses_bad_recipients_in_one_line(micro_run, tmp_path):
 
 
 def test_report_page_shows_grafting_prediction_and_remedy_results(micro_run, grafting_json, tmp_path):
-    """The #14 results join the report when their JSON sits beside the run (as the README's commands put them).
+    """The beyond-the-paper results join the report when their JSON sits beside the run (as the documented commands put them).
     Prediction and remedy rows are hand-made here (their analyses train grids); their shapes come from the scripts'
     own functions."""
     import shutil
