@@ -17,8 +17,10 @@ Roles partition the prompt (position 0 and padding excluded): ``subject`` (this 
 predicts the value), ``subject_elsewhere`` (the subject's tokens in earlier sentences: with the full name in every
 sentence the name recurs), ``other_context`` (everything else: the rest of earlier sentences, punctuation).
 :func:`role_shares` turns token attributions into each role's share of the total absolute attribution per example;
-the paper's signature is ``subject_relation_share`` = subject + relation + answer_preceding (this sentence's subject
-and relation; higher when the model reads the fact from them rather than from the whole context).
+:func:`attribute` reports every role apart and two sums, each named for what it adds: ``subject_plus_relation_share``
+(this sentence's subject and relation tokens: the paper's signature, higher when the model reads the fact from them
+rather than from the whole context) and ``subject_relation_preceding_share`` (the same plus the answer-preceding
+token, which predicts the value and usually carries the largest share of all).
 
 The attributed input is the *output* of the token embedding module (:func:`mechrecall.arch.embedding`), fed back
 through ``inputs_embeds=``: Gemma's embedding multiplies by ``sqrt(d_model)`` inside its forward and its decoder does
@@ -274,12 +276,15 @@ def attribute(
     model.train(was)
     shares = role_shares(ig.attributions, inputs)
     gxi_shares = role_shares(gxi, inputs)
-    sr = shares["subject"] + shares["relation"] + shares["answer_preceding"]
+    sr = shares["subject"] + shares["relation"]
+    srp = sr + shares["answer_preceding"]
     return {
         "n": len(examples),
         "first_position_fixed": fix_first,
-        "subject_relation_share": float(sr.mean()),
-        "subject_relation_share_per_fact": sr.tolist(),
+        "subject_plus_relation_share": float(sr.mean()),
+        "subject_plus_relation_share_per_fact": sr.tolist(),
+        "subject_relation_preceding_share": float(srp.mean()),
+        "subject_relation_preceding_share_per_fact": srp.tolist(),
         "per_role": {r: float(v.mean()) for r, v in shares.items()},
         "per_role_grad_x_input": {r: float(v.mean()) for r, v in gxi_shares.items()},
         "occlusion_drop": {r: float(v.mean()) for r, v in occ.items()},
@@ -300,7 +305,8 @@ def to_dataframe(result: dict, label: str = "") -> pd.DataFrame:
         {
             "model": label,
             "fact": range(result["n"]),
-            "subject_relation_share": result["subject_relation_share_per_fact"],
+            "subject_plus_relation_share": result["subject_plus_relation_share_per_fact"],
+            "subject_relation_preceding_share": result["subject_relation_preceding_share_per_fact"],
         }
     )
     if steps is not None:

@@ -72,7 +72,7 @@ def test_occlusion_of_nothing_changes_nothing(setup):
 def test_attribute_summary(setup):
     model, tok, examples = setup
     r = attribute(model, tok, examples[:6], steps=8, max_steps=64)
-    assert r["n"] == 6 and 0 <= r["subject_relation_share"] <= 1
+    assert r["n"] == 6 and 0 <= r["subject_plus_relation_share"] <= r["subject_relation_preceding_share"] <= 1
     assert set(r["per_role"]) == set(ROLES) and sum(r["per_role"].values()) == pytest.approx(1, abs=1e-5)
     df = to_dataframe(r, "m")
     assert len(df) == 6 and df["ig_steps"].tolist() == r["ig_convergence"]["example_steps"]
@@ -116,7 +116,7 @@ def test_cuda_model_attributes_like_the_cpu(setup):
     torch.testing.assert_close(got.gap, ref.gap, rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(gradient_x_input(cuda, inputs), gradient_x_input(model, inputs), rtol=1e-3, atol=1e-5)
     r = attribute(cuda, tok, examples[:4], steps=8, max_steps=32)
-    assert r["n"] == 4 and 0 <= r["subject_relation_share"] <= 1
+    assert r["n"] == 4 and 0 <= r["subject_plus_relation_share"] <= r["subject_relation_preceding_share"] <= 1
 
 
 def test_refinement_is_per_example(setup):

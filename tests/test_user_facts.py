@@ -117,7 +117,9 @@ def test_attribution_and_patching_analyses_on_smollm2(smollm2, tmp_path, capsys)
     assert rc == 0, capsys.readouterr().err
     a = json.loads((tmp_path / "attribution.json").read_text())
     assert a["labels"] == [SMOL, f"{SMOL}#2"] and a[SMOL]["n"] == 2 and a[SMOL]["ig_convergence"]["steps"] == 2
-    assert 0 <= a[SMOL]["subject_relation_share"] <= 1 and set(a[SMOL]["per_role"]) >= {"subject", "relation"}
+    assert 0 <= a[SMOL]["subject_plus_relation_share"] <= a[SMOL]["subject_relation_preceding_share"] <= 1 and set(
+        a[SMOL]["per_role"]
+    ) >= {"subject", "relation"}
     assert plotly_page(tmp_path / "attribution.html")
     rc = script("patching")(["--checkpoints", SMOL, SMOL, "--facts", str(FACTS), "--count", "3", "--sites",
                              "resid_pre", "--layers", "29", "--out", str(tmp_path)])  # fmt: skip

@@ -343,18 +343,23 @@ def _attribution_figures(attribution: dict) -> list[tuple]:
         (
             bars,
             f"Finding 4, input signature: integrated-gradients share of absolute attribution per role for the "
-            f"storage-format value (held-out people). Subject + relation share: mixed {a['subject_relation_share']:.3f} "
-            f"[{a['subject_relation_share_ci'][0]:.3f}, {a['subject_relation_share_ci'][1]:.3f}] vs two-stage "
-            f"{b['subject_relation_share']:.3f} [{b['subject_relation_share_ci'][0]:.3f}, "
-            f"{b['subject_relation_share_ci'][1]:.3f}]. "
+            f"storage-format value (held-out people). Subject + relation tokens: mixed "
+            f"{a['subject_plus_relation_share']:.3f} [{a['subject_plus_relation_share_ci'][0]:.3f}, "
+            f"{a['subject_plus_relation_share_ci'][1]:.3f}] vs two-stage {b['subject_plus_relation_share']:.3f} "
+            f"[{b['subject_plus_relation_share_ci'][0]:.3f}, {b['subject_plus_relation_share_ci'][1]:.3f}]; with the "
+            f"answer-preceding token added: mixed {a['subject_relation_preceding_share']:.3f} vs two-stage "
+            f"{b['subject_relation_preceding_share']:.3f}. "
             + _versus(
-                a["subject_relation_share"],
-                b["subject_relation_share"],
+                a["subject_plus_relation_share"],
+                b["subject_plus_relation_share"],
                 "mixed models read the fact from the subject and relation tokens, two-stage models from "
                 "the whole context",
             ),
         ),
-        (box, "Subject + relation share per fact (each point one held-out fact)."),
+        (
+            box,
+            "Subject + relation share per fact (each point one held-out fact; the answer-preceding token not included).",
+        ),
     ]
     return out
 

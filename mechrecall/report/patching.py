@@ -212,11 +212,12 @@ def run_attribution(
         else:
             examples = fs.check_tokenization(lm.tokenizer, ("subject", "final"), src).examples("storage", templates=[0])
         r = attribute(lm.model, lm.tokenizer, examples, steps=steps, max_steps=max_steps, fix_first=fix_first)
-        sr = torch.tensor(r["subject_relation_share_per_fact"])
-        g = torch.Generator().manual_seed(0)
-        boots = torch.stack([sr[torch.randint(len(sr), (len(sr),), generator=g)].mean() for _ in range(1000)])
-        r["subject_relation_share_ci"] = [float(boots.quantile(0.025)), float(boots.quantile(0.975))]
-        r["subject_relation_share_std"] = float(sr.std()) if len(sr) > 1 else 0.0
+        for key in ("subject_plus_relation_share", "subject_relation_preceding_share"):
+            sr = torch.tensor(r[f"{key}_per_fact"])
+            g = torch.Generator().manual_seed(0)  # (the same resamples for both sums)
+            boots = torch.stack([sr[torch.randint(len(sr), (len(sr),), generator=g)].mean() for _ in range(1000)])
+            r[f"{key}_ci"] = [float(boots.quantile(0.025)), float(boots.quantile(0.975))]
+            r[f"{key}_std"] = float(sr.std()) if len(sr) > 1 else 0.0
         result[label] = done[id(lm)] = {"source": src, **r}
     page = html(attribution_figures(result), "mechrecall attribution")
     atomic_write_files(out, {"attribution.json": result, "attribution.html": page})
@@ -281,7 +282,7 @@ def attribution_figures(result: dict) -> list:
                       yaxis_title="share", barmode="group")  # fmt: skip
     box = go.Figure()
     for r in regimes:
-        box.add_trace(go.Box(y=result[r]["subject_relation_share_per_fact"], name=r, boxpoints="all"))
+        box.add_trace(go.Box(y=result[r]["subject_plus_relation_share_per_fact"], name=r, boxpoints="all"))
     box.update_layout(title="Subject + relation share per fact", yaxis_title="share")
     return [fig, box]
 
@@ -302,14 +303,16 @@ def summary_rows(patching: dict | None, attribution: dict | None) -> list[str]:
                 f"| {r} | {hr[0, 0]:.3f} | L{L} {s['logit_diff']['pos'][j]}: {hr.max():.3f} | {s['hit_rate_base']:.3f} |"
             )
     if attribution:
-        lines += ["", "| regime | subject+relation share (IG) [95% CI] | subject | relation | answer-preceding | subject elsewhere | other context |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "| regime | subject + relation (IG) [95% CI] | + answer-preceding [95% CI] | subject | relation | answer-preceding | subject elsewhere | other context |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in labels_of(attribution):
             a = attribution[r]
             pr = a["per_role"]
+            sr, srp = a["subject_plus_relation_share"], a["subject_relation_preceding_share"]
+            sr_ci, srp_ci = a["subject_plus_relation_share_ci"], a["subject_relation_preceding_share_ci"]
             lines.append(
-                f"| {r} | {a['subject_relation_share']:.3f} [{a['subject_relation_share_ci'][0]:.3f}, "
-                f"{a['subject_relation_share_ci'][1]:.3f}] | {pr['subject']:.3f} | {pr['relation']:.3f} | "
-                f"{pr['answer_preceding']:.3f} | {pr['subject_elsewhere']:.3f} | {pr['other_context']:.3f} |"
+                f"| {r} | {sr:.3f} [{sr_ci[0]:.3f}, {sr_ci[1]:.3f}] | {srp:.3f} [{srp_ci[0]:.3f}, {srp_ci[1]:.3f}] | "
+                f"{pr['subject']:.3f} | {pr['relation']:.3f} | {pr['answer_preceding']:.3f} | "
+                f"{pr['subject_elsewhere']:.3f} | {pr['other_context']:.3f} |"
             )
     return lines

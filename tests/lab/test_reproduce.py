@@ -143,7 +143,9 @@ def test_patching_and_attribution_json(micro_run):
     assert hit["mixed"] > hit["two_stage"]
     a = json.loads((out / "attribution.json").read_text())
     for r in ("two_stage", "mixed"):
-        assert 0 <= a[r]["subject_relation_share"] <= 1 and set(a[r]["per_role"]) >= {"subject", "relation"}
+        assert 0 <= a[r]["subject_plus_relation_share"] <= a[r]["subject_relation_preceding_share"] <= 1 and set(
+            a[r]["per_role"]
+        ) >= {"subject", "relation"}
         assert a[r]["ig_convergence"]["converged"]
     assert "Cross-format patching" in (out / "results.md").read_text()
 
