@@ -70,7 +70,7 @@ def _consistency_part(part: str, args) -> int:
     fig = figures(result)[0 if part == "gradient" else 1]
     page = fig.to_html(include_plotlyjs=True)
     atomic_write_files(out, {f"{part}_consistency.json": result[part], f"{part}_consistency.html": page})
-    keys = {"gradient": ("heldout_mean_cos", "baseline_mean_cos"),
+    keys = {"gradient": ("same_fact_mean_cos", "baseline_mean_cos"),
             "representation": ("subject_last_layer_margin", "final_last_layer_margin")}[part]  # fmt: skip
     for regime, r in result[part].items():
         print(regime, {k: round(r[k], 3) for k in keys})

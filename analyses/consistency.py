@@ -60,7 +60,7 @@ def _main(args) -> int:
     for name, g in result["gradient"].items():
         rep = result["representation"][name]
         print(
-            f"{name}: grad cos {g['heldout_mean_cos']:.3f} [{g['ci'][0]:.3f}, {g['ci'][1]:.3f}] "
+            f"{name}: grad cos {g['same_fact_mean_cos']:.3f} [{g['ci'][0]:.3f}, {g['ci'][1]:.3f}] "
             f"(mismatched {g['baseline_mean_cos']:.3f}); subject margin (last layer) {rep['subject_last_layer_margin']:.3f}; "
             f"final margin {rep['final_last_layer_margin']:.3f}; probe {rep['probe_storage_to_query']['test_accuracy']:.3f}"
         )

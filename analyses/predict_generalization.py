@@ -87,7 +87,7 @@ def measure_checkpoint(path: Path, dataset, grad_facts: int) -> dict:
     return {
         "step": meta.get("global_step"),
         "stage": stage,
-        "grad_margin": g["heldout_mean_cos"] - g["baseline_mean_cos"],
+        "grad_margin": g["same_fact_mean_cos"] - g["baseline_mean_cos"],
         "rep_subject_margin": r["subject_last_layer_margin"],
         "rep_final_margin": r["final_last_layer_margin"],
         "train_loss": _train_loss(model, tok, dataset, formats),

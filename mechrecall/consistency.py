@@ -420,8 +420,10 @@ def measure(
     )
     return {
         "n_facts": len(storage),
+        "facts": facts.source,  # what was measured: which fact set (a lab run's held-out people, a fact file, ...)
+        "splits": facts.splits,
         "gradient": {
-            "heldout_mean_cos": gsum["all"]["mean_cos"],
+            "same_fact_mean_cos": gsum["all"]["mean_cos"],
             "ci": gsum["all"]["ci"],
             "baseline_mean_cos": gsum["all"]["baseline_mean_cos"],
             "margin_ci": gsum["all"]["margin_ci"],

@@ -90,7 +90,7 @@ def test_consistency_analysis_on_smollm2(smollm2, tmp_path, capsys):
     c = json.loads((tmp_path / "consistency.json").read_text())
     assert c["facts"] == str(FACTS) and c["n_facts"] == 4 and c["labels"] == [SMOL]
     g, r = c["gradient"][SMOL], c["representation"][SMOL]
-    assert -1 <= g["heldout_mean_cos"] <= 1 and g["n_facts"] == 2
+    assert -1 <= g["same_fact_mean_cos"] <= 1 and g["n_facts"] == 2
     assert set(r["per_layer"]) == {"subject", "relation", "final"} and len(r["per_layer"]["final"]) == 30
     assert plotly_page(tmp_path / "consistency.html")
 

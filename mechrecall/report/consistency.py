@@ -141,16 +141,16 @@ def figures(result: dict) -> list:
         grad.add_trace(
             go.Bar(
                 x=["all", *[k.removeprefix("layer:") for k in groups]],
-                y=[g["heldout_mean_cos"], *[v["mean_cos"] for v in groups.values()]],
+                y=[g["same_fact_mean_cos"], *[v["mean_cos"] for v in groups.values()]],
                 error_y={
                     "type": "data",
                     "symmetric": False,
                     "array": [
-                        g["ci"][1] - g["heldout_mean_cos"],
+                        g["ci"][1] - g["same_fact_mean_cos"],
                         *[v["ci"][1] - v["mean_cos"] for v in groups.values()],
                     ],
                     "arrayminus": [
-                        g["heldout_mean_cos"] - g["ci"][0],
+                        g["same_fact_mean_cos"] - g["ci"][0],
                         *[v["mean_cos"] - v["ci"][0] for v in groups.values()],
                     ],
                 },
@@ -201,7 +201,7 @@ def trajectory(run_dir: str | Path, out: str | Path, *, n_people: int = 50, grad
                 {
                     "global_step": meta["global_step"],
                     "stage": meta["stage"],
-                    "gradient_cos": m["gradient"]["heldout_mean_cos"],
+                    "gradient_cos": m["gradient"]["same_fact_mean_cos"],
                     "gradient_ci": m["gradient"]["ci"],
                     "final_margin": m["representation"]["final_last_layer_margin"],
                     "subject_margin": m["representation"]["subject_last_layer_margin"],

@@ -176,11 +176,11 @@ def _consistency_figures(consistency: dict) -> list[tuple]:
             grad,
             f"Finding 1, gradient consistency: cosine between the gradients of the storage-format and the "
             f"query-format answer loss of the same held-out fact, overall and per block (95% bootstrap CIs). "
-            f"Mixed {g['mixed']['heldout_mean_cos']:.3f} vs two-stage {g['two_stage']['heldout_mean_cos']:.3f}; "
+            f"Mixed {g['mixed']['same_fact_mean_cos']:.3f} vs two-stage {g['two_stage']['same_fact_mean_cos']:.3f}; "
             f"mismatched facts give ~{g['mixed']['baseline_mean_cos']:.3f}. "
             + _versus(
-                g["mixed"]["heldout_mean_cos"],
-                g["two_stage"]["heldout_mean_cos"],
+                g["mixed"]["same_fact_mean_cos"],
+                g["two_stage"]["same_fact_mean_cos"],
                 "mixed training aligns the two formats' gradients",
             ),
         )

@@ -29,7 +29,7 @@ def test_consistency_json_schema(micro_run):
     c = json.loads((out / "consistency.json").read_text())
     for regime in ("two_stage", "mixed"):
         g, r = c["gradient"][regime], c["representation"][regime]
-        assert -1 <= g["heldout_mean_cos"] <= 1 and g["ci"][0] <= g["heldout_mean_cos"] <= g["ci"][1]
+        assert -1 <= g["same_fact_mean_cos"] <= 1 and g["ci"][0] <= g["same_fact_mean_cos"] <= g["ci"][1]
         assert set(r["per_layer"]) == {"subject", "relation", "final"} and len(r["per_layer"]["final"]) == 2
         assert len(r["baseline_per_layer"]["subject"]) == 2 and isinstance(r["subject_last_layer_margin"], float)
     assert "plotly" in (out / "consistency.html").read_text()
@@ -41,7 +41,7 @@ def test_mixed_aligns_query_and_storage_more_than_two_stage(micro_run):
     """Findings 1 and 2 on the micro preset: larger same-fact gradient cosine and final-token state cosine."""
     out, _ = micro_run
     c = json.loads((out / "consistency.json").read_text())
-    assert c["gradient"]["mixed"]["heldout_mean_cos"] > c["gradient"]["two_stage"]["heldout_mean_cos"]
+    assert c["gradient"]["mixed"]["same_fact_mean_cos"] > c["gradient"]["two_stage"]["same_fact_mean_cos"]
     assert (
         c["representation"]["mixed"]["final_last_layer_margin"]
         > c["representation"]["two_stage"]["final_last_layer_margin"]
