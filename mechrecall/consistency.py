@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechrecall import arch
-from mechrecall.devices import nbytes, release_memory
+from mechrecall.devices import check_memory, model_device, nbytes, release_memory
 from mechrecall.facts import FactSet
 
 
@@ -221,6 +221,7 @@ __all__ = [
     "cross_format_probe",
     "derangement",
     "grad_batch_for",
+    "gradient_memory",
     "gradient_consistency",
     "linear_cka",
     "measure",
@@ -360,6 +361,14 @@ def streamed_gradient_consistency(
 GRAD_BATCH_BYTES = 2 << 30
 
 
+def gradient_memory(model, streamed: bool, grad_batch: int) -> int:
+    """Bytes gradient consistency allocates beyond the loaded model: streamed, the gradient buffers, three gradients
+    and ~1 GiB for one example's activations; with vmap, both formats' gradients of ``grad_batch`` facts and as much
+    again of intermediates, plus the same 1 GiB."""
+    size = nbytes(model.parameters())
+    return (4 * size if streamed else 4 * grad_batch * size) + (1 << 30)
+
+
 def grad_batch_for(model, budget: int = GRAD_BATCH_BYTES) -> int:
     """Facts per per-example-gradient batch for ``model``: as many as fit ``budget`` bytes of gradients of both
     formats, from 2 (the mismatched baseline pairs facts within a batch) to 16. A function of the model alone (its
@@ -400,6 +409,13 @@ def measure(
 
     if streamed is None:
         streamed = 2 * vmap_bytes(select_params(model), grad_batch) > VMAP_BUDGET
+    check_memory(
+        f"gradient consistency ({'streamed' if streamed else f'vmap over {grad_batch} facts'})",
+        gradient_memory(model, streamed, grad_batch),
+        model_device(model),
+        "measure on a device with more free memory (a GPU: --device cuda, or bf16: --dtype bf16), or close what holds "
+        "it; the streamed path (the default above 1 GiB of gradients) needs the least",
+    )
     grads = streamed_gradient_consistency(
         model, tokenizer, storage[:grad_facts], query[:grad_facts], seed=seed, batch_size=grad_batch, streamed=streamed
     )

@@ -8,9 +8,14 @@ objects and refuse what this machine cannot run with one clear line.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 __all__ = [
+    "available_memory",
+    "MemoryEstimateError",
+    "check_memory",
     "DTYPES",
     "DeviceError",
     "default_device",
@@ -134,3 +139,35 @@ def release_memory(freed_bytes: int | None = None) -> None:
             pass
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+class MemoryEstimateError(ValueError):
+    """A computation would need more memory than the device has free (raised before it allocates)."""
+
+
+def available_memory(device: str | torch.device) -> int:
+    """Bytes free on ``device`` now: CUDA's free memory, or the host's available memory (``/proc/meminfo``'s
+    MemAvailable, which counts reclaimable caches) for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil  # (not Linux)
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(what: str, needed: int, device: str | torch.device, remedies: str) -> None:
+    """Raise :class:`MemoryEstimateError` (one line: what, how much it needs, how much is free, what would fit) when
+    ``needed`` bytes exceed what ``device`` has free."""
+    free = available_memory(device)
+    if needed > free:
+        raise MemoryEstimateError(
+            f"{what} needs about {needed / 2**30:.1f} GiB on {device} and {free / 2**30:.1f} GiB are free: {remedies}"
+        )

@@ -225,3 +225,24 @@ def test_streamed_consistency_equals_the_vmap_path_with_three_gradients_at_most(
         torch.testing.assert_close(a.mismatched, b.mismatched, rtol=0, atol=2e-5, msg=a.group)
     assert model.config._attn_implementation == "sdpa"  # the user's setting is back
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_model_too_large_for_free_memory_is_refused_before_any_gradient(monkeypatch):
+    import mechrecall.consistency as consistency_mod
+    import mechrecall.devices as devices_mod
+    import mechrecall.gradients as gradients_mod
+    from mechrecall.devices import MemoryEstimateError
+    from tests.test_architectures import VOCAB, _facts, _tokenizer
+    from tests.tiny_models import tiny_model
+
+    facts = _facts()
+    model = tiny_model("llama", VOCAB)
+    monkeypatch.setattr(devices_mod, "available_memory", lambda device: 1 << 29)  # 0.5 GiB free
+
+    def no_gradients(*a, **k):
+        raise AssertionError("a gradient was computed before the memory check")
+
+    monkeypatch.setattr(gradients_mod, "iter_example_grads", no_gradients)
+    monkeypatch.setattr(gradients_mod, "per_example_grads", no_gradients)
+    with pytest.raises(MemoryEstimateError, match=r"gradient consistency .* needs about 1\.0 GiB on cpu and 0\.5 GiB"):
+        consistency_mod.measure(model, _tokenizer(facts), facts, grad_facts=4, streamed=True)
