@@ -5,7 +5,9 @@
 For each model, times the lab trainer's own step (``mechrecall.lab.train._optimizer_step``: one storage and one query
 batch of the micro dataset, each format back-propagated separately for the gradient trace, AdamW) after a warm-up
 step, with the trace on and off, and untraced with vocabulary logits at the scored positions only (the
-``scored_logits`` preset option; ``scored_logits_speedup`` is its tokens per second over the full-logits step's).
+``scored_logits`` preset option; ``scored_logits_speedup`` is its tokens per second over the full-logits step's), and
+in float32 the untraced steps again under bf16 autocast (``train --autocast bf16``: float32 weights, optimizer and loss;
+``bf16_autocast_speedup`` over the float32 step, ``bf16_autocast_scored_speedup`` the same with scored logits).
 Reports tokens per second (every position of the padded batches, and the scored ones)
 and the model-FLOP utilisation: the step's matrix-product FLOPs per second (forward + backward: ``6 x block
 parameters x tokens`` plus ``6 x vocabulary x d_model`` at every position whose logits are computed; the input
@@ -49,7 +51,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _run(model, tokenizer, device, steps: int, batch: int, trace: bool, scored_logits: bool = False) -> dict:
+def _run(model, tokenizer, device, steps: int, batch: int, trace: bool, scored_logits: bool = False,
+         autocast: torch.dtype | None = None) -> dict:  # fmt: skip
     from mechrecall.lab.bios import generate
     from mechrecall.lab.config import get_preset
     from mechrecall.lab.trace import GradientTrace
@@ -61,6 +64,7 @@ def _run(model, tokenizer, device, steps: int, batch: int, trace: bool, scored_l
     cfg = StageConfig(steps=steps + 1, lr=1e-4, batch_storage=batch, batch_query=batch)
     run = _Run(preset, "mixed", Path("."), ds, tokenizer, data, model, {"global_step": 0}, 0.0,
                GradientTrace() if trace else None)  # fmt: skip
+    run.device, run.autocast = device, autocast
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     model.train()
     seconds, tokens, scored, logit_rows = [], 0, 0, 0
@@ -118,16 +122,28 @@ def main() -> None:
         n_blocks, n_unembed = matmul_sizes(model)
         state = {k: v.clone() for k, v in model.state_dict().items()}
         rows = {}
-        for label, trace, scored in (("untraced", False, False), ("traced", True, False),
-                                     ("untraced_scored_logits", False, True)):  # fmt: skip
+        variants = [("untraced", False, False, None), ("traced", True, False, None),
+                    ("untraced_scored_logits", False, True, None)]  # fmt: skip
+        if dtype == torch.float32:  # bf16 autocast (float32 weights, optimizer and loss), as train --autocast bf16
+            variants += [("untraced_bf16_autocast", False, False, torch.bfloat16),
+                         ("untraced_scored_logits_bf16_autocast", False, True, torch.bfloat16)]  # fmt: skip
+        for label, trace, scored, amp in variants:
             model.load_state_dict(state)
-            r = _run(model, lm.tokenizer, device, args.steps, args.batch, trace, scored)
+            r = _run(model, lm.tokenizer, device, args.steps, args.batch, trace, scored, amp)
             r["mfu"] = 6 * (n_blocks * r["tokens_per_s"] + n_unembed * r["logit_rows_per_s"]) / peak
             r["mfu_6nd"] = 6 * n_params * r["tokens_per_s"] / peak
             rows[label] = r
         rows["scored_logits_speedup"] = (
             rows["untraced_scored_logits"]["tokens_per_s"] / rows["untraced"]["tokens_per_s"]
         )
+        if "untraced_bf16_autocast" in rows:  # bf16 autocast over float32, same step, same run
+            rows["bf16_autocast_speedup"] = (
+                rows["untraced_bf16_autocast"]["tokens_per_s"] / rows["untraced"]["tokens_per_s"]
+            )
+            rows["bf16_autocast_scored_speedup"] = (
+                rows["untraced_scored_logits_bf16_autocast"]["tokens_per_s"]
+                / rows["untraced_scored_logits"]["tokens_per_s"]
+            )
         out[name] = {"parameters": n_params, "block_parameters": n_blocks, "unembedding_parameters": n_unembed, **rows}
     print(json.dumps(out, indent=2))
 
