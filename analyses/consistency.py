@@ -35,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--grad-batch", type=at_least(2), default=None,
                     help="facts per per-example-gradient batch (default: by model size; memory ~ 4 x this x 4 "
                          "bytes x parameters; >= 2)")  # fmt: skip
+    ap.add_argument("--grad-sketch", type=positive_int, default=None, metavar="K",
+                    help="estimate gradient cosines from K-bucket CountSketches (memory: the model and its gradient "
+                         "buffers; error about 1/sqrt(K)) for models where three gradients do not fit")  # fmt: skip
     ap.add_argument("--no-parity", action="store_true", help="skip the TransformerLens / nnsight logit checks")
     add_model_args(ap)
     return ap
@@ -53,7 +56,7 @@ def _main(args) -> int:
         return 0
     result = run(
         args.checkpoints, args.out, registry=args.registry, n_people=args.people, grad_facts=args.grad_facts,
-        grad_batch=args.grad_batch,
+        grad_batch=args.grad_batch, grad_sketch=args.grad_sketch,
         labels=args.labels, facts=args.facts, split=args.split, device=args.device, dtype=args.dtype,
         parity=not args.no_parity,
     )  # fmt: skip

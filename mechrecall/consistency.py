@@ -278,14 +278,27 @@ def _cycles(perm: Tensor) -> list[list[int]]:
     return out
 
 
-def _streamed_batch(model, tokenizer, s_ex, q_ex, groups, perm) -> tuple[Tensor, Tensor]:
+def _sketch_cosines(a: Tensor, b: Tensor, groups: list[tuple[str, list[int]]]) -> Float[Tensor, " group"]:
+    """Group cosines estimated from per-parameter sketches ``[param, k]``: a group's sketch is its rows' sum."""
+    out = []
+    for _, idx in groups:
+        x, y = a[idx].sum(0).double(), b[idx].sum(0).double()
+        out.append(float(x @ y / max(float(x.norm() * y.norm()), 1e-12)))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _streamed_batch(model, tokenizer, s_ex, q_ex, groups, perm, sketch=None) -> tuple[Tensor, Tensor]:
     """Same-fact and mismatched (``perm``) cosines per group for one batch of facts, holding at most three
     gradients at once: each cycle of ``perm`` is walked keeping its first query gradient, the current storage
-    gradient and the next query gradient."""
+    gradient and the next query gradient. With ``sketch`` (a :class:`mechrecall.gradients.CountSketch`) those three
+    are sketches, made where each gradient is computed, and the cosines are estimates."""
     from mechrecall.gradients import answer_batch, iter_example_grads
 
     def grad(ex):
-        return next(iter_example_grads(model, answer_batch(tokenizer, [ex])))
+        return next(iter_example_grads(model, answer_batch(tokenizer, [ex]), reduce=sketch))
+
+    def cosines(a, b):
+        return _sketch_cosines(a, b, groups) if sketch is not None else _group_cosines(_products(a, b), groups)
 
     same = torch.zeros(len(groups), len(s_ex))
     mismatched = torch.zeros(len(groups), len(s_ex))
@@ -294,10 +307,10 @@ def _streamed_batch(model, tokenizer, s_ex, q_ex, groups, perm) -> tuple[Tensor,
         current = first
         for t, i in enumerate(cycle):
             s = grad(s_ex[i])
-            same[:, i] = _group_cosines(_products(s, current), groups)
+            same[:, i] = cosines(s, current)
             current = None  # (the first query gradient stays referenced by ``first``)
             current = grad(q_ex[cycle[t + 1]]) if t + 1 < len(cycle) else first
-            mismatched[:, i] = _group_cosines(_products(s, current), groups)
+            mismatched[:, i] = cosines(s, current)
             del s
         del first, current
     return same, mismatched
@@ -313,6 +326,7 @@ def streamed_gradient_consistency(
     batch_size: int = 16,
     seed: int = 0,
     streamed: bool | None = None,
+    sketch_dim: int | None = None,
 ) -> list[Consistency]:
     """:func:`gradient_consistency` over aligned (storage, query) example lists, one batch of facts at a time.
 
@@ -325,15 +339,24 @@ def streamed_gradient_consistency(
     with ordinary backwards and keeps at most three (memory: the model, its gradient buffers, three gradients and
     small per-parameter sums, whatever the batch size; any attention implementation); None (default) streams when a
     batch's two formats would hold more than :data:`mechrecall.gradients.VMAP_BUDGET` bytes.
+
+    ``sketch_dim=k`` (streamed) keeps a :class:`mechrecall.gradients.CountSketch` of each gradient instead of the
+    gradient (``k`` floats per parameter tensor): memory is then the model and its gradient buffers, and the cosines
+    are estimates with an error of order ``1 / sqrt(k)``, for models where even three gradients do not fit.
     """
     from mechrecall.gradients import VMAP_BUDGET, answer_batch, per_example_grads, select_params, vmap_bytes
 
     if len(storage) != len(query):
         raise ValueError("storage and query examples must be aligned fact by fact")
     if streamed is None:
-        streamed = 2 * vmap_bytes(select_params(model), batch_size) > VMAP_BUDGET
+        streamed = sketch_dim is not None or 2 * vmap_bytes(select_params(model), batch_size) > VMAP_BUDGET
+    if sketch_dim is not None and not streamed:
+        raise ValueError("a gradient sketch is made on the streamed path: pass streamed=True (or None)")
+    from mechrecall.gradients import CountSketch
+
     names = list(select_params(model))
     groups = _groups(names, by, model) if streamed else None
+    sketch = CountSketch(names, sketch_dim, seed) if sketch_dim is not None else None
     parts: dict[str, list[tuple[Tensor, Tensor]]] = {}
     for start in range(0, len(storage), batch_size):
         s_ex, q_ex = storage[start : start + batch_size], query[start : start + batch_size]
@@ -341,7 +364,7 @@ def streamed_gradient_consistency(
             break
         if streamed:
             same, mismatched = _streamed_batch(
-                model, tokenizer, s_ex, q_ex, groups, derangement(len(s_ex), seed + start)
+                model, tokenizer, s_ex, q_ex, groups, derangement(len(s_ex), seed + start), sketch
             )
             for g, (name, _) in enumerate(groups):
                 parts.setdefault(name, []).append((same[g], mismatched[g]))
@@ -361,11 +384,13 @@ def streamed_gradient_consistency(
 GRAD_BATCH_BYTES = 2 << 30
 
 
-def gradient_memory(model, streamed: bool, grad_batch: int) -> int:
+def gradient_memory(model, streamed: bool, grad_batch: int, sketch_dim: int | None = None) -> int:
     """Bytes gradient consistency allocates beyond the loaded model: streamed, the gradient buffers, three gradients
-    and ~1 GiB for one example's activations; with vmap, both formats' gradients of ``grad_batch`` facts and as much
-    again of intermediates, plus the same 1 GiB."""
+    and ~1 GiB for one example's activations; sketched, the buffers and the 1 GiB; with vmap, both formats' gradients
+    of ``grad_batch`` facts and as much again of intermediates, plus the same 1 GiB."""
     size = nbytes(model.parameters())
+    if sketch_dim is not None:
+        return size + (1 << 30)
     return (4 * size if streamed else 4 * grad_batch * size) + (1 << 30)
 
 
@@ -387,6 +412,7 @@ def measure(
     seed: int = 0,
     grad_batch: int | None = None,
     streamed: bool | None = None,
+    sketch_dim: int | None = None,
 ) -> dict:
     """Gradient and representation consistency of one model on ``facts`` (first storage and first query text each).
 
@@ -395,7 +421,9 @@ def measure(
     different baseline; the batch used is in the result. ``streamed`` chooses how per-example gradients are held
     (:func:`streamed_gradient_consistency`: None streams when a batch's vmap would exceed
     :data:`mechrecall.gradients.VMAP_BUDGET`, so a pretrained model needs the model, its gradient buffers and three
-    gradients); the choice is in the result and does not change the numbers beyond float tolerance.
+    gradients); the choice is in the result and does not change the numbers beyond float tolerance. ``sketch_dim``
+    estimates the gradient cosines from CountSketches instead (:func:`streamed_gradient_consistency`; memory: the
+    model and its gradient buffers), for models where three gradients do not fit.
     """
     from mechrecall.cache import cache_residuals
 
@@ -408,17 +436,19 @@ def measure(
     from mechrecall.gradients import VMAP_BUDGET, select_params, vmap_bytes
 
     if streamed is None:
-        streamed = 2 * vmap_bytes(select_params(model), grad_batch) > VMAP_BUDGET
+        streamed = sketch_dim is not None or 2 * vmap_bytes(select_params(model), grad_batch) > VMAP_BUDGET
+    mode = f"sketched to {sketch_dim}" if sketch_dim else "streamed" if streamed else f"vmap over {grad_batch} facts"
     check_memory(
-        f"gradient consistency ({'streamed' if streamed else f'vmap over {grad_batch} facts'})",
-        gradient_memory(model, streamed, grad_batch),
+        f"gradient consistency ({mode})",
+        gradient_memory(model, streamed, grad_batch, sketch_dim),
         model_device(model),
-        "measure on a device with more free memory (a GPU: --device cuda, or bf16: --dtype bf16), or close what holds "
-        "it; the streamed path (the default above 1 GiB of gradients) needs the least",
+        "a gradient sketch needs the least (--grad-sketch 16384: the model and its gradient buffers), or measure on a "
+        "device with more free memory (a GPU: --device cuda; or --dtype bf16)",
     )
     grads = streamed_gradient_consistency(
-        model, tokenizer, storage[:grad_facts], query[:grad_facts], seed=seed, batch_size=grad_batch, streamed=streamed
-    )
+        model, tokenizer, storage[:grad_facts], query[:grad_facts], seed=seed, batch_size=grad_batch, streamed=streamed,
+        sketch_dim=sketch_dim,
+    )  # fmt: skip
     gsum = {r.group: r.summary(seed=seed) for r in grads}
     cs = cache_residuals(model, tokenizer, storage)
     cq = cache_residuals(model, tokenizer, query)
@@ -446,6 +476,7 @@ def measure(
             "n_facts": gsum["all"]["n"],
             "grad_batch": grad_batch,
             "streamed": streamed,
+            "sketch_dim": sketch_dim,
             "groups": {k: v for k, v in gsum.items() if k != "all"},
         },
         "representation": {

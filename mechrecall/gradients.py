@@ -42,6 +42,7 @@ __all__ = [
     "per_example_grads",
     "per_example_grads_loop",
     "iter_example_grads",
+    "CountSketch",
     "VMAP_BUDGET",
     "vmap_bytes",
     "scored_positions",
@@ -152,14 +153,20 @@ def _gradients_of(model, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
             p.grad = grads[n]
 
 
-def iter_example_grads(model, batch, params: dict[str, Tensor] | None = None) -> Iterator[dict[str, Tensor]]:
+def iter_example_grads(
+    model, batch, params: dict[str, Tensor] | None = None, reduce: Callable[[dict[str, Tensor]], object] | None = None
+) -> Iterator:
     """The gradients of :func:`per_example_grads`, one row at a time, each from an ordinary backward of that row.
 
     Memory: the model's gradient buffers plus the one gradient handed out (a copy, in the parameters' dtype on their
     device), whatever the batch size; any attention implementation works (no ``vmap``). The loss is the same answer
     loss (vocabulary logits at the row's scored positions only, where the model takes ``logits_to_keep``); results
     equal :func:`per_example_grads`'s within float tolerance. The model's ``requires_grad`` flags and ``.grad`` are
-    restored afterwards."""
+    restored afterwards.
+
+    ``reduce``, if given, is applied to each row's gradients where they are computed (the parameters' own ``.grad``
+    tensors, not copies) and its result is yielded instead: e.g. a :class:`CountSketch`, so that no gradient copy is
+    ever held."""
     names = list((select_params(model) if params is None else params).keys())
     batch = batch.to(model_device(model))
     with _gradients_of(model, names) as live:
@@ -175,7 +182,10 @@ def iter_example_grads(model, batch, params: dict[str, Tensor] | None = None) ->
                 loss = F.cross_entropy(logits[0].float(), row.labels[0, keep.to(row.labels.device) + 1])
             loss.backward()
             del logits, loss
-            out = {n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for n, p in live.items()}
+            if reduce is not None:
+                out = reduce({n: torch.zeros_like(p) if p.grad is None else p.grad.detach() for n, p in live.items()})
+            else:
+                out = {n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for n, p in live.items()}
             for p in live.values():
                 p.grad = None
             yield out
@@ -215,6 +225,37 @@ class Projection:
             r = torch.randn(stop - start, self.k, generator=g) / self.k**0.5
             out += (x[:, start:stop].float() @ r.to(x.device)).cpu()
         return out
+
+
+class CountSketch:
+    """A seeded CountSketch of each parameter tensor into ``k`` buckets: entry i of a parameter goes, with a random
+    sign, into a random bucket (Charikar et al. 2002; the sparse cousin of TRAK's Gaussian projection). Hashes and signs
+    are drawn in chunks from ``(seed, parameter, chunk)`` where the gradient lives, so nothing of the parameters' size
+    is stored and the same gradient always gets the same sketch.
+
+    The sketch of a group of parameters is the sum of its members' rows; ``<S(a), S(b)>`` is an unbiased estimate of
+    ``<a, b>``, so group cosines are estimated with an error of order ``1 / sqrt(k)`` (measured:
+    ``benchmarks/scale.py`` and ``tests/test_consistency.py``)."""
+
+    def __init__(self, names: Sequence[str], k: int, seed: int = 0, chunk: int = 1 << 22):
+        if k < 1:
+            raise ValueError(f"sketch dimension {k}: need at least 1")
+        self.names, self.k, self.seed, self.chunk = list(names), k, seed, chunk
+
+    def __call__(self, grads: dict[str, Tensor]) -> Float[Tensor, "param k"]:
+        """``[parameter, k]`` float32 sketches (rows in ``self.names`` order) on the CPU."""
+        rows = []
+        for j, name in enumerate(self.names):
+            flat = grads[name].detach().reshape(-1)
+            out = torch.zeros(self.k, dtype=torch.float32, device=flat.device)
+            for c, start in enumerate(range(0, flat.numel(), self.chunk)):
+                part = flat[start : start + self.chunk].float()
+                g = torch.Generator().manual_seed(((self.seed * 1_000_003 + j) * 1_000_033 + c) % (1 << 63))
+                bucket = torch.randint(self.k, (part.numel(),), generator=g).to(flat.device)
+                sign = (torch.randint(2, (part.numel(),), generator=g) * 2 - 1).to(flat.device, torch.float32)
+                out.index_add_(0, bucket, part * sign)
+            rows.append(out.cpu())
+        return torch.stack(rows)
 
 
 @dataclass

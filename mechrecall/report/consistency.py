@@ -63,6 +63,7 @@ def run(
     n_people: int = 200,
     grad_facts: int = 240,
     grad_batch: int | None = None,
+    grad_sketch: int | None = None,
     labels: Sequence[str] | None = None,
     facts=None,
     split: str | None = None,
@@ -100,7 +101,14 @@ def run(
         models[label] = done[id(loaded)] = {
             "source": source,
             "backend_parity_max_abs_logit_diff": parity_diff,
-            **measure(loaded.model, loaded.tokenizer, these, grad_facts=grad_facts, grad_batch=grad_batch),
+            **measure(
+                loaded.model,
+                loaded.tokenizer,
+                these,
+                grad_facts=grad_facts,
+                grad_batch=grad_batch,
+                sketch_dim=grad_sketch,
+            ),
         }
     if fs is None:
         result = {"people": "heldout", "n_people": n_people}
