@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from mechrecall.cli import Parser, at_least, fraction, positive_int
+from mechrecall.cli import Parser, at_least, check_out, fraction, positive_int
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -188,6 +188,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     try:
+        check_out(out)
         rows = [run_one(n, args.preset, out, args.fractions, args.grad_facts) for n in args.runs]
         result = {"preset": args.preset, "fractions": args.fractions, "runs": rows,
                   "correlations": analyse(rows, args.fractions, args.boot),

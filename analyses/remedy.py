@@ -26,7 +26,6 @@ resumes.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
@@ -167,7 +166,9 @@ def figure(result: dict):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mechrecall.cli import Parser, check_out
+
+    ap = Parser(description=__doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="micro")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -178,6 +179,7 @@ def main(argv=None) -> int:
     from mechrecall.io import atomic_write_files
 
     try:
+        check_out(out)
         rows = [run_one(n, 0, args.preset, out, args.overrides) for n in args.variants]
         chosen = choose(rows)
         for seed in [s for s in args.seeds if s != 0]:

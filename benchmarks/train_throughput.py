@@ -113,6 +113,9 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device)
     peak = matmul_rate(device, dtype)
     out = {"device": str(device), "dtype": str(dtype), "threads": torch.get_num_threads(), "matmul_flops": peak}
+    peak_bf16 = None
+    if dtype == torch.float32:  # the autocast rows' utilisation is against the bf16 matmul rate
+        peak_bf16 = out["matmul_flops_bf16"] = matmul_rate(device, torch.bfloat16)
     for name in args.model:
         lm = get(name)
         if lm.tokenizer.pad_token_id is None:
@@ -130,8 +133,9 @@ def main() -> None:
         for label, trace, scored, amp in variants:
             model.load_state_dict(state)
             r = _run(model, lm.tokenizer, device, args.steps, args.batch, trace, scored, amp)
-            r["mfu"] = 6 * (n_blocks * r["tokens_per_s"] + n_unembed * r["logit_rows_per_s"]) / peak
-            r["mfu_6nd"] = 6 * n_params * r["tokens_per_s"] / peak
+            rate = peak_bf16 if amp is not None else peak
+            r["mfu"] = 6 * (n_blocks * r["tokens_per_s"] + n_unembed * r["logit_rows_per_s"]) / rate
+            r["mfu_6nd"] = 6 * n_params * r["tokens_per_s"] / rate
             rows[label] = r
         rows["scored_logits_speedup"] = (
             rows["untraced_scored_logits"]["tokens_per_s"] / rows["untraced"]["tokens_per_s"]

@@ -280,6 +280,10 @@ def cache_residuals(
         kept = _stream(model, fn, encoded_all, pad, sites, roles, batch_size, width, all_positions, None, shard_size)
         return ResidualCache({s: torch.cat(v, dim=1) for s, v in kept.items()}, axis, info)
     folder = Path(out_dir)
+    if folder.is_dir():  # replaced whole below: only a cache may be there, never a user's other files
+        foreign = [p.name for p in folder.iterdir() if p.name != "meta.json" and not p.name.startswith("shard-")]
+        if foreign:
+            raise ValueError(f"{folder}: holds {foreign[0]!r} and is not a residual cache: choose an empty folder")
 
     def fill(tmp: Path) -> None:
         shards = _stream(model, fn, encoded_all, pad, sites, roles, batch_size, width, all_positions, tmp, shard_size)

@@ -26,14 +26,39 @@ __all__ = [
     "run_cli",
     "input_errors",
     "add_model_args",
+    "command_line_environment",
 ]
+
 
 # The command lines' environment, set when this module is imported (the CLIs import it before anything loads
 # transformers, which reads these once): no per-file download bars over ours, no advisory warnings, and the hub
 # offline unless the caller's environment says otherwise (the lab's machines cannot reach it; with a network, run
 # with HF_HUB_OFFLINE=0 to download Hugging Face ids). Importing the library modules changes no environment variable.
-for _key in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_NO_ADVISORY_WARNINGS", "HF_HUB_OFFLINE"):
-    os.environ.setdefault(_key, "1")
+def command_line_environment() -> None:
+    """Set the command lines' environment (defaults only: the caller's own settings win), and apply it to the Hugging
+    Face modules that may already be imported (they read these variables once, at import)."""
+    for key in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_NO_ADVISORY_WARNINGS", "HF_HUB_OFFLINE"):
+        os.environ.setdefault(key, "1")
+    import sys as _sys
+
+    if "huggingface_hub" in _sys.modules:
+        from huggingface_hub import constants, utils
+
+        if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].upper() in ("1", "ON", "YES", "TRUE"):
+            utils.disable_progress_bars()
+        constants.HF_HUB_OFFLINE = os.environ["HF_HUB_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE")
+    if "transformers" in _sys.modules and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].upper() in (
+        "1",
+        "ON",
+        "YES",
+        "TRUE",
+    ):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+command_line_environment()
 
 
 class Parser(argparse.ArgumentParser):
@@ -43,6 +68,7 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
+        command_line_environment()  # (a command line builds its parser first: e.g. python -m mechrecall.lab.train)
 
     def error(self, message: str):
         print(f"error: {self.prog}: {' '.join(message.split())}", file=sys.stderr)

@@ -533,6 +533,9 @@ def chat_example(example: Example, tokenizer) -> Example:
     stripped = prompt.rstrip()
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": stripped}], tokenize=False,
                                              add_generation_prompt=True)  # fmt: skip
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and rendered.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        rendered = rendered[len(bos) :]  # the template writes <bos> and the tokenizer adds it again: keep one
     offset = rendered.rfind(stripped)
     if offset < 0:
         raise ValueError(f"the chat template does not keep the prompt {stripped[:60]!r} verbatim")

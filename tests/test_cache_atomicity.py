@@ -48,3 +48,11 @@ def test_a_temporary_left_by_a_killed_run_is_removed_by_the_next(tmp_path, model
     (stale / "shard-00000.safetensors").write_bytes(b"half")
     cache_residuals(model, micro_tokenizer, storage, tmp_path / "cache", batch_size=4, shard_size=8)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_a_folder_with_other_files_is_never_replaced_by_a_cache(tmp_path, model_and_facts, micro_tokenizer):
+    model, storage, _ = model_and_facts
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds 'notes.txt' and is not a residual cache"):
+        cache_residuals(model, micro_tokenizer, storage, tmp_path, batch_size=4)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

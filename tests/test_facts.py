@@ -275,3 +275,15 @@ def test_query_texts_in_a_chat_template_keep_their_roles():
         assert enc.input_ids[-1] == tok.eos_token_id and len(enc.roles["subject"]) == 2
     with pytest.raises(ValueError, match="has no chat template"):
         facts.with_chat_template(_tokenizer(facts))
+
+
+def test_a_chat_template_that_writes_bos_does_not_double_it():
+    from mechrecall.tokenization import encode_example
+    from tests.test_architectures import _facts, _tokenizer
+
+    facts = _facts()
+    tok = _tokenizer(facts)  # adds <s> itself
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    q = facts.with_chat_template(tok).facts[0].query[0]
+    ids = list(encode_example(tok, q).input_ids)
+    assert not q.text.startswith("<s>") and ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1

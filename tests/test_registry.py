@@ -94,3 +94,10 @@ def test_the_shipped_pretrained_names_resolve_from_any_folder(tmp_path, monkeypa
     assert resolve("a-mixed")[1].name == "a-mixed" and resolve("gemma3-270m")[1].name == "gemma3-270m"
     with pytest.raises(RegistryError, match=r"mine.yaml \(a-mixed\); .*builtin_checkpoints.yaml \(smollm2"):
         resolve("nope")
+
+
+def test_a_folder_the_user_has_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MECHRECALL_REGISTRY", raising=False)
+    (tmp_path / "gemma3-270m").mkdir()
+    assert resolve("gemma3-270m") == ("gemma3-270m", None)

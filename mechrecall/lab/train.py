@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pickle
 import re
 import shutil
@@ -195,6 +196,10 @@ def _meta(preset: Preset, dataset: FactDataset, regime: str, stage: str, step: i
     }
 
 
+class TamperedStateError(ValueError):
+    """A trainer state that holds more than tensors and plain values: refused, never resumed around."""
+
+
 def load_trainer_state(checkpoint: Path) -> dict:
     """A resumable checkpoint's ``trainer_state.pt``, loaded without running code from it.
 
@@ -208,7 +213,7 @@ def load_trainer_state(checkpoint: Path) -> dict:
         state = torch.load(path, weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: refused, it holds more than tensors and plain values ({first})") from None
+        raise TamperedStateError(f"{path}: refused, it holds more than tensors and plain values ({first})") from None
     if not isinstance(state, dict) or "global_step" not in state:
         raise ValueError(f"{path}: not a mechrecall trainer state")
     return state
@@ -233,9 +238,9 @@ def _resume_point(regime_dir: Path) -> tuple[Path, nn.Module, dict] | None:
         try:
             state = load_trainer_state(path)
             model, _, _ = load_checkpoint(path)
+        except TamperedStateError:
+            raise
         except ValueError as e:
-            if "refused" in str(e):
-                raise
             reason = str(e).strip().splitlines()[0]
         except Exception as e:  # a torn zip or safetensors file raises whatever its reader raises
             reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
@@ -250,13 +255,18 @@ def _clean_stale(regime_dir: Path) -> None:
     """Remove the temporaries of interrupted writes (``.NAME.*.tmp`` / ``.NAME.old`` beside checkpoint folders and
     JSON files): the folder's writer holds the run lock, so nothing else can be writing them."""
     for folder in (regime_dir, regime_dir / "checkpoints"):
+        for old in folder.glob(".*.old"):  # a kill between atomic_write_dir's two renames: the only whole copy
+            target = old.with_name(old.name[1:].removesuffix(".old"))
+            if not target.exists():
+                os.replace(old, target)
         for stale in [*folder.glob(".*.tmp"), *folder.glob(".*.old")]:
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------- run identity
 RUN_FILE = "run.json"
-_EXECUTION_KEYS = ("threads",)  # how a run executes, not what it computes: may change between resumes
+# how a run executes or keeps its checkpoints, not what it computes: may change between resumes
+_EXECUTION_KEYS = ("threads", "save_every", "keep_states")
 
 
 def _fingerprint(preset: Preset, regime: str, autocast: torch.dtype | None) -> dict:
@@ -279,11 +289,12 @@ def _differences(a, b, prefix: str = "") -> list[str]:
 
 
 def claim_run(regime_dir: Path, identity: dict, write: bool = True) -> None:
-    """Record what a run folder trains (``run.json``) at its creation, or check that a resume asks for the same.
+    """Check that a run folder is asked for the run it holds, and record it (``run.json``) when ``write``.
 
-    A regime folder belongs to one run: another config, process count, sharding or precision is refused with one
-    line listing the differing keys, so that no folder ends as a mix of two runs. (A folder from before this record
-    adopts the identity of the first run that resumes it.)"""
+    A regime folder belongs to one run: another config or precision is refused with one line listing the differing
+    keys, so that no folder ends as a mix of two runs (process count and sharding are checked against each checkpoint
+    when it is resumed). A folder written before run records is compared with the config its newest checkpoint's
+    metadata holds (:func:`_legacy_identity`)."""
     path = regime_dir / RUN_FILE
     if path.exists():
         try:
@@ -292,15 +303,31 @@ def claim_run(regime_dir: Path, identity: dict, write: bool = True) -> None:
             raise ValueError(
                 f"{path}: unreadable run record ({e}): move the folder away or use another --out"
             ) from None
+    else:
+        held = _legacy_identity(regime_dir, identity)
+    if held is not None:
         diff = _differences(held, identity)
         if diff:
             shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
             raise ValueError(
                 f"{regime_dir} holds another run ({shown}): use another --out, or --no-resume to replace it"
             )
-        return
-    if write:
+    if write and not path.exists():
         atomic_write_json(path, identity)
+
+
+def _legacy_identity(regime_dir: Path, identity: dict) -> dict | None:
+    """The identity of a folder written before run records: the config its newest checkpoint's metadata holds (its
+    precision was not recorded and is taken as asked). None for a folder with no checkpoint."""
+    for folder in [regime_dir / "final", *reversed(_checkpoints(regime_dir)), regime_dir / "stage1"]:
+        try:
+            config = json.loads((folder / "mechrecall.json").read_text()).get("config")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(config, dict):
+            config = {k: v for k, v in config.items() if k not in _EXECUTION_KEYS}
+            return {"regime": identity["regime"], "config": config, "autocast": identity["autocast"]}
+    return None
 
 
 def _lock(regime_dir: Path):
@@ -619,27 +646,34 @@ def train(
     _check_sizes(preset, regime)
     procs = processes(dev)
     regime_dir = run_dir / regime
-    lock = _lock(regime_dir) if procs.main else None
-    try:
-        identity = _fingerprint(preset, regime, amp)
-        if procs.main:
-            if not resume and regime_dir.exists():  # --no-resume: the folder's old run goes, whole
-                for child in regime_dir.iterdir():
-                    if child.name != ".writer.lock":
-                        shutil.rmtree(child) if child.is_dir() else child.unlink()
-            claim_run(regime_dir, identity)
-            _clean_stale(regime_dir)
-        elif resume:  # every process of a launch refuses a mismatch alike (none may wait at a collective alone)
+    identity = _fingerprint(preset, regime, amp)
+    held: dict = {}
+
+    def claim() -> None:
+        """The main process's folder work, in an order that loses nothing on bad input: take the writer lock, check
+        the run's identity and the shared data/ folder (dataset, model source), and only then replace (--no-resume)
+        or clean the folder."""
+        held["lock"] = _lock(regime_dir)
+        if resume:
             claim_run(regime_dir, identity, write=False)
+        prepare_data(preset, run_dir)
+        if not resume and regime_dir.exists():  # --no-resume: the folder's old run goes, whole
+            for child in regime_dir.iterdir():
+                if child.name != ".writer.lock":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        _clean_stale(regime_dir)
+
+    try:
+        procs.on_main(claim)  # every process of a launch raises the main one's error alike (none waits alone)
         if (regime_dir / "final").exists():
             meta = read_meta(regime_dir / "final")
             meta["finished_before"] = True
             return meta
         return _train(preset, regime, run_dir, procs, dev, amp, resume, progress, callbacks, stop_after,
-                      gradient_checkpointing)  # fmt: skip
+                      gradient_checkpointing, identity)  # fmt: skip
     finally:
-        if lock is not None:
-            lock.release()
+        if "lock" in held:
+            held["lock"].release()
 
 
 def _check_sizes(preset: Preset, regime: str) -> None:
@@ -650,7 +684,9 @@ def _check_sizes(preset: Preset, regime: str) -> None:
             raise ValueError(f"{key}: batch_storage and batch_query are both 0, so its {cfg.steps} steps train nothing")
 
 
-def _train(preset, regime, run_dir, procs, dev, amp, resume, progress, callbacks, stop_after, gradient_checkpointing):
+def _train(
+    preset, regime, run_dir, procs, dev, amp, resume, progress, callbacks, stop_after, gradient_checkpointing, identity
+):
     if procs.world > 1:
         dev = procs.accelerator.device
         procs.agree("preset, regime and run folder", f"{preset.model_dump_json()}|{regime}|{run_dir.resolve()}")
@@ -658,6 +694,8 @@ def _train(preset, regime, run_dir, procs, dev, amp, resume, progress, callbacks
             prepare_data(preset, run_dir)  # the main process writes data/; the others then read it
         procs.barrier()
     run = _start(preset, regime, run_dir, resume, procs)
+    if procs.main:  # the run is valid (data, checkpoint, launch shape): it owns the folder from here
+        claim_run(run.regime_dir, identity)
     run.device, run.autocast, run.procs = dev, amp, procs
     run.model.to(dev)
     if gradient_checkpointing:
@@ -713,16 +751,18 @@ def _save_resumable(run: _Run, opt, cfg: StageConfig, stage: str, stage_index: i
         saved = merged_copy(model) if cfg.trainable == "lora" else model
         path = run.regime_dir / "checkpoints" / f"step-{state['global_step']:06d}"
         save_checkpoint(path, saved, run.tokenizer, meta, state, writers=writers, state_dict=weights)
-        _drop_old_states(run.regime_dir, run.preset.keep_states)
+        _drop_old_states(run.regime_dir, run.preset.keep_states, state["global_step"])
     run.procs.barrier()
 
 
-def _drop_old_states(regime_dir: Path, keep: int | None) -> None:
-    """Delete trainer_state.pt from all but the newest ``keep`` checkpoints (their weights stay)."""
+def _drop_old_states(regime_dir: Path, keep: int | None, current: int) -> None:
+    """Delete trainer_state.pt from all but the newest ``keep`` checkpoints up to the one just written at step
+    ``current`` (their weights stay). Later ones (left by a run that fell back past a broken checkpoint) are not
+    counted: they are replaced when their steps are saved again."""
     if keep is None:
         return
-    steps = sorted(regime_dir.glob("checkpoints/step-*"), key=lambda p: int(re.sub(r"\D", "", p.name)))
-    for old in steps[:-keep]:
+    upto = [p for p in _checkpoints(regime_dir) if int(re.sub(r"\D", "", p.name)) <= current]
+    for old in upto[:-keep]:
         (old / "trainer_state.pt").unlink(missing_ok=True)
 
 

@@ -160,7 +160,9 @@ def run(args) -> dict:
                 kept = [ex for ex, r in zip(kept, readout) if r == common]
                 base = source = fact_inputs(loaded.tokenizer, kept, roles=roles, whole_answer=whole).all_positions()
             pairs = [{"subject": ex.subject_id, "relation": ex.relation} for ex in kept]  # (each its own source)
-            stats = {"asked": args.count, "available": len(examples), "kept": len(kept)}
+            stats = {"asked": args.count, "available": min(args.count, len(examples)), "kept": len(kept)}
+            if len(kept) < stats["available"]:
+                stats["other_length"] = stats["available"] - len(kept)
         else:
             stats = {"asked": args.count}
             base, source, pairs = fact_pairs(
@@ -232,7 +234,10 @@ def _pairs_line(name: str, m: dict) -> str:
     if "candidates" in c and c["same_first_token"]:
         line += (f" of {c['candidates']} formed ({c['same_first_token']} dropped: the two answers begin with the same "
                  f"token, which the first-token metrics cannot tell apart)")  # fmt: skip
-    if c["asked"] > c["kept"]:
+    if c.get("other_length"):
+        line += (f" ({c['other_length']} prompts of another length left out: positions compare only across prompts "
+                 f"of one length)")  # fmt: skip
+    if c["asked"] > c["available"]:
         line += f"; --count {c['asked']} asked for more than the {c['available']} available"
     return line
 

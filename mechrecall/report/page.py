@@ -415,7 +415,13 @@ def build(run: str | Path) -> Path:
     masks = _load(run / "masks.json")
     patching = _load(run / "patching.json")
     attribution = _load(run / "attribution.json")
-    figs = _recall_figures(results, run) + _captioned(consistency, masks, patching, attribution)
+    try:
+        figs = _recall_figures(results, run) + _captioned(consistency, masks, patching, attribution)
+    except KeyError as e:  # a result file from an older version (keys renamed since): say which, not just the key
+        raise ValueError(
+            f"{run}: a result file lacks the key {e} (written by an older version of mechrecall?): rerun its analysis "
+            f"(python -m mechrecall reproduce with --force redoes all)"
+        ) from None
     figs += _remedy_figures(*(_extra(run, n) for n in ("grafting", "predict", "remedy")))
 
     parts = _recall_section(results)

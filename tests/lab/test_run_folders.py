@@ -80,3 +80,32 @@ def test_a_stage_with_no_data_is_refused_before_any_work(tmp_path, capsys):
 def test_fp16_autocast_on_the_cpu_warns_with_the_reason(tmp_path):
     with pytest.warns(UserWarning, match="fp16 on the CPU is emulated"):
         train(get_preset("micro", ["mixed.steps=1"]), "mixed", tmp_path / "run", progress=False, autocast="fp16")
+
+
+def test_a_folder_from_before_run_records_is_checked_against_its_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli(out, extra=["--stop-after", "4"]) == 0
+    (out / "mixed" / "run.json").unlink()  # as written by an older version
+    assert _cli(out, "mixed.lr=0.01") == 2
+    assert "config.mixed.lr: 0.003 -> 0.01" in _one_error_line(capsys)
+    assert not (out / "mixed" / "run.json").exists()  # a refused resume records nothing
+
+
+def test_a_bad_restart_deletes_nothing(tmp_path, capsys):
+    """--no-resume with a seed whose dataset is not the folder's: refused by the data check before anything goes."""
+    out = tmp_path / "run"
+    assert _cli(out) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert _cli(out, "seed=3", extra=["--no-resume"]) == 2
+    assert "holds dataset" in _one_error_line(capsys)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_a_checkpoint_caught_between_its_two_renames_is_restored(tmp_path):
+    preset = get_preset("micro", SHORT)
+    out = tmp_path / "run"
+    train(preset, "mixed", out, progress=False, stop_after=9)
+    ckpts = out / "mixed" / "checkpoints"
+    (ckpts / "step-000009").rename(ckpts / ".step-000009.old")  # killed after moving the old copy aside
+    train(preset, "mixed", out, progress=False, stop_after=10)
+    assert (ckpts / "step-000009").is_dir() and not (ckpts / ".step-000009.old").exists()
