@@ -87,7 +87,7 @@ def run_one(name: str, seed: int, preset_name: str, out: Path, overrides: list[s
     """Train (or reuse) one variant at one seed; two-stage variants of stage 2 start from the plain run's stage 1."""
     from mechrecall.lab.config import get_preset
     from mechrecall.lab.models import read_meta
-    from mechrecall.lab.train import train
+    from mechrecall.lab.train import seed_run, train
 
     regime, extra = VARIANTS[name]
     base = get_preset(preset_name, [*overrides, f"seed={seed}"])
@@ -109,6 +109,7 @@ def run_one(name: str, seed: int, preset_name: str, out: Path, overrides: list[s
             tmp = target.with_name(target.name + ".tmp")
             shutil.copytree(boundary, tmp)
             tmp.rename(target)
+            seed_run(run_dir / regime, preset, regime)  # the copied stage-1 checkpoint starts this variant's run
     t0 = time.perf_counter()
     meta = train(preset, regime, run_dir, progress=False)
     row = {"name": name, "seed": seed, "regime": regime, "overrides": extra, **{k: meta["metrics"][k] for k in METRICS}}

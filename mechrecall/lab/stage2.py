@@ -56,7 +56,7 @@ def sweep(
     progress: bool = False,
 ) -> dict:
     """Run each recipe from ``run_dir``'s stage-1 checkpoint without early stopping; return curves + the choice."""
-    from mechrecall.lab.train import train
+    from mechrecall.lab.train import seed_run, train
 
     run_dir, out = Path(run_dir), Path(out)
     boundary = _boundary(run_dir, preset.two_stage.stage1.steps)
@@ -79,6 +79,8 @@ def sweep(
             }
         )
         variant = preset.model_copy(update={"two_stage": preset.two_stage.model_copy(update={"stage2": stage2})})
+        if not (work / "two_stage" / "final").exists() and not (work / "two_stage" / "run.json").exists():
+            seed_run(work / "two_stage", variant, "two_stage")  # the copied stage-1 checkpoint is the variant's start
         train(variant, "two_stage", work, progress=progress)
         history = json.loads((work / "two_stage" / "history.json").read_text())
         curves[name] = [h for h in history if h["stage"] == "stage2"]

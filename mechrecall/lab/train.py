@@ -316,6 +316,13 @@ def claim_run(regime_dir: Path, identity: dict, write: bool = True) -> None:
         atomic_write_json(path, identity)
 
 
+def seed_run(regime_dir: Path, preset: Preset, regime: str, autocast: torch.dtype | None = None) -> None:
+    """Claim a regime folder for ``preset``'s run when it was seeded with another run's checkpoint (e.g. a stage-2
+    recipe continuing from a copied stage-1 checkpoint): the copied checkpoint's metadata names the other run's
+    config, so the folder gets its own record first."""
+    atomic_write_json(regime_dir / RUN_FILE, _fingerprint(preset, normalize_regime(regime), autocast))
+
+
 def _legacy_identity(regime_dir: Path, identity: dict) -> dict | None:
     """The identity of a folder written before run records: the config its newest checkpoint's metadata holds (its
     precision was not recorded and is taken as asked). None for a folder with no checkpoint."""
