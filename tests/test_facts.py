@@ -135,7 +135,7 @@ def test_errors_in_a_file_name_line_id_and_text(tmp_path):
     with pytest.raises(FactFormatError, match=r"line 2 \(id 'a'\): field 'id': duplicate of line 1"):
         load_facts(path)
     path.write_text(json.dumps(rec()) + "\n{not json\n")
-    with pytest.raises(FactFormatError, match=r"line 2: not valid JSON"):
+    with pytest.raises(FactFormatError, match=r"line 2, column \d+: not valid JSON"):
         load_facts(path)
     with pytest.raises(FactFormatError, match="no such fact file"):
         load_facts(tmp_path / "missing.jsonl")
