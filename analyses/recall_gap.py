@@ -19,6 +19,7 @@ from _common import pair, pair_parser
 from mechrecall.cli import run_cli
 from mechrecall.io import atomic_write_json, atomic_write_text
 from mechrecall.loading import load_model
+from mechrecall.tokenization import check_tokenization
 
 
 def _lab(args) -> dict:
@@ -41,7 +42,7 @@ def _facts(args) -> dict:
     result: dict = {"facts": fs.source, "n_facts": len(fs), "labels": labels}
     for label, src in zip(labels, pair(args)):
         lm = load_model(src, registry=args.registry, device=args.device, dtype=args.dtype)
-        fs.check_tokenization(lm.tokenizer, ("subject",), src)
+        check_tokenization(fs, lm.tokenizer, ("subject",), src)
         entry: dict = {"source": src}
         for fmt in ("query", "storage"):
             if not fs.examples(fmt):

@@ -18,6 +18,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from mechrecall.tokenization import check_tokenization
+
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from mechrecall.lab.reproduce import reproduce
@@ -74,7 +76,7 @@ def _eval_facts(model, tokenizer, path: str, split: str | None, source: str, cha
         raise ValueError(f"{path}: no fact has split {split!r}")
     if chat:
         facts = facts.with_chat_template(tokenizer)
-    facts.check_tokenization(tokenizer, ("subject",), source)
+    check_tokenization(facts, tokenizer, ("subject",), source)
     out: dict = {"facts": str(path), "n_facts": len(facts)}
     for fmt in ("storage", "query"):
         if not facts.examples(fmt):

@@ -227,27 +227,6 @@ class FactSet:
             f"{self.source} (queries in {getattr(tokenizer, 'name_or_path', '') or 'the'} chat template)",
         )
 
-    def check_tokenization(self, tokenizer, roles: Sequence[str] = ("subject",), model: str = "") -> FactSet:
-        """``self`` if every text tokenizes with ``tokenizer`` into whole-token roles and each of ``roles`` (``"final"``:
-        the token before the answer) has a token; else the first failure as a
-        :class:`~mechrecall.tokenization.RoleAlignmentError` naming the fact, the text and ``model``. Cheap: run it
-        before an analysis so that a bad record fails before any model work."""
-        from mechrecall.tokenization import RoleAlignmentError, encode_example
-
-        for f in self.facts:
-            for fmt in FORMATS:
-                for i, ex in enumerate(f.texts(fmt)):
-                    try:
-                        enc = encode_example(tokenizer, ex)
-                        for role in roles:
-                            enc.last(role)
-                    except RoleAlignmentError as e:
-                        where = f" with the tokenizer of {model}" if model else ""
-                        raise RoleAlignmentError(
-                            f"{self.source or 'facts'}: fact {f.id!r}, {fmt}[{i}]{where}: {e}"
-                        ) from None
-        return self
-
     def examples(
         self, fmt: Format, split: str | Iterable[str] | None = None, templates: Sequence[int] | None = None
     ) -> list[Example]:

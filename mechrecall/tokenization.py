@@ -6,15 +6,17 @@ model's BPE with leading spaces), so the same role resolution serves every model
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from mechrecall.facts import ROLES, Example
+from mechrecall.facts import FORMATS, ROLES, Example, FactSet
 
 __all__ = [
+    "check_tokenization",
     "RoleAlignmentError",
     "EncodedExample",
     "encode_example",
@@ -133,3 +135,22 @@ def collate_documents(tokenizer, texts: list[str]) -> Batch:
     """Language-modelling batch: every token after ``<bos>`` is scored, end-of-text appended."""
     seqs = [list(tokenizer(t)["input_ids"]) + [tokenizer.eos_token_id] for t in texts]
     return collate(seqs, [list(range(1, len(s))) for s in seqs], tokenizer.pad_token_id)
+
+
+def check_tokenization(facts: FactSet, tokenizer, roles: Sequence[str] = ("subject",), model: str = "") -> FactSet:
+    """``facts`` if every text tokenizes with ``tokenizer`` into whole-token roles and each of ``roles`` (``"final"``:
+    the token before the answer) has a token; else the first failure as a :class:`RoleAlignmentError` naming the
+    fact, the text and ``model``. Cheap: run it before an analysis so that a bad record fails before any model work."""
+    for f in facts:
+        for fmt in FORMATS:
+            for i, ex in enumerate(f.texts(fmt)):
+                try:
+                    enc = encode_example(tokenizer, ex)
+                    for role in roles:
+                        enc.last(role)
+                except RoleAlignmentError as e:
+                    where = f" with the tokenizer of {model}" if model else ""
+                    raise RoleAlignmentError(
+                        f"{facts.source or 'facts'}: fact {f.id!r}, {fmt}[{i}]{where}: {e}"
+                    ) from None
+    return facts

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from mechrecall.facts import FactFormatError, FactSet, fact_from_record, facts_from_records, load_facts
+from mechrecall.tokenization import check_tokenization
 
 DATA = Path(__file__).resolve().parent / "data"
 FACTS = DATA / "facts.jsonl"
@@ -230,7 +231,7 @@ def test_every_text_of_the_file_tokenizes_into_its_roles_with_bpe(smollm2_tokeni
     from mechrecall.tokenization import encode_example
 
     tok = smollm2_tokenizer
-    facts = load_facts(FACTS).check_tokenization(tok, ("subject", "relation", "final"))
+    facts = check_tokenization(load_facts(FACTS), tok, ("subject", "relation", "final"))
     multi = {"subject": 0, "answer": 0}
     for f in facts:
         for ex in (*f.storage, *f.query):
@@ -250,7 +251,7 @@ def test_a_role_on_no_token_is_named(smollm2_tokenizer):
 
     facts = load_facts([rec(id="x", relation_text=..., query=[])])
     with pytest.raises(RoleAlignmentError, match=r"fact 'x', storage\[0\] with the tokenizer of smol: role 'relation'"):
-        facts.check_tokenization(smollm2_tokenizer, ("subject", "relation"), "smol")
+        check_tokenization(facts, smollm2_tokenizer, ("subject", "relation"), "smol")
 
 
 def test_query_texts_in_a_chat_template_keep_their_roles():

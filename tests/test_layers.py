@@ -123,3 +123,43 @@ def test_importing_the_library_changes_no_environment_variable():
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]", out
+
+
+def _module_of(path: Path) -> str:
+    return ".".join(("mechrecall", *path.relative_to(PKG).with_suffix("").parts)).removesuffix(".__init__")
+
+
+def _import_cycles() -> list[list[str]]:
+    """Cycles of the package's import graph (function-level imports included; a package's ``__init__`` re-exporting
+    its own modules is not an edge back from them)."""
+    modules = {_module_of(p): p for p in PKG.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for m in imported(path):
+            while m and m not in modules:
+                m = m.rpartition(".")[0]
+            if m and m != name and not name.startswith(m + ".") and m.startswith("mechrecall"):
+                targets.add(m)
+        graph[name] = targets
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return cycles
+
+
+def test_no_import_cycles():
+    assert _import_cycles() == []

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from mechrecall.checkpoint import CheckpointError, read_meta
 from mechrecall.lab.config import ModelConfig
+from mechrecall.tokenization import check_tokenization
 
 
 def build_model(cfg: ModelConfig, tokenizer, seed: int) -> LlamaForCausalLM:
@@ -45,7 +46,7 @@ def pretrained_base(source: str, dataset, *, registry=None) -> tuple[torch.nn.Mo
 
     Dropout is switched off (training stays deterministic and exactly resumable). A tokenizer without a padding token
     pads with end-of-text (padding is never scored). Every storage and query
-    text must tokenize into whole-token roles (:meth:`~mechrecall.facts.FactSet.check_tokenization`): a tokenizer that
+    text must tokenize into whole-token roles (:func:`~mechrecall.tokenization.check_tokenization`): a tokenizer that
     merges a name or value with its neighbour fails here with one line naming the fact, the text and ``source``.
     """
     from mechrecall.loading import load_model
@@ -56,7 +57,7 @@ def pretrained_base(source: str, dataset, *, registry=None) -> tuple[torch.nn.Mo
         raise CheckpointError(f"base model {source!r}: its tokenizer has no end-of-text token to end answers with")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    dataset.factset().check_tokenization(tok, ("subject", "relation", "final"), source)
+    check_tokenization(dataset.factset(), tok, ("subject", "relation", "final"), source)
     return _without_dropout(loaded.model).eval(), tok
 
 

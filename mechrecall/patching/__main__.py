@@ -45,6 +45,7 @@ from mechrecall.cli import Parser, add_model_args, at_least, positive_int, run_c
 from mechrecall.io import atomic_write_files
 from mechrecall.patching.core import METRICS, SITES, GaussianNoise, activation_patch
 from mechrecall.patching.prompts import FORMATS, fact_inputs, fact_pairs
+from mechrecall.tokenization import check_tokenization
 
 BACKENDS = ("hf", "transformer_lens", "nnsight")
 LAB_SPLITS = ("heldout", "train", "validation")
@@ -148,7 +149,7 @@ def run(args) -> dict:
         facts.require(*formats)
         roles = patch_roles(facts, formats)
         if user is not None:
-            facts.check_tokenization(loaded.tokenizer, roles, source_name)
+            check_tokenization(facts, loaded.tokenizer, roles, source_name)
         if args.corruption == "noise":
             examples = facts.examples(args.base_format, templates=[0])
             base = fact_inputs(loaded.tokenizer, examples[: args.count], roles=roles, whole_answer=whole)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from mechrecall import arch
-from mechrecall.patching.core import PatchInputs, PatchResult, metric_on, n_read, read_positions
+from mechrecall.patching.inputs import PatchInputs, PatchResult, metric_on, n_read, read_positions
 
 __all__ = [
     "BACKEND_SITES",

@@ -16,6 +16,7 @@ from mechrecall.facts import FactFormatError, FactSet, load_facts
 from mechrecall.io import atomic_write_files, atomic_write_json, atomic_write_text
 from mechrecall.lab.models import lab_dataset
 from mechrecall.loading import load_model, to_nnsight, to_transformer_lens
+from mechrecall.tokenization import check_tokenization
 
 
 def load_each(sources: Sequence[str], *, registry=None, device=None, dtype=None) -> list:
@@ -89,7 +90,7 @@ def run(
             dataset = lab_dataset(loaded)
             these = dataset.factset(dataset.pids("heldout")[:n_people])
         else:
-            these = fs.check_tokenization(loaded.tokenizer, ("subject", "relation", "final"), source)
+            these = check_tokenization(fs, loaded.tokenizer, ("subject", "relation", "final"), source)
         parity_diff = (
             {
                 "transformer_lens": to_transformer_lens(loaded).cfg.parity_max_abs_diff,

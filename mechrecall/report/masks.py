@@ -58,6 +58,7 @@ from mechrecall.masks import (
     topk_mask,
     update_importance,
 )
+from mechrecall.tokenization import check_tokenization
 
 SPLITS = ("heldout", "train")
 POINTS = 100.0  # drops are reported in percentage points of exact-match recall
@@ -365,7 +366,7 @@ def run_facts(
     cache = dict(zip(sources, load_each(sources, registry=registry, device=device, dtype=dtype)))  # twice: once
     models = {names[0]: cache[first], names[1]: cache[second]}
     for lm in models.values():
-        fs.check_tokenization(lm.tokenizer, ("subject", "final"), lm.source)
+        check_tokenization(fs, lm.tokenizer, ("subject", "final"), lm.source)
     base_sd = state_of(cache[base].model) if base else None
     if base:
         for lm in models.values():

@@ -31,6 +31,7 @@ from mechrecall.patching.atp import attribution_patch, check_attribution
 from mechrecall.patching.prompts import DEFAULT_ROLES
 from mechrecall.report.consistency import check_labels, load_each, unique_labels, user_facts
 from mechrecall.report.plotting import page as html
+from mechrecall.tokenization import check_tokenization
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 
@@ -162,7 +163,7 @@ def run_patching(
         if fs is None:
             these = lab_dataset(lm)
         else:
-            these = fs.check_tokenization(lm.tokenizer, patch_roles(fs), src)
+            these = check_tokenization(fs, lm.tokenizer, patch_roles(fs), src)
         if id(lm) not in done:
             done[id(lm)] = patching_one(lm.model, lm.tokenizer, these, n_people=n_people, n_pairs=n_pairs, sites=sites,
                                         layers=layers, whole_answer=fs is not None)  # fmt: skip
@@ -210,7 +211,9 @@ def run_attribution(
             ds = lab_dataset(lm)
             examples = ds.storage_examples(ds.pids("heldout")[:n_people])
         else:
-            examples = fs.check_tokenization(lm.tokenizer, ("subject", "final"), src).examples("storage", templates=[0])
+            examples = check_tokenization(fs, lm.tokenizer, ("subject", "final"), src).examples(
+                "storage", templates=[0]
+            )
         r = attribute(lm.model, lm.tokenizer, examples, steps=steps, max_steps=max_steps, fix_first=fix_first)
         for key in ("subject_plus_relation_share", "subject_relation_preceding_share"):
             sr = torch.tensor(r[f"{key}_per_fact"])
