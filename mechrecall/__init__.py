@@ -23,10 +23,11 @@ Three rooms, each building only on the ones above it.
 - ``attribution``: token-role attribution (integrated gradients, gradient x input, occlusion).
 
 **The lab** (``mechrecall.lab``): synthetic bioS facts, a word-level tokenizer, presets, small Llama models trained
-from scratch in the two-stage and mixed regimes, the per-format gradient trace, the recall table, the stage-2
-sweep and ``reproduce``.
+from scratch in the two-stage and mixed regimes, the per-format gradient trace, the recall table and the stage-2
+sweep.
 
-**The reports** (``mechrecall.report``): JSON + figures per finding and the self-contained ``report.html``.
+**The reports** (``mechrecall.report``): JSON + figures per finding, the self-contained ``report.html``, and
+``reproduce``, the one-command pipeline over the lab and every report.
 """
 
 __version__ = "0.1.0"

@@ -22,8 +22,8 @@ from mechrecall.tokenization import check_tokenization
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from mechrecall.lab.reproduce import reproduce
     from mechrecall.lab.train import training_device_kwargs
+    from mechrecall.report.reproduce import reproduce
 
     out = args.out or f"runs/{args.preset}"
     results = reproduce(
@@ -38,7 +38,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         training=training_device_kwargs(args),
         extra_regimes=args.also,
     )
-    from mechrecall.lab.reproduce import markdown_table
+    from mechrecall.report.reproduce import markdown_table
 
     print(markdown_table(results))
     print(f"wrote {out}/results.json and {out}/results.md")
@@ -175,8 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mechrecall.checkpoint import CheckpointError
     from mechrecall.cli import check_out
-    from mechrecall.lab.reproduce import RunExistsError
     from mechrecall.registry import RegistryError
+    from mechrecall.report.reproduce import RunExistsError
 
     try:
         if args.command == "reproduce":

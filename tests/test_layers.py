@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "mechrecall"
 TOOLKIT = sorted(
     p for p in PKG.rglob("*.py") if p.relative_to(PKG).parts[0] not in ("lab", "report") and p.name != "__main__.py"
 )
-LAB = sorted(p for p in (PKG / "lab").rglob("*.py") if p.name != "reproduce.py")  # the pipeline runs the reports
+LAB = sorted((PKG / "lab").rglob("*.py"))
 
 
 def imported(path: Path) -> set[str]:

@@ -137,7 +137,7 @@ def test_reproduce_without_a_trace_runs_every_analysis_on_a_pretrained_pair(tmp_
     every analysis; the masks come from post-hoc importance on the run's facts against the registered base."""
     import json
 
-    from mechrecall.lab import reproduce as rep
+    from mechrecall.report import reproduce as rep
 
     preset = get_preset("micro", TINY)
     ds = generate(preset.data.spec(), preset.seed)

@@ -194,7 +194,7 @@ def test_patching_cli_errors(micro_run, tmp_path, capsys, argv, message):
 
 
 def test_reproduce_also_trains_and_tabulates_the_pre_instruction_regime(tmp_path):
-    from mechrecall.lab.reproduce import markdown_table, reproduce
+    from mechrecall.report.reproduce import markdown_table, reproduce
 
     tiny = ["data.n_people=24", "two_stage.stage1.steps=4", "two_stage.stage2.steps=4", "mixed.steps=4",
             "pre_instruction.qa.steps=4", "pre_instruction.joint.steps=4", "save_every=100"]  # fmt: skip
@@ -212,7 +212,7 @@ def test_a_further_regime_gets_the_pair_analyses_against_two_stage(tmp_path, mon
     labels (checked on the real checkpoints of the tiny run)."""
     import json
 
-    from mechrecall.lab import reproduce as rp
+    from mechrecall.report import reproduce as rp
     from mechrecall.report.masks import run as masks_run
     from mechrecall.report.masks import summary_rows
     from mechrecall.report.patching import run_patching
