@@ -795,6 +795,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--blind", action="store_true",
+                    help="print validation QA instead of held-out QA at the end (while a choice is still to be made)")  # fmt: skip
     add_training_device_args(ap)
     ap.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate an interruption
     args = ap.parse_args(argv)
@@ -814,10 +816,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if meta.get("finished_before"):
         print(f"{Path(args.out) / normalize_regime(args.regime)} already finished this config (preset {meta['preset']}, "
               f"seed {meta['seed']}, {meta['global_step']} steps): nothing trained; its final metrics:")  # fmt: skip
-    print(
-        f"{meta['regime']}: heldout_qa={m['heldout_qa']:.3f} trained_qa={m['trained_qa']:.3f} "
-        f"storage={m['storage']:.3f} ({meta.get('train_seconds', 0):.0f}s)"
-    )
+    # --blind: the run's budget or hyperparameters are still to be chosen on the validation people, so the held-out
+    # number is not shown (it stays in history.json and final/mechrecall.json, for after the choice)
+    shown = f"validation_qa={m['validation_qa']:.3f}" if args.blind else f"heldout_qa={m['heldout_qa']:.3f}"
+    print(f"{meta['regime']}: {shown} trained_qa={m['trained_qa']:.3f} storage={m['storage']:.3f} "
+          f"({meta.get('train_seconds', 0):.0f}s)")  # fmt: skip
     return 0
 
 

@@ -109,3 +109,9 @@ def test_a_checkpoint_caught_between_its_two_renames_is_restored(tmp_path):
     (ckpts / "step-000009").rename(ckpts / ".step-000009.old")  # killed after moving the old copy aside
     train(preset, "mixed", out, progress=False, stop_after=10)
     assert (ckpts / "step-000009").is_dir() and not (ckpts / ".step-000009.old").exists()
+
+
+def test_blind_runs_print_no_held_out_number(tmp_path, capsys):
+    assert _cli(tmp_path / "run", extra=["--blind"]) == 0
+    out = capsys.readouterr().out
+    assert "validation_qa=" in out and "heldout" not in out
