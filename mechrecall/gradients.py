@@ -100,7 +100,9 @@ def per_example_grads(
     """One gradient of the answer loss per row of ``batch``, for ``params`` (default: all), keyed by HF name.
 
     The batch goes to the model's device; the gradients stay there, in the parameters' dtype (the loss is computed
-    in float32). ``params`` are tensors of the model's parameters under their ``named_parameters()`` names.
+    in float32). ``params`` are tensors of the model's parameters under their ``named_parameters()`` names. A model
+    whose forward ``vmap`` cannot trace (Bloom's custom GELU) gets the same gradients from
+    :func:`iter_example_grads`.
     """
     params = select_params(model) if params is None else params
     rest = {n: p.detach() for n, p in model.named_parameters() if n not in params}
@@ -109,8 +111,16 @@ def per_example_grads(
     fn = vmap(grad(lambda p, i, y: _answer_loss(model, p, rest, i, y, keep)), in_dims=(None, 0, 0))
     # eager attention inside vmap: sdpa's mask builder (transformers' default) branches on the mask's values, which
     # vmap refuses; the model's own setting is back when this returns
-    with attention_implementation(model, "eager"):
-        return fn(params, batch.input_ids, batch.labels)
+    try:
+        with attention_implementation(model, "eager"):
+            return fn(params, batch.input_ids, batch.labels)
+    except RuntimeError as e:
+        if "functorch" not in str(e) and "vmap" not in str(e):
+            raise
+    # a forward vmap cannot trace (a custom autograd.Function such as Bloom's GELU, Python branching on values): the
+    # same gradients one ordinary backward at a time, the generic path
+    rows = list(iter_example_grads(model, batch, params))
+    return {n: torch.stack([r[n] for r in rows]) for n in rows[0]}
 
 
 def per_example_grads_loop(model, batch, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:

@@ -137,3 +137,33 @@ def test_cuda_grads_match_the_cpu(setup, micro_tokenizer):
         assert stats.mean[k].device.type == "cpu"
         torch.testing.assert_close(stats.mean[k], exact.mean[k], rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(stats.per_example, exact.per_example, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["opt", "bloom"])
+def test_architectures_the_layer_does_not_know_get_gradients_or_one_clear_refusal(name):
+    """OPT and Bloom (no row in mechrecall.arch), built with transformers' defaults: per-example gradients work
+    (Bloom's custom GELU defeats vmap: the loop path answers, with the same numbers), and an analysis that needs the
+    architecture layer refuses in one line naming the model type."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mechrecall.arch import UnsupportedArchitecture
+    from mechrecall.cache import cache_residuals
+    from mechrecall.gradients import answer_batch, per_example_grads, per_example_grads_loop
+    from tests.test_architectures import _facts, _tokenizer
+
+    sizes = {
+        "opt": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64),
+        "bloom": dict(hidden_size=64, n_layer=2, n_head=4),
+    }[name]
+    cfg = AutoConfig.for_model(name, vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, **sizes)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    facts = _facts()
+    tok = _tokenizer(facts)
+    batch = answer_batch(tok, facts.examples("query")[:2])
+    fast, slow = per_example_grads(model, batch), per_example_grads_loop(model, batch)
+    assert fast.keys() == slow.keys()
+    for n in fast:
+        torch.testing.assert_close(fast[n], slow[n], rtol=0, atol=1e-5, msg=n)
+    with pytest.raises(UnsupportedArchitecture, match=f"model_type '{name}'"):
+        cache_residuals(model, tok, facts.examples("storage"))
