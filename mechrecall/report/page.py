@@ -14,12 +14,11 @@ data and an SVG; ``<pre id="report-check">`` holds the JSON (read by the headles
 
 from __future__ import annotations
 
-import hashlib
 import html as _html
 import json
 from pathlib import Path
 
-from mechrecall.io import atomic_write_text
+from mechrecall.io import atomic_write_text, sha256_file
 from mechrecall.lab.bios import ATTRIBUTES
 
 PAPER = "Zhang et al. 2025 (arXiv 2505.16178)"
@@ -73,13 +72,7 @@ def _load(path: Path, expect: type = dict):
 
 
 def _sha256(path: Path) -> str | None:
-    if not path.exists():
-        return None
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path) if path.exists() else None
 
 
 def _seed_dir(results: dict, run: Path) -> Path:
