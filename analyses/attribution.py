@@ -15,13 +15,13 @@ import sys
 from _common import pair, pair_parser, user_kwargs
 
 from mechrecall.cli import positive_int, run_cli
-from mechrecall.report.patching import run_attribution, summary_rows
+from mechrecall.report.attribution import run_attribution, summary_rows
 
 
 def _main(args) -> int:
     result = run_attribution(*pair(args), args.out, registry=args.registry, n_people=args.people, steps=args.steps,
                              max_steps=args.max_steps, fix_first=not args.attribute_first, **user_kwargs(args))  # fmt: skip
-    print("\n".join(summary_rows(None, result)))
+    print("\n".join(summary_rows(result)))
     return 0
 
 

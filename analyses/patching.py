@@ -20,7 +20,7 @@ from mechrecall.report.patching import SITES, run_patching, summary_rows
 def _main(args) -> int:
     result = run_patching(*pair(args), args.out, registry=args.registry, n_pairs=args.pairs, sites=args.sites,
                           layers=args.layers, **user_kwargs(args))  # fmt: skip
-    print("\n".join(summary_rows(result, None)))
+    print("\n".join(summary_rows(result)))
     return 0
 
 

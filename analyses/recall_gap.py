@@ -34,10 +34,12 @@ def _lab(args) -> dict:
 
 
 def _facts(args) -> dict:
+    from mechrecall.facts import select_facts
+    from mechrecall.loading import unique_labels
     from mechrecall.recall import recall
-    from mechrecall.report.consistency import check_labels, unique_labels, user_facts
+    from mechrecall.report.analysis import check_labels
 
-    fs = user_facts(args.facts, args.split, None, formats=())
+    fs = select_facts(args.facts, args.split, None, formats=())
     labels = check_labels(args.labels, 2) or unique_labels(list(pair(args)))
     result: dict = {"facts": fs.source, "n_facts": len(fs), "labels": labels}
     for label, src in zip(labels, pair(args)):

@@ -6,6 +6,8 @@
     python -m mechrecall registry                                    (list checkpoints.yaml)
     python -m mechrecall presets                                     (list presets and their settings)
     python -m mechrecall report runs/default                         (rebuild runs/default/report.html)
+    python -m mechrecall analyze TWO_STAGE MIXED --out DIR [--only masks patching]   (every registered analysis)
+    python -m mechrecall analyze --list                              (the registered analyses)
     python -m mechrecall.patching --help                             (activation patching CLI)
 
 Errors (unknown preset, malformed registry, missing checkpoint, finished output folder) print one line and exit 2.
@@ -104,6 +106,32 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    """Every registered analysis (or ``--only`` some) of a lab checkpoint pair, each its JSON and figures, then the
+    summary tables in OUT/results.md."""
+    from pathlib import Path
+
+    from mechrecall.io import atomic_write_text
+    from mechrecall.report.analysis import analyses, get_analysis
+    from mechrecall.report.reproduce import analyses_markdown
+
+    if args.list:
+        for a in analyses():
+            how = "written beside a run by its analyses/ script" if a.beside else "runs on a pair"
+            print(f"{a.name:12s} {a.output:18s} {how}")
+        return 0
+    if len(args.pair) != 2 or args.out is None:
+        raise ValueError("analyze needs two checkpoints (reference first, e.g. TWO_STAGE MIXED) and --out DIR")
+    chosen = [get_analysis(n) for n in args.only] if args.only else [a for a in analyses() if a.run_pair]
+    if not all(a.run_pair for a in chosen):
+        raise ValueError(f"{', '.join(a.name for a in chosen if not a.run_pair)}: written by its analyses/ script")
+    for a in chosen:
+        a.run_pair(*args.pair, args.out, registry=args.registry, labels=args.labels)
+        print(f"wrote {Path(args.out) / a.output}")
+    atomic_write_text(Path(args.out) / "results.md", analyses_markdown(Path(args.out)))
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from mechrecall.lab.config import PRESETS
 
@@ -156,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     rpt = sub.add_parser("report", help="(re)build DIR/report.html from a reproduce folder")
     rpt.add_argument("run", help="a reproduce output folder (holds results.json)")
     rpt.set_defaults(func=_cmd_report)
+    an = sub.add_parser("analyze", help="the registered analyses of a checkpoint pair (reference first)")
+    an.add_argument("pair", nargs="*", metavar="CHECKPOINT", help="two checkpoints: reference first (two-stage)")
+    an.add_argument("--out", default=None, help="output folder")
+    an.add_argument("--only", nargs="+", default=None, metavar="NAME", help="these analyses only (see --list)")
+    an.add_argument("--labels", nargs=2, default=None, help="names of the two checkpoints in the JSON")
+    an.add_argument("--registry", default=None)
+    an.add_argument("--list", action="store_true", help="list the registered analyses")
+    an.set_defaults(func=_cmd_analyze)
     ps = sub.add_parser("presets", help="list presets")
     ps.set_defaults(func=_cmd_presets)
     tr = sub.add_parser("train", help="train one regime (see python -m mechrecall.lab.train --help)", add_help=False)
@@ -181,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "reproduce":
             check_out(args.out or f"runs/{args.preset}")
+        if args.command == "analyze" and args.out is not None:
+            check_out(args.out)
         return args.func(args)
     except (RunExistsError, RegistryError, CheckpointError, KeyError, ValueError, FileNotFoundError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)

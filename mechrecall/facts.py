@@ -77,6 +77,10 @@ from typing import Literal
 from mechrecall.io import atomic_write_text
 
 __all__ = [
+    "select_facts",
+    "checkpoint_facts",
+    "facts_file_name",
+    "subjects_first",
     "Format",
     "FORMATS",
     "ROLES",
@@ -563,3 +567,53 @@ def load_facts(source) -> FactSet:
 def example_record(ex: Example) -> dict:
     """An example as a JSON-able dict (for exports and caches)."""
     return asdict(ex)
+
+
+def select_facts(facts, split: str | None = None, count: int | None = None, formats=("storage", "query")) -> FactSet:
+    """A fact file / dataset / :class:`FactSet`, one ``split`` of it (``None``: all), its first ``count`` facts, each
+    with texts in ``formats`` (a fact without one is an error naming it)."""
+    fs = load_facts(facts)
+    chosen = fs.split(split)
+    if not len(chosen):
+        raise FactFormatError(f"{fs.source}: no fact has split {split!r} (splits: {', '.join(fs.splits) or 'none'})")
+    return (chosen[:count] if count else chosen).require(*formats)
+
+
+def subjects_first(facts: FactSet, n: int) -> FactSet:
+    """The facts of the first ``n`` subjects, in order (a lab run's "first n people" of a split)."""
+    keep: dict[str, None] = {}
+    for f in facts:
+        if f.subject not in keep and len(keep) == n:
+            break
+        keep.setdefault(f.subject)
+    return facts.where(lambda f: f.subject in keep)
+
+
+def facts_file_name(dataset_hash: str) -> str:
+    """The file name a training run gives its facts: the dataset's hash in the name, so that a checkpoint finds its
+    own facts and never another run's."""
+    return f"facts-{dataset_hash}.jsonl"
+
+
+def checkpoint_facts(location: str | Path, meta: Mapping | None = None, *, levels: int = 3) -> FactSet:
+    """The facts a checkpoint folder was trained on, read from the files beside it (data, never code).
+
+    A folder that holds ``facts.jsonl`` brings its own. A training run's checkpoint (its ``meta``, the folder's
+    ``mechrecall.json``, records a ``dataset_hash``) finds ``data/facts-<hash>.jsonl`` in the run folder up to
+    ``levels`` folders above it (``run/mixed/final``, ``run/mixed/checkpoints/step-N``, ``run/data/base``). Anything
+    else raises :class:`FactFormatError` saying where it looked: pass the facts explicitly then (``--facts FILE``).
+    """
+    from mechrecall.checkpoint import read_meta
+
+    folder = Path(location)
+    meta = read_meta(folder) if meta is None and folder.is_dir() else (meta or {})
+    looked = [folder / "facts.jsonl"]
+    if meta.get("dataset_hash"):
+        name = facts_file_name(meta["dataset_hash"])
+        looked += [up / "data" / name for up in [folder, *folder.parents][: levels + 1]]
+        looked += [up / name for up in folder.parents[:levels]]
+    for path in looked:
+        if path.is_file():
+            return load_facts(path)
+    where = ", ".join(str(p) for p in dict.fromkeys(looked))
+    raise FactFormatError(f"{folder}: no facts file beside this checkpoint (looked for {where}); pass --facts FILE")

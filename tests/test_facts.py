@@ -288,3 +288,24 @@ def test_a_chat_template_that_writes_bos_does_not_double_it():
     q = facts.with_chat_template(tok).facts[0].query[0]
     ids = list(encode_example(tok, q).input_ids)
     assert not q.text.startswith("<s>") and ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+
+
+def test_a_checkpoint_finds_its_own_facts_file_and_no_other_runs(tmp_path):
+    from mechrecall.facts import checkpoint_facts, facts_file_name, subjects_first
+
+    facts = load_facts(DATA / "facts.jsonl")
+    run = tmp_path / "run"
+    final = run / "mixed" / "final"
+    final.mkdir(parents=True)
+    (run / "data").mkdir()
+    facts.to_jsonl(run / "data" / facts_file_name("abc"))
+    assert checkpoint_facts(final, {"dataset_hash": "abc"}) == facts  # run/data/facts-<hash>.jsonl, two levels up
+    with pytest.raises(FactFormatError, match="no facts file beside this checkpoint.*facts-xyz.jsonl.*--facts FILE"):
+        checkpoint_facts(final, {"dataset_hash": "xyz"})  # another run's hash: never the file of another dataset
+    with pytest.raises(FactFormatError, match="no facts file"):
+        checkpoint_facts(final, {})  # not a training run's checkpoint, and no facts.jsonl of its own
+    facts[:3].to_jsonl(final / "facts.jsonl")
+    assert checkpoint_facts(final, {}) == facts[:3]  # a folder that brings its own
+    first = subjects_first(facts, 2)
+    assert len({f.subject for f in first}) == 2 and first.facts == [f for f in facts if f.subject in {
+        f.subject for f in first}]  # fmt: skip

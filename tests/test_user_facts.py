@@ -61,7 +61,7 @@ def test_patching_cli_on_smollm2_with_the_fact_file(smollm2, tmp_path):
     result = json.loads((out / "patching.json").read_text())
     m = result["models"][SMOL]
     assert m["n"] == 6 and m["roles"] == ["subject", "relation", "final"]
-    assert m["sites"]["resid_pre"]["labels"]["layer"] == [0, 29]
+    assert m["sites"]["resid_pre"]["labels"]["layer"] == [0, 29] and result["schema"] == "mechrecall.patching/2"
     assert result["facts"]["n_facts"] == 32 and result["settings"]["dtype"] == "float32"
     df = pd.read_parquet(out / "patching.parquet")
     assert len(df) == 2 * 2 * 3 * 6  # sites x layers x roles x pairs
@@ -77,10 +77,10 @@ def test_patching_cli_same_fact_mode_on_one_split(smollm2, tmp_path, capsys):
     result = json.loads((out / "patching.json").read_text())
     assert result["models"][SMOL]["n"] == 4
     # with --facts the default metric scores the whole (multi-token) answer: a log-probability, <= 0
-    site = result["models"][SMOL]["sites"]["resid_pre"]
-    assert result["settings"]["metric"] == "answer_logprob" and site["base_mean"] <= 0 and site["source_mean"] <= 0
+    site = result["models"][SMOL]["sites"]["resid_pre"]["metrics"]["answer_logprob"]
+    assert result["settings"]["metric"] == ["answer_logprob"] and site["base_mean"] <= 0 and site["source_mean"] <= 0
     fails_cleanly(capsys, lambda extra, o: patching_main(["--model", SMOL, "--facts", "heldout", "--out", o]), [],
-                  tmp_path / "lab", "no mechrecall.json", "pass --facts FILE")  # fmt: skip
+                  tmp_path / "lab", "no facts file beside this checkpoint", "pass --facts FILE")  # fmt: skip
 
 
 def test_consistency_analysis_on_smollm2(smollm2, tmp_path, capsys):
@@ -125,12 +125,13 @@ def test_attribution_and_patching_analyses_on_smollm2(smollm2, tmp_path, capsys)
                              "resid_pre", "--layers", "29", "--out", str(tmp_path)])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     p = json.loads((tmp_path / "patching.json").read_text())
-    assert p["labels"] == [SMOL, f"{SMOL}#2"] and p[SMOL]["n_pairs"] == 3
-    assert p[SMOL]["sites"]["resid_pre"]["logit_diff"]["layers"] == [29]
-    whole = p[SMOL]["sites"]["resid_pre"]
-    assert whole["answer_logprob"]["layers"] == [29] and whole["answer_logprob_base"] <= 0
-    assert 0 <= whole["answer_match_rate_base"] <= 1
-    assert p[SMOL]["noise_tracing_resid_pre"]["layers"] == [29]
+    assert p["schema"] == "mechrecall.patching/2"  # the patching command line's schema too
+    assert p["labels"] == [SMOL, f"{SMOL}#2"] and p["models"][SMOL]["n"] == 3
+    whole = p["models"][SMOL]["sites"]["resid_pre"]
+    assert whole["labels"]["layer"] == [29] and set(whole["metrics"]) == {"logit_diff", "hit", "answer_logprob",
+                                                                          "answer_match"}  # fmt: skip
+    assert whole["metrics"]["answer_logprob"]["base_mean"] <= 0 <= whole["metrics"]["answer_match"]["base_mean"] <= 1
+    assert p["models"][SMOL]["noise_tracing_resid_pre"]["layers"] == [29]
     assert plotly_page(tmp_path / "patching.html")
 
 

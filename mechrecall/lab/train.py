@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mechrecall.checkpoint import read_meta, save_checkpoint
+from mechrecall.facts import facts_file_name
 from mechrecall.io import atomic_write_json
 from mechrecall.lab.adapters import (
     adapter_state,
@@ -172,6 +173,7 @@ def prepare_data(preset: Preset, run_dir: str | Path) -> tuple[FactDataset, obje
                 f"use another --out or --force"
             )
         _, tokenizer, _ = load_checkpoint(base)
+        write_facts_file(dataset, data_dir)  # (runs from before the facts file get it)
         return dataset, tokenizer
     if preset.model.source is not None:  # a pretrained base and its own tokenizer
         model, tokenizer = pretrained_base(preset.model.source, dataset)
@@ -179,8 +181,16 @@ def prepare_data(preset: Preset, run_dir: str | Path) -> tuple[FactDataset, obje
         tokenizer = train_tokenizer(dataset, preset.data.name_style)
         model = build_model(preset.model, tokenizer, preset.seed)
     dataset.to_jsonl(data_dir / "dataset.jsonl")
+    write_facts_file(dataset, data_dir)
     save_checkpoint(base, model, tokenizer, _meta(preset, dataset, "base", "init", 0, {}))
     return dataset, tokenizer
+
+
+def write_facts_file(dataset: FactDataset, data_dir: Path) -> Path:
+    """``data/facts-<hash>.jsonl``: the run's facts in the toolkit's file format, which any tool finds beside the
+    run's checkpoints (:func:`mechrecall.facts.checkpoint_facts`) without the lab's code."""
+    path = data_dir / facts_file_name(dataset.hash)
+    return path if path.exists() else dataset.factset().to_jsonl(path)
 
 
 def _meta(preset: Preset, dataset: FactDataset, regime: str, stage: str, step: int, metrics: dict) -> dict:

@@ -39,13 +39,25 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from mechrecall.cli import Parser, add_model_args, at_least, positive_int, run_cli
+from mechrecall.facts import checkpoint_facts, select_facts, subjects_first
 from mechrecall.io import atomic_write_files
-from mechrecall.patching.core import METRICS, SITES, GaussianNoise, activation_patch
-from mechrecall.patching.prompts import FORMATS, fact_inputs, fact_pairs
+from mechrecall.loading import load_each, unique_labels
+from mechrecall.patching.core import (
+    METRICS,
+    SITES,
+    WHOLE_ANSWER_METRICS,
+    GaussianNoise,
+    activation_patch,
+    get_metric,
+    is_whole_answer,
+)
+from mechrecall.patching.prompts import FORMATS, fact_inputs, fact_pairs, patch_roles
+from mechrecall.patching.record import best_site, metric_mean, model_record, patching_record, site_record
 from mechrecall.tokenization import check_tokenization
+
+__all__ = ["parser", "run", "main"]
 
 BACKENDS = ("hf", "transformer_lens", "nnsight")
 LAB_SPLITS = ("heldout", "train", "validation")
@@ -70,8 +82,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sites", nargs="+", choices=SITES, default=["resid_pre"], help="activation sites")
     ap.add_argument("--layers", nargs="+", type=int, default=None, help="layers to patch (default: every layer)")
     ap.add_argument("--granularity", choices=["role", "position"], default="role", help="position needs --corruption")
-    ap.add_argument("--metric", choices=sorted(METRICS), default=None,
-                    help="default: answer_logprob (the whole answer, teacher-forced) with --facts, else logit_diff "
+    ap.add_argument("--metric", nargs="+", choices=sorted(METRICS), default=None,
+                    help="one or more (measured from the same forwards); default: answer_logprob (the whole answer, teacher-forced) with --facts, else logit_diff "
                          "(first answer token, A's value - B's value); answer_match = every answer token is the argmax")  # fmt: skip
     ap.add_argument("--backend", choices=BACKENDS, default="hf")
     ap.add_argument("--corruption", choices=["none", "noise"], default="none")
@@ -106,37 +118,59 @@ def _check(args) -> None:
     if args.count < 1:
         raise ValueError(f"--count {args.count}: need at least one pair")
     if args.metric is None:
-        args.metric = "answer_logprob" if args.facts is not None else "logit_diff"
+        args.metric = ["answer_logprob" if args.facts is not None else "logit_diff"]
+    args.metric = list(dict.fromkeys(args.metric))
+    if len({is_whole_answer(get_metric(m)) for m in args.metric}) > 1:
+        raise ValueError(f"--metric {' '.join(args.metric)}: whole-answer metrics ({', '.join(WHOLE_ANSWER_METRICS)}) "
+                         f"and first-token metrics need different prompts; run them separately")  # fmt: skip
 
 
 def _facts(args, loaded, user):
-    """The facts to patch on: the lab checkpoint's people of --split, or --facts (its --split)."""
-    from mechrecall.checkpoint import CheckpointError
-    from mechrecall.lab.models import lab_dataset
-
+    """The facts to patch on: --facts (its --split), or the facts file beside a training run's checkpoint (the first
+    --people people of --split, default heldout)."""
     if user is not None:
         return user
-    try:
-        dataset = lab_dataset(loaded)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e} (pass --facts FILE to patch a model that is not a lab checkpoint)") from None
-    return dataset.factset(dataset.pids(args.split or "heldout")[: args.people])
+    own = checkpoint_facts(loaded.location, loaded.meta)
+    return subjects_first(select_facts(own, args.split or "heldout", formats=()), args.people)
+
+
+def _experiment(args, loaded, facts, roles, whole: bool):
+    """(base inputs, source inputs, the pairs' facts, pair counts, corruption) for one model: cross-format / cross-fact
+    pairs, or with --corruption noise each base prompt its own clean source (one prompt length for --granularity
+    position)."""
+    if args.corruption == "noise":
+        examples = facts.examples(args.base_format, templates=[0])
+        base = fact_inputs(loaded.tokenizer, examples[: args.count], roles=roles, whole_answer=whole)
+        source, corruption = base, GaussianNoise(3.0, seed=args.seed)
+        kept = examples[: args.count]
+        if args.granularity == "position":  # positions are comparable only across prompts of one length
+            readout = base.readout.tolist()
+            common = max(set(readout), key=readout.count)
+            kept = [ex for ex, r in zip(kept, readout) if r == common]
+            base = source = fact_inputs(loaded.tokenizer, kept, roles=roles, whole_answer=whole).all_positions()
+        pairs = [{"subject": ex.subject_id, "relation": ex.relation} for ex in kept]  # (each its own source)
+        stats = {"asked": args.count, "available": min(args.count, len(examples)), "kept": len(kept)}
+        if len(kept) < stats["available"]:
+            stats["other_length"] = stats["available"] - len(kept)
+    else:
+        stats = {"asked": args.count}
+        base, source, pairs = fact_pairs(
+            facts, loaded.tokenizer, source_format=args.source_format, base_format=args.base_format,
+            mode=args.mode, n=args.count, seed=args.seed, roles=roles, whole_answer=whole, stats=stats,
+        )  # fmt: skip
+        corruption = None
+    return base, source, pairs, stats, corruption
 
 
 def run(args) -> dict:
     from mechrecall.arch import n_layers
-    from mechrecall.patching.core import get_metric, is_whole_answer
-    from mechrecall.report.consistency import load_each, unique_labels, user_facts
-    from mechrecall.report.patching import patch_roles
 
     _check(args)
-    whole = is_whole_answer(get_metric(args.metric))
+    whole = is_whole_answer(get_metric(args.metric[0]))
     out = Path(args.out)
-    user = user_facts(args.facts, args.split, None, formats=()) if args.facts is not None else None
+    user = select_facts(args.facts, args.split, None, formats=()) if args.facts is not None else None
     names = unique_labels(args.checkpoint)
-    result: dict = {"settings": {k: v for k, v in vars(args).items()}, "models": {}}
-    if user is not None:
-        result["facts"] = {"source": user.source, "n_facts": len(user), "relations": user.relations}
+    models: dict = {}
     frames = []
     loads = load_each(args.checkpoint, registry=args.registry, device=args.device, dtype=args.dtype)  # twice: once
     for name, loaded in zip(names, loads):
@@ -150,45 +184,23 @@ def run(args) -> dict:
         roles = patch_roles(facts, formats)
         if user is not None:
             check_tokenization(facts, loaded.tokenizer, roles, source_name)
-        if args.corruption == "noise":
-            examples = facts.examples(args.base_format, templates=[0])
-            base = fact_inputs(loaded.tokenizer, examples[: args.count], roles=roles, whole_answer=whole)
-            source, corruption = base, GaussianNoise(3.0, seed=args.seed)
-            kept = examples[: args.count]
-            if args.granularity == "position":  # positions are comparable only across prompts of one length
-                readout = base.readout.tolist()
-                common = max(set(readout), key=readout.count)
-                kept = [ex for ex, r in zip(kept, readout) if r == common]
-                base = source = fact_inputs(loaded.tokenizer, kept, roles=roles, whole_answer=whole).all_positions()
-            pairs = [{"subject": ex.subject_id, "relation": ex.relation} for ex in kept]  # (each its own source)
-            stats = {"asked": args.count, "available": min(args.count, len(examples)), "kept": len(kept)}
-            if len(kept) < stats["available"]:
-                stats["other_length"] = stats["available"] - len(kept)
-        else:
-            stats = {"asked": args.count}
-            base, source, pairs = fact_pairs(
-                facts, loaded.tokenizer, source_format=args.source_format, base_format=args.base_format,
-                mode=args.mode, n=args.count, seed=args.seed, roles=roles, whole_answer=whole, stats=stats,
-            )  # fmt: skip
-            corruption = None
+        base, source, pairs, stats, corruption = _experiment(args, loaded, facts, roles, whole)
         model = _wrap(loaded, args.backend)
         per_site = {}
         for site in args.sites:
             r = activation_patch(model, base, source, site=site, metric=args.metric, backend=args.backend,
                                  corruption=corruption, layers=args.layers)  # fmt: skip
-            per_site[site] = {
-                "axes": list(r.axes),
-                "labels": {k: v for k, v in r.labels.items() if k != "example"},
-                "mean": r.mean().tolist(),
-                "base_mean": float(r.base.mean()),
-                "source_mean": float(r.source.mean()) if r.source is not None else None,
-                "per_example": r.values.tolist(),
-            }
-            df = r.to_dataframe()
-            df.insert(0, "checkpoint", name)
-            frames.append(df)
-        result["models"][name] = {"source": source_name, "n": len(base), "roles": list(roles), "pairs": pairs,
-                                  "pair_counts": stats, "sites": per_site}  # fmt: skip
+            per_site[site] = site_record(r)
+            for one in r.values():
+                df = one.to_dataframe()
+                df.insert(0, "checkpoint", name)
+                frames.append(df)
+        models[name] = model_record(source_name, pairs, roles, per_site, stats)
+    if user is not None:
+        described = {"source": user.source, "n_facts": len(user), "relations": user.relations}
+    else:  # the facts file beside each checkpoint
+        described = {"source": "each checkpoint's own facts", "split": args.split or "heldout", "people": args.people}
+    result = patching_record(vars(args), models, described)
     out.mkdir(parents=True, exist_ok=True)
     table = pd.concat(frames, ignore_index=True)
     tmp = out / ".patching.parquet.tmp"
@@ -202,31 +214,19 @@ def run(args) -> dict:
 def _html(result: dict) -> str:
     import plotly.graph_objects as go
 
-    from mechrecall.report.plotting import page as html
+    from mechrecall.plotting import page as html
 
     figs = []
-    metric = result["settings"]["metric"]
     for name, m in result["models"].items():
         for site, s in m["sites"].items():
-            by_head = s["axes"][1] == "head"
-            z = [row for layer in s["mean"] for row in layer] if by_head else s["mean"]
-            fig = go.Figure(go.Heatmap(z=z, x=s["labels"]["pos"], colorscale="Viridis"))
-            fig.update_layout(title=f"{name} · {site} · mean {metric} after patching (base {s['base_mean']:.3f})",
-                              xaxis_title="position", yaxis_title="layer x head" if by_head else "layer")  # fmt: skip
-            figs.append(fig)
+            by_head = "head" in s["axes"]
+            for metric, rec in s["metrics"].items():
+                z = [row for layer in rec["mean"] for row in layer] if by_head else rec["mean"]
+                fig = go.Figure(go.Heatmap(z=z, x=s["labels"]["pos"], colorscale="Viridis"))
+                fig.update_layout(title=f"{name} · {site} · mean {metric} after patching (base {rec['base_mean']:.3f})",
+                                  xaxis_title="position", yaxis_title="layer x head" if by_head else "layer")  # fmt: skip
+                figs.append(fig)
     return html(figs, "mechrecall.patching")
-
-
-def best_site(site_result: dict) -> dict:
-    """Where a site's mean metric is highest: its value and one label per axis (layer, position or role, head)."""
-    mean = torch.tensor(site_result["mean"])
-    flat = int(mean.argmax())
-    where = {}
-    for axis, size in reversed(list(zip(site_result["axes"], mean.shape))):
-        flat, i = divmod(flat, size)
-        labels = site_result["labels"].get(axis)
-        where[axis] = labels[i] if labels is not None and i < len(labels) else i
-    return {"value": float(mean.max()), **dict(reversed(list(where.items())))}
 
 
 def _pairs_line(name: str, m: dict) -> str:
@@ -248,11 +248,11 @@ def _main(args) -> int:
     for name, m in result["models"].items():
         print(_pairs_line(name, m))
         for site, s in m["sites"].items():
-            mean = torch.tensor(s["mean"])
-            best = best_site(s)
-            at = ", ".join(f"{k} {v}" for k, v in best.items() if k != "value")
-            print(f"{name} {site}: {args.metric} unpatched {s['base_mean']:.3f}; best patch {best['value']:.3f} at "
-                  f"{at}; worst {float(mean.min()):.3f} ({m['n']} examples)")  # fmt: skip
+            for metric, rec in s["metrics"].items():
+                best = best_site(s, metric)
+                at = ", ".join(f"{k} {v}" for k, v in best.items() if k != "value")
+                print(f"{name} {site}: {metric} unpatched {rec['base_mean']:.3f}; best patch {best['value']:.3f} at "
+                      f"{at}; worst {float(metric_mean(s, metric).min()):.3f} ({m['n']} examples)")  # fmt: skip
     print(f"wrote {Path(args.out) / 'patching.json'} (per-pair facts under models.<name>.pairs), patching.parquet, "
           f"patching.html")  # fmt: skip
     return 0

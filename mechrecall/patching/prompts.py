@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_ROLES",
     "fact_inputs",
     "fact_pairs",
+    "patch_roles",
 ]
 
 DEFAULT_ROLES = ("subject", "relation", "final")
@@ -179,3 +180,9 @@ def fact_pairs(
     )  # fmt: skip
     base.answer = torch.tensor(answers)  # the source's fact is what a successful patch makes the base say
     return base, source, rows
+
+
+def patch_roles(facts: FactSet, formats=("storage", "query")) -> tuple[str, ...]:
+    """The roles every first text of ``formats`` has: subject, relation (when located), final."""
+    texts = [ex for fmt in formats for ex in facts.examples(fmt, templates=[0])]
+    return tuple(r for r in DEFAULT_ROLES if r == "final" or all(ex.spans.get(r) for ex in texts))

@@ -12,48 +12,12 @@ from pathlib import Path
 
 from mechrecall.consistency import measure
 from mechrecall.devices import model_device, model_dtype
-from mechrecall.facts import FactFormatError, FactSet, load_facts
+from mechrecall.facts import select_facts
 from mechrecall.io import atomic_write_files, atomic_write_json, atomic_write_text
 from mechrecall.lab.models import lab_dataset
-from mechrecall.loading import load_model, to_nnsight, to_transformer_lens
+from mechrecall.loading import load_each, load_model, to_nnsight, to_transformer_lens, unique_labels
+from mechrecall.report.analysis import Analysis, PairContext, check_labels, labels_of, versus
 from mechrecall.tokenization import check_tokenization
-
-
-def load_each(sources: Sequence[str], *, registry=None, device=None, dtype=None) -> list:
-    """One :class:`~mechrecall.loading.LoadedModel` per source, in order; a source named twice is loaded once (the
-    same object comes back, so callers can measure it once too)."""
-    cache: dict = {}
-    for src in sources:
-        if src not in cache:
-            cache[src] = load_model(src, registry=registry, device=device, dtype=dtype, supported_only=True)
-    return [cache[src] for src in sources]
-
-
-def unique_labels(names: Sequence[str]) -> list[str]:
-    """``names`` made unique in order: a repeated name gets ``#2``, ``#3``, ... (two runs of one checkpoint)."""
-    out, seen = [], {}
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
-    return out
-
-
-def check_labels(labels: Sequence[str] | None, n: int) -> list[str] | None:
-    """``labels`` if there is one per checkpoint and no two are equal (else a ``ValueError`` saying so)."""
-    if labels is None:
-        return None
-    if len(labels) != n or len(set(labels)) != len(labels):
-        raise ValueError(f"--labels {' '.join(labels)}: give {n} different names, one per checkpoint")
-    return list(labels)
-
-
-def user_facts(facts, split: str | None = None, count: int | None = None, formats=("storage", "query")) -> FactSet:
-    """A fact file / dataset / :class:`FactSet`, one ``split`` of it (``None``: all), its first ``count`` facts."""
-    fs = load_facts(facts)
-    chosen = fs.split(split)
-    if not len(chosen):
-        raise FactFormatError(f"{fs.source}: no fact has split {split!r} (splits: {', '.join(fs.splits) or 'none'})")
-    return (chosen[:count] if count else chosen).require(*formats)
 
 
 def run(
@@ -76,48 +40,27 @@ def run(
     :class:`FactSet`: its ``split``, first ``n_people`` facts) on any checkpoint, on ``device`` in ``dtype``."""
     out = Path(out)
     labels = check_labels(labels, len(checkpoints))
-    fs = user_facts(facts, split, n_people) if facts is not None else None
+    fs = select_facts(facts, split, n_people) if facts is not None else None
     loads = load_each(checkpoints, registry=registry, device=device, dtype=dtype)  # a checkpoint twice: measured once
     if labels is None:
         names = [lm.meta.get("regime", src) if fs is None else src for lm, src in zip(loads, checkpoints)]
         labels = unique_labels(names)
     models, done = {}, {}
     for label, source, loaded in zip(labels, checkpoints, loads):
-        if id(loaded) in done:
-            models[label] = {**done[id(loaded)], "source": source}
-            continue
-        if fs is None:
-            dataset = lab_dataset(loaded)
-            these = dataset.factset(dataset.pids("heldout")[:n_people])
-        else:
-            these = check_tokenization(fs, loaded.tokenizer, ("subject", "relation", "final"), source)
-        parity_diff = (
-            {
-                "transformer_lens": to_transformer_lens(loaded).cfg.parity_max_abs_diff,
-                "nnsight": to_nnsight(loaded).parity_max_abs_diff,
-            }
-            if parity
-            else {}
-        )
-        models[label] = done[id(loaded)] = {
-            "source": source,
-            "backend_parity_max_abs_logit_diff": parity_diff,
-            **measure(
-                loaded.model,
-                loaded.tokenizer,
-                these,
-                grad_facts=grad_facts,
-                grad_batch=grad_batch,
-                sketch_dim=grad_sketch,
-            ),
-        }
+        if id(loaded) not in done:
+            if fs is None:
+                dataset = lab_dataset(loaded)
+                these = dataset.factset(dataset.pids("heldout")[:n_people])
+            else:
+                these = check_tokenization(fs, loaded.tokenizer, ("subject", "relation", "final"), source)
+            done[id(loaded)] = _measure_one(loaded, these, grad_facts, grad_batch, grad_sketch, parity)
+        models[label] = {**done[id(loaded)], "source": source}
     if fs is None:
         result = {"people": "heldout", "n_people": n_people}
     else:
         result = {"facts": fs.source, "split": split, "n_facts": len(fs), "device": str(model_device(loads[0].model)),
                   "dtype": str(model_dtype(loads[0].model)).removeprefix("torch.")}  # fmt: skip
-    if fs is not None:
-        result["labels"] = list(models)  # (the lab's consistency.json keeps its keys)
+    result["labels"] = list(models)  # reference first
     result |= {
         "backend_parity": {k: v["backend_parity_max_abs_logit_diff"] for k, v in models.items()},
         "gradient": {k: {"source": v["source"], **v["gradient"]} for k, v in models.items()},
@@ -125,6 +68,20 @@ def run(
     }
     atomic_write_files(out, {"consistency.json": result, "consistency.html": figures_html(result)})
     return result
+
+
+def _measure_one(loaded, facts, grad_facts, grad_batch, grad_sketch, parity: bool) -> dict:
+    """One model's consistency (:func:`mechrecall.consistency.measure`) and, with ``parity``, how far the
+    TransformerLens and nnsight wrappings' logits are from the model's own."""
+    parity_diff = (
+        {"transformer_lens": to_transformer_lens(loaded).cfg.parity_max_abs_diff,
+         "nnsight": to_nnsight(loaded).parity_max_abs_diff}
+        if parity
+        else {}
+    )  # fmt: skip
+    measured = measure(loaded.model, loaded.tokenizer, facts, grad_facts=grad_facts, grad_batch=grad_batch,
+                       sketch_dim=grad_sketch)  # fmt: skip
+    return {"backend_parity_max_abs_logit_diff": parity_diff, **measured}
 
 
 def figures(result: dict) -> list:
@@ -176,7 +133,7 @@ def figures(result: dict) -> list:
 
 
 def figures_html(result: dict) -> str:
-    from mechrecall.report.plotting import page
+    from mechrecall.plotting import page
 
     return page(figures(result), "mechrecall consistency")
 
@@ -235,3 +192,41 @@ def trajectory(run_dir: str | Path, out: str | Path, *, n_people: int = 50, grad
     atomic_write_text(out / "consistency_trajectory.html", fig.to_html(include_plotlyjs=True))
     json.dumps(result)  # fail early on non-JSON values
     return result
+
+
+def captioned(result: dict) -> list[tuple]:
+    """Findings 1 and 2 for the page: each figure with a caption comparing the pair (reference first)."""
+    first, second = labels_of(result)
+    g, r = result["gradient"], result["representation"]
+    grad, rep = figures(result)
+    grad_caption = (
+        f"Finding 1, gradient consistency: cosine between the gradients of the storage-format and the query-format "
+        f"answer loss of the same fact, overall and per block (95% bootstrap CIs). {second} "
+        f"{g[second]['same_fact_mean_cos']:.3f} vs {first} {g[first]['same_fact_mean_cos']:.3f}; mismatched facts "
+        f"give ~{g[second]['baseline_mean_cos']:.3f}. "
+        + versus(g[second]["same_fact_mean_cos"], g[first]["same_fact_mean_cos"],
+                 "mixed training aligns the two formats' gradients")
+    )  # fmt: skip
+    rep_caption = (
+        f"Finding 2, representation consistency: cosine of the same fact's hidden states in both formats minus that "
+        f"of mismatched facts, per layer and token role. Last-layer subject margin {second} "
+        f"{r[second]['subject_last_layer_margin']:.3f} vs {first} {r[first]['subject_last_layer_margin']:.3f}; "
+        f"final-token margin {r[second]['final_last_layer_margin']:.3f} vs {r[first]['final_last_layer_margin']:.3f}. "
+        + versus(r[second]["final_last_layer_margin"], r[first]["final_last_layer_margin"],
+                 "mixed training makes a fact's representations in the two formats more alike")
+    )  # fmt: skip
+    return [(grad, grad_caption), (rep, rep_caption)]
+
+
+def run_pair(first: str, second: str, out, *, registry=None, labels=None, context: PairContext = PairContext()):
+    return run([first, second], out, registry=registry, labels=labels, **ANALYSIS.sizes(context))
+
+
+ANALYSIS = Analysis(
+    name="consistency",
+    output="consistency.json",
+    order=10,
+    captioned=captioned,
+    run_pair=run_pair,
+    pretrained_sizes={"n_people": 40, "grad_facts": 48},
+)

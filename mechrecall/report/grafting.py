@@ -45,6 +45,7 @@ from mechrecall.lab.models import lab_dataset
 from mechrecall.lab.trace import GradientTrace
 from mechrecall.loading import load_model
 from mechrecall.masks import mask_count, mask_minus, topk_mask, update_importance
+from mechrecall.report.analysis import Analysis
 
 __all__ = ["DEFAULT_KS", "MASK_SOURCES", "run", "summary_rows", "transfers"]
 
@@ -74,6 +75,62 @@ def _masks(source: str, k: float, trace: GradientTrace | None, update: Mapping, 
     return {"mask": shared, "storage_only": mask_minus(storage, query), "query_only": mask_minus(query, storage)}
 
 
+def _check(sources: Sequence[str], recipients: Mapping[str, str], ks: Sequence[float]) -> None:
+    bad = [s for s in sources if s not in MASK_SOURCES]
+    if bad:
+        raise ValueError(f"mask source {bad[0]!r}: expected one of {', '.join(MASK_SOURCES)}")
+    if not recipients:
+        raise ValueError("no recipient checkpoints given")
+    if not ks or not all(0 < k <= 1 for k in ks):
+        raise ValueError(f"mask sizes {list(ks)}: give fractions in (0, 1]")
+
+
+def _donor_trace(donor, mixed: str, sources: Sequence[str]) -> GradientTrace | None:
+    """The donor's training trace, when a trace source asks for it (a run trained with trace=false grafts its
+    update masks only)."""
+    if not any(s.startswith("trace:") for s in sources):
+        return None
+    try:
+        trace = GradientTrace.load(donor.location)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{mixed!r} has no training trace (trained with trace=false): use --sources update update:all"
+        ) from None
+    if not {"storage", "query"} <= set(trace.formats):
+        raise CheckpointError(
+            f"{mixed!r} has no two-format training trace (it has {trace.formats}): use --sources update"
+        )
+    return trace
+
+
+def _recipient_rows(loaded, facts, donor_sd, masks: dict, totals: dict, donor_recall: dict, draws: int, seed: int):
+    """One recipient: its recall before, and one row per (mask source, size) with its random and format-only
+    controls."""
+    model, tok = loaded.model, loaded.tokenizer
+    target = state_of(model)
+    before = recall_under(model, tok, facts, target, SPLITS)
+    rows = []
+    for (src, k), ms in masks.items():
+        gr = with_random_controls(model, tok, facts, ms["mask"], lambda m, t=target: graft(t, donor_sd, m),
+                                  draws=draws, seed=seed + 100, splits=SPLITS)  # fmt: skip
+        row = {
+            "source": src, "k": k, "n": gr["n"], "fraction": gr["n"] / totals[src],
+            "heldout_after": gr["mask"]["heldout"], "trained_after": gr["mask"]["train"],
+            "random_heldout_mean": gr["random_mean"]["heldout"],
+            "random_heldout_std": _sd(gr["random"]["heldout"]), "random_trained_mean": gr["random_mean"]["train"],
+            "validation_after": gr["mask"]["validation"], "random_validation_mean": gr["random_mean"]["validation"],
+        }  # fmt: skip
+        for name in ("storage_only", "query_only"):
+            if name in ms:
+                r = recall_under(model, tok, facts, graft(target, donor_sd, ms[name]), SPLITS)
+                row[f"{name}_heldout"], row[f"{name}_n"] = r["heldout"], mask_count(ms[name])
+        gap = donor_recall["heldout"] - before["heldout"]
+        row["transfer_fraction"] = (row["heldout_after"] - before["heldout"]) / gap if gap > 0 else float("nan")
+        row["transfers"] = transfers(row["heldout_after"], row["random_heldout_mean"], row["random_heldout_std"])
+        rows.append(row)
+    return before, rows
+
+
 def run(
     mixed: str,
     recipients: Mapping[str, str],
@@ -92,27 +149,9 @@ def run(
     """Graft masks of ``mixed`` into each of ``recipients`` (label -> checkpoint) at every size; writes
     ``OUT/grafting.json`` and ``grafting.html``. ``base`` is the checkpoint the family started from (the update
     masks' reference); ``"base"`` as a recipient source means that checkpoint."""
-    bad = [s for s in sources if s not in MASK_SOURCES]
-    if bad:
-        raise ValueError(f"mask source {bad[0]!r}: expected one of {', '.join(MASK_SOURCES)}")
-    if not recipients:
-        raise ValueError("no recipient checkpoints given")
-    if not ks or not all(0 < k <= 1 for k in ks):
-        raise ValueError(f"mask sizes {list(ks)}: give fractions in (0, 1]")
-    out = Path(out)
+    _check(sources, recipients, ks)
     donor = load_model(mixed, registry=registry, device=device, dtype=dtype, supported_only=True)
-    trace = None  # only the trace sources read it: a run trained with trace=false grafts its update masks
-    if any(s.startswith("trace:") for s in sources):
-        try:
-            trace = GradientTrace.load(donor.location)
-        except FileNotFoundError:
-            raise CheckpointError(
-                f"{mixed!r} has no training trace (trained with trace=false): use --sources update update:all"
-            ) from None
-        if not {"storage", "query"} <= set(trace.formats):
-            raise CheckpointError(
-                f"{mixed!r} has no two-format training trace (it has {trace.formats}): use --sources update"
-            )
+    trace = _donor_trace(donor, mixed, sources)
     dataset = lab_dataset(donor)
     facts = dataset.factset()
     base_loaded = load_model(base, registry=registry, device=device, dtype=dtype)
@@ -121,48 +160,25 @@ def run(
     # update:all ranks every parameter
     update = update_importance(base_sd, donor_sd)
     donor_recall = recall_under(donor.model, donor.tokenizer, facts, donor_sd, SPLITS)
-
-    result: dict = {
-        "donor": mixed, "base": base, "ks": list(ks), "sources": list(sources), "scope": scope, "draws": draws,
-        "margin": MARGIN, "dataset_hash": dataset.hash, "donor_recall": donor_recall,
-        "recipients": {},
-    }  # fmt: skip
     masks = {(s, k): _masks(s, k, trace, update, scope) for s in sources for k in ks}
     # each source's ranked parameters (the fractions below are of these)
     totals = {s: sum(m.numel() for m in masks[s, ks[0]]["mask"].values()) for s in sources}
-    result["ranked_parameters"] = totals
+    result: dict = {
+        "donor": mixed, "base": base, "ks": list(ks), "sources": list(sources), "scope": scope, "draws": draws,
+        "margin": MARGIN, "dataset_hash": dataset.hash, "donor_recall": donor_recall, "recipients": {},
+        "ranked_parameters": totals,
+    }  # fmt: skip
     for label, source in recipients.items():
         loaded = base_loaded if source == "base" else load_model(source, registry=registry, device=device,
                                                                    dtype=dtype, supported_only=True)  # fmt: skip
         if loaded.meta.get("dataset_hash", dataset.hash) != dataset.hash:
             raise CheckpointError(f"{source!r} and {mixed!r} were trained on different datasets")
-        model, tok = loaded.model, loaded.tokenizer
-        target = state_of(model)
-        before = recall_under(model, tok, facts, target, SPLITS)
-        rows = []
-        for (src, k), ms in masks.items():
-            gr = with_random_controls(model, tok, facts, ms["mask"], lambda m, t=target: graft(t, donor_sd, m),
-                                      draws=draws, seed=seed + 100, splits=SPLITS)  # fmt: skip
-            row = {
-                "source": src, "k": k, "n": gr["n"], "fraction": gr["n"] / totals[src],
-                "heldout_after": gr["mask"]["heldout"], "trained_after": gr["mask"]["train"],
-                "random_heldout_mean": gr["random_mean"]["heldout"],
-                "random_heldout_std": _sd(gr["random"]["heldout"]), "random_trained_mean": gr["random_mean"]["train"],
-                "validation_after": gr["mask"]["validation"], "random_validation_mean": gr["random_mean"]["validation"],
-            }  # fmt: skip
-            for name in ("storage_only", "query_only"):
-                if name in ms:
-                    r = recall_under(model, tok, facts, graft(target, donor_sd, ms[name]), SPLITS)
-                    row[f"{name}_heldout"], row[f"{name}_n"] = r["heldout"], mask_count(ms[name])
-            gap = donor_recall["heldout"] - before["heldout"]
-            row["transfer_fraction"] = (row["heldout_after"] - before["heldout"]) / gap if gap > 0 else float("nan")
-            row["transfers"] = transfers(row["heldout_after"], row["random_heldout_mean"], row["random_heldout_std"])
-            rows.append(row)
+        before, rows = _recipient_rows(loaded, facts, donor_sd, masks, totals, donor_recall, draws, seed)
         result["recipients"][label] = {"source": source, "before": before, "rows": rows}
     result["any_transfer"] = any(r["transfers"] for e in result["recipients"].values() for r in e["rows"])
     result["best"] = _best(result)
     page = figure(result).to_html(include_plotlyjs=True)
-    atomic_write_files(out, {"grafting.json": finite(result), "grafting.html": page})
+    atomic_write_files(Path(out), {"grafting.json": finite(result), "grafting.html": page})
     return result
 
 
@@ -219,3 +235,20 @@ def summary_rows(result: dict) -> list[str]:
                          f"{r['heldout_after']:.3f} vs random {r['random_heldout_mean']:.3f}"
                          f"{' TRANSFERS' if r['transfers'] else ''}")  # fmt: skip
     return lines
+
+
+def captioned(grafting: dict) -> list[tuple]:
+    """Every grafting variant for the page (written beside a run by ``analyses/grafting.py``)."""
+    best = "; ".join(
+        f"into {lab}: best on validation people {b['source']} at {b['fraction']:.4%} of the ranked weights, "
+        f"held-out {b['before']:.3f} -> {b['heldout_after']:.3f} (random {b['random_heldout_mean']:.3f})"
+        for lab, b in grafting["best"].items()
+    )
+    caption = (f"Grafting, every protocol variant (analyses/grafting.py): masks of the mixed model's trace and update "
+               f"size at {len(grafting['ks'])} sizes, into each recipient, against size-matched random masks. {best}. "
+               f"Any variant beats its random controls by more than max(5 points, 2 sd) (a post-hoc screen over every "
+               f"variant): {grafting['any_transfer']}.")  # fmt: skip
+    return [(figure(grafting), caption)]
+
+
+ANALYSIS = Analysis(name="grafting", output="grafting.json", order=50, captioned=captioned, beside=True)

@@ -8,7 +8,6 @@ refused unless ``force`` (which deletes it first).
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import platform
 import shutil
 import statistics
@@ -167,39 +166,15 @@ def markdown_table(results: dict) -> str:
 
 
 def analyses_markdown(out: Path) -> str:
-    """The analyses' summary tables for results.md (those whose JSON exists in ``out``)."""
+    """The summary tables of every registered analysis whose JSON is in ``out``, for results.md."""
+    from mechrecall.report.analysis import analyses
+
     lines: list[str] = []
-    if (out / "masks.json").exists():
-        from mechrecall.report.masks import summary_rows
-
-        masks = json.loads((out / "masks.json").read_text())
-        lines += [
-            "",
-            f"## Shared-update masks (k = {masks['k']}, held-out QA drops in points)",
-            "",
-            *summary_rows(masks),
-        ]
-    if (out / "patching.json").exists() or (out / "attribution.json").exists():
-        from mechrecall.report.patching import summary_rows as patch_rows
-
-        def load(name):
-            return json.loads((out / name).read_text()) if (out / name).exists() else None
-
-        lines += ["", "## Cross-format patching (storage of A -> query of B, held-out) and token-role attribution", ""]
-        lines += patch_rows(load("patching.json"), load("attribution.json"))
+    for analysis in analyses():
+        result = None if analysis.summary is None or analysis.beside else analysis.load(out)
+        if result is not None:
+            lines += ["", f"## {analysis.title(result)}", "", *analysis.summary(result)]
     return "\n".join(lines) + ("\n" if lines else "")
-
-
-# Analysis sizes for a pretrained base (a 100M+ model on a CPU): fewer facts, pairs and random draws than the lab's
-# defaults, which are sized for the 2-layer model. Each value is recorded in the analysis' own JSON.
-PRETRAINED_SIZES: dict[str, dict] = {
-    "consistency": {"n_people": 40, "grad_facts": 48},
-    "masks": {"count": 120, "consistency_facts": 24, "draws": 3, "sweep_draws": 1, "ks": (0.01, 0.05, 0.2)},
-    "patching": {"n_people": 20, "n_pairs": 40},
-    # IG on SmolLM2's biography prefixes: about 6 s a quadrature step for 24 prompts on 2 CPU cores, and prompts that
-    # need 128 steps (16 + 32 + 64 + 128 computed) are common, so 10 people at up to 256 steps ran for hours
-    "attribution": {"n_people": 4, "max_steps": 128},
-}
 
 
 def run_analyses(
@@ -212,40 +187,80 @@ def run_analyses(
     base: str | None = None,
     labels: Sequence[str] = ("two_stage", "mixed"),
 ) -> dict[str, float]:
-    """Every analysis on one checkpoint pair (seed 0), each writing its JSON and figures into ``out``; seconds each.
+    """Every registered analysis on one checkpoint pair (seed 0), each writing its JSON and figures into ``out``;
+    seconds each.
 
-    With ``preset`` trained without a gradient trace (``trace=false``), the masks take post-hoc importance on the
-    run's own facts instead (``posthoc_x_update`` against ``base``, the run's starting checkpoint: what any two
-    checkpoints get, see :mod:`mechrecall.report.masks`); a pretrained-base preset uses :data:`PRETRAINED_SIZES`.
-    ``labels`` name the pair in every JSON (e.g. ``two_stage`` / ``pre_instruction`` for a third regime).
+    ``preset`` and ``base`` (the run's starting checkpoint) go to each analysis (:class:`~mechrecall.report.analysis.
+    PairContext`): a pretrained base gets each analysis' smaller ``pretrained_sizes``, and a preset trained without a
+    gradient trace (``trace=false``) gets post-hoc mask importance against ``base``. ``labels`` name the pair in
+    every JSON (e.g. ``two_stage`` / ``pre_instruction`` for a third regime).
     """
-    from mechrecall.report.consistency import run as consistency_run
-    from mechrecall.report.masks import run as masks_run
-    from mechrecall.report.patching import run_attribution, run_patching
+    from mechrecall.report.analysis import PairContext, analyses
 
-    sizes = PRETRAINED_SIZES if preset is not None and preset.model.source is not None else {}
-    masks_kw = dict(sizes.get("masks", {}))
-    if preset is not None and not preset.trace:
-        from mechrecall.lab.bios import generate
-
-        masks_kw.update(facts=generate(preset.data.spec(), preset.seed).factset(), split="heldout", base=base)
-    steps = {
-        "consistency": lambda: consistency_run(
-            [two_stage, mixed], out, registry=registry, labels=labels, **sizes.get("consistency", {})
-        ),
-        "masks": lambda: masks_run(two_stage, mixed, out, registry=registry, labels=labels, **masks_kw),
-        "patching": lambda: run_patching(
-            two_stage, mixed, out, registry=registry, labels=labels, **sizes.get("patching", {})
-        ),
-        "attribution": lambda: run_attribution(
-            two_stage, mixed, out, registry=registry, labels=labels, **sizes.get("attribution", {})
-        ),
-    }
+    pretrained = preset is not None and preset.model.source is not None
+    context = PairContext(preset=preset, base=base, pretrained=pretrained)
     seconds = {}
-    for name, step in steps.items():
-        t = time.perf_counter()
-        step()
-        seconds[name] = time.perf_counter() - t
+    for analysis in analyses():
+        if analysis.run_pair is not None:
+            t = time.perf_counter()
+            analysis.run_pair(two_stage, mixed, out, registry=registry, labels=list(labels), context=context)
+            seconds[analysis.name] = time.perf_counter() - t
+    return seconds
+
+
+def _train_seed(preset: Preset, run_dir: Path, regimes: Sequence[str], registry: Path | None, progress: bool,
+                training: dict | None) -> dict:  # fmt: skip
+    """Train every regime of one seed (a finished one is read back), register the checkpoints; the seed's entry."""
+
+    summaries = {}
+    for regime in regimes:
+        meta = train(preset, regime, run_dir, progress=progress, **(training or {}))
+        if "stages" not in meta:  # finished earlier: stage metrics live in the stage checkpoints
+            stage1 = read_meta(run_dir / "two_stage" / "stage1") if regime == "two_stage" else None
+            meta["stages"] = {"stage1": stage1["metrics"]} if stage1 else {}
+        summaries[regime] = _regime_summary(regime, meta)
+    names = _register_seed(preset, run_dir, registry, [r for r in regimes if r not in ("two_stage", "mixed")])
+    return {"seed": preset.seed, "run_dir": str(run_dir), "regimes": summaries, "registered": names}
+
+
+def _tabulate(preset_name: str, presets: dict, per_seed: list[dict], overrides: Sequence[str]) -> dict:
+    """Means and spreads over seeds of every regime's numbers, the gap, and the provenance."""
+    regimes = per_seed[0]["regimes"]
+    keys = {r: RESULT_KEYS[r] for r in regimes}
+    seeds = list(presets)
+    gaps = [ps["regimes"]["mixed"]["heldout_qa"] - ps["regimes"]["two_stage"]["heldout_qa"] for ps in per_seed]
+    return {
+        "preset": preset_name,
+        "seed": seeds[0],
+        "seeds": seeds,
+        "regimes": {r: {k: statistics.fmean(ps["regimes"][r][k] for ps in per_seed) for k in keys[r]} for r in keys},
+        "spread": {r: {k: _spread([ps["regimes"][r][k] for ps in per_seed]) for k in keys[r]} for r in keys},
+        "gap": _spread(gaps),
+        "per_seed": per_seed,
+        "provenance": {
+            "config": presets[seeds[0]].model_dump(mode="json"),
+            "overrides": list(overrides),
+            "versions": _versions(),
+            "torch_threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        },
+    }
+
+
+def _analyse_all(first: dict, out: Path, preset: Preset, registry, extra_regimes: Sequence[str]) -> dict:
+    """The analyses of the first seed's pair into ``out``, and of each further regime against two-stage into
+    ``out/<regime>``; seconds of each."""
+    two_stage = next(n for n in first["registered"] if n.endswith("-two-stage"))
+    mixed = next(n for n in first["registered"] if n.endswith("-mixed"))
+    base = next(n for n in first["registered"] if n.endswith("-base"))
+    seconds = {"analysis_seconds": run_analyses(two_stage, mixed, out, registry=registry, preset=preset, base=base)}
+    for regime in extra_regimes:  # the same analyses against two-stage, in its own folder (keys: the two regimes)
+        name = next((n for n in first["registered"] if n.endswith("-" + regime.replace("_", "-"))), None)
+        if name is None:
+            raise ValueError(f"regime {regime!r} was trained but not registered: cannot analyse it")
+        seconds.setdefault("extra_analysis_seconds", {})[regime] = run_analyses(
+            two_stage, name, out / regime, registry=registry, preset=preset, base=base, labels=("two_stage", regime)
+        )
     return seconds
 
 
@@ -271,7 +286,7 @@ def reproduce(
     from mechrecall.lab.train import normalize_regime
 
     extra_regimes = [normalize_regime(r) for r in extra_regimes if normalize_regime(r) not in ("two_stage", "mixed")]
-    out = Path(out)
+    out, reg = Path(out), (Path(registry) if registry else None)
     if (out / "results.json").exists():
         if not force:
             raise RunExistsError(f"{out} already holds a finished run (results.json); pass --force to redo it")
@@ -280,65 +295,15 @@ def reproduce(
         raise ValueError("need at least one seed")
     presets = {s: get_preset(preset_name, [*overrides, f"seed={s}"]) for s in seeds}  # validate all before work
     if not force:
-        entries = [e for s, p in presets.items() for e in _seed_entries(p, out / f"seed{s}", extra_regimes)]
-        check_registry_names(entries, Path(registry) if registry else None)
+        check_registry_names([e for s, p in presets.items() for e in _seed_entries(p, out / f"seed{s}", extra_regimes)],
+                             reg)  # fmt: skip
     t0 = time.perf_counter()
-    per_seed = []
-    for seed, preset in presets.items():
-        run_dir = out / f"seed{seed}"
-        regimes = {}
-        for regime in ("two_stage", "mixed", *extra_regimes):
-            meta = train(preset, regime, run_dir, progress=progress, **(training or {}))
-            if "stages" not in meta:  # finished earlier: stage metrics live in the stage checkpoints
-                stage1 = read_meta(run_dir / "two_stage" / "stage1") if regime == "two_stage" else None
-                meta["stages"] = {"stage1": stage1["metrics"]} if stage1 else {}
-            regimes[regime] = _regime_summary(regime, meta)
-        names = _register_seed(preset, run_dir, Path(registry) if registry else None, extra_regimes)
-        per_seed.append({"seed": seed, "run_dir": str(run_dir), "regimes": regimes, "registered": names})
-
-    keys = {r: RESULT_KEYS[r] for r in ("two_stage", "mixed", *extra_regimes)}
-    mean_regimes = {
-        regime: {k: statistics.fmean(ps["regimes"][regime][k] for ps in per_seed) for k in keys[regime]}
-        for regime in keys
-    }
-    spread = {
-        regime: {k: _spread([ps["regimes"][regime][k] for ps in per_seed]) for k in keys[regime]} for regime in keys
-    }
-    gaps = [ps["regimes"]["mixed"]["heldout_qa"] - ps["regimes"]["two_stage"]["heldout_qa"] for ps in per_seed]
-    results = {
-        "preset": preset_name,
-        "seed": seeds[0],
-        "seeds": list(seeds),
-        "regimes": mean_regimes,
-        "spread": spread,
-        "gap": _spread(gaps),
-        "per_seed": per_seed,
-        "wall_seconds": time.perf_counter() - t0,
-        "provenance": {
-            "config": presets[seeds[0]].model_dump(mode="json"),
-            "overrides": list(overrides),
-            "versions": _versions(),
-            "torch_threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-        },
-    }
+    regimes = ("two_stage", "mixed", *extra_regimes)
+    per_seed = [_train_seed(p, out / f"seed{s}", regimes, reg, progress, training) for s, p in presets.items()]
+    results = _tabulate(preset_name, presets, per_seed, overrides)
+    results["wall_seconds"] = time.perf_counter() - t0
     if analyses:
-        first = per_seed[0]
-        two_stage = next(n for n in first["registered"] if n.endswith("-two-stage"))
-        mixed = next(n for n in first["registered"] if n.endswith("-mixed"))
-        base = next(n for n in first["registered"] if n.endswith("-base"))
-        results["analysis_seconds"] = run_analyses(
-            two_stage, mixed, out, registry=registry, preset=presets[seeds[0]], base=base
-        )
-        # a further regime gets the same analyses against two-stage, in its own folder (keys: the two regimes)
-        for regime in extra_regimes:
-            name = next((n for n in first["registered"] if n.endswith("-" + regime.replace("_", "-"))), None)
-            if name is None:
-                raise ValueError(f"regime {regime!r} was trained but not registered: cannot analyse it")
-            results.setdefault("extra_analysis_seconds", {})[regime] = run_analyses(
-                two_stage, name, out / regime, registry=registry, preset=presets[seeds[0]], base=base,
-                labels=("two_stage", regime),
-            )  # fmt: skip
+        results |= _analyse_all(per_seed[0], out, presets[seeds[0]], registry, extra_regimes)
         results["wall_seconds"] = time.perf_counter() - t0
     atomic_write_json(out / "results.json", results)
     extra_md = "".join(

@@ -148,7 +148,13 @@ def test_reproduce_without_a_trace_runs_every_analysis_on_a_pretrained_pair(tmp_
     small = {"consistency": {"n_people": 6, "grad_facts": 6},
              "masks": {"count": 12, "consistency_facts": 4, "draws": 1, "sweep_draws": 1, "ks": (0.05,)},
              "patching": {"n_people": 4, "n_pairs": 4}, "attribution": {"n_people": 2}}  # fmt: skip
-    monkeypatch.setattr(rep, "PRETRAINED_SIZES", small)
+    from dataclasses import replace
+
+    from mechrecall.report.analysis import analyses
+
+    for a in analyses():  # each analysis' sizes on a pretrained base, made tiny
+        module = __import__(f"mechrecall.report.{a.name}", fromlist=["ANALYSIS"])
+        monkeypatch.setattr(module, "ANALYSIS", replace(a, pretrained_sizes=small.get(a.name, {})))
     out = tmp_path / "out"
     results = rep.reproduce("micro", out, overrides=[*TINY, f"model.source={folder}", "trace=false"],
                             registry=tmp_path / "registry.yaml", progress=False)  # fmt: skip

@@ -139,7 +139,8 @@ def test_patching_and_attribution_json(micro_run):
     more often than two-stage's when patched across formats."""
     out, _ = micro_run
     p = json.loads((out / "patching.json").read_text())
-    hit = {r: max(max(row) for row in p[r]["sites"]["resid_pre"]["hit_rate"]) for r in ("two_stage", "mixed")}
+    hit = {r: max(max(row) for row in p["models"][r]["sites"]["resid_pre"]["metrics"]["hit"]["mean"])
+           for r in ("two_stage", "mixed")}  # fmt: skip
     assert hit["mixed"] > hit["two_stage"]
     a = json.loads((out / "attribution.json").read_text())
     for r in ("two_stage", "mixed"):
@@ -148,6 +149,24 @@ def test_patching_and_attribution_json(micro_run):
         ) >= {"subject", "relation"}
         assert a[r]["ig_convergence"]["converged"]
     assert "Cross-format patching" in (out / "results.md").read_text()
+
+
+def test_a_run_writes_its_facts_for_the_toolkit(micro_run):
+    """The run's facts file (what the toolkit's command lines read beside a checkpoint, without the lab's code) holds
+    the lab dataset's facts: the same texts, role spans, answers and splits."""
+    from mechrecall.facts import checkpoint_facts
+    from mechrecall.lab.models import lab_dataset
+    from mechrecall.loading import load_model
+
+    out, reg = micro_run
+    loaded = load_model("micro-s0-mixed", registry=reg)
+    ours, lab = checkpoint_facts(loaded.location, loaded.meta), lab_dataset(loaded).factset()
+
+    def view(fs):
+        texts = lambda exs: [(e.text, {r: s for r, s in e.spans.items() if s}) for e in exs]  # noqa: E731
+        return [(f.id, f.subject, f.relation, f.answer, f.split, texts(f.storage), texts(f.query)) for f in fs]
+
+    assert len(ours) == len(lab) > 0 and view(ours) == view(lab)
 
 
 def test_patching_cli_on_registered_checkpoints(micro_run, tmp_path, capsys):
@@ -238,7 +257,8 @@ def test_a_further_regime_gets_the_pair_analyses_against_two_stage(tmp_path, mon
     assert any("pre_instruction's shared set into two-stage" in line for line in summary_rows(m))
     p = run_patching("micro-s0-two-stage", "micro-s0-pre-instruction", tmp_path / "p", registry=reg, labels=labels,
                      n_people=4, n_pairs=4)  # fmt: skip
-    assert json.loads((tmp_path / "p" / "patching.json").read_text())["labels"] == labels and "mixed" not in p
+    assert json.loads((tmp_path / "p" / "patching.json").read_text())["labels"] == labels
+    assert list(p["models"]) == labels
 
 
 def test_another_run_never_repoints_registered_names(micro_run, tmp_path, capsys):

@@ -62,11 +62,11 @@ def test_the_browser_check_catches_errors_and_empty_figures(micro_run, tmp_path)
 
 
 def test_captions_say_agree_disagree_or_no_clear_difference():
-    from mechrecall.report.page import _versus
+    from mechrecall.report.analysis import versus
 
-    assert "agrees in direction" in _versus(0.5, 0.2, "x")
-    assert "does not agree" in _versus(0.1, 0.2, "x")
-    assert "no clear difference" in _versus(0.192, 0.189, "x", margin=2 * 0.008)
+    assert "agrees in direction" in versus(0.5, 0.2, "x")
+    assert "does not agree" in versus(0.1, 0.2, "x")
+    assert "no clear difference" in versus(0.192, 0.189, "x", margin=2 * 0.008)
 
 
 def test_report_cli_rebuilds_and_errors_cleanly(micro_run, tmp_path, capsys):

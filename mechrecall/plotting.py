@@ -1,6 +1,8 @@
-"""Plotly helpers shared by the reports."""
+"""Plotly pages: the HTML files the analyses and the command lines write beside their JSON."""
 
 from __future__ import annotations
+
+__all__ = ["page"]
 
 
 def page(figs: list, title: str) -> str:
