@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from mechrecall.io import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 ANALYSES = ("cache", "consistency", "consistency_sketch", "masks", "patching", "attribution")
 MODELS = ("smollm2", "gemma3-270m", "pythia-1b-shape", "lab")
@@ -143,6 +145,8 @@ def main() -> None:
                 shown = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()
                          if not k.startswith("all_")}  # fmt: skip
                 print(json.dumps(shown), flush=True)
+                if args.out:  # after every row: a long run stopped midway keeps what it measured
+                    atomic_write_text(Path(args.out), json.dumps(rows, indent=2) + "\n")
     by = {(r["model"], r["dtype"]): r for r in rows if r.get("analysis") == "consistency" and "error" not in r}
     for r in rows:  # the sketch's error against the exact cosines of the same model and dtype
         exact = by.get((r["model"], r["dtype"]))
@@ -151,8 +155,7 @@ def main() -> None:
             r["sketch_max_abs_error"] = max(errs)
             print(f"{r['model']} {r['dtype']}: sketch max |error| {r['sketch_max_abs_error']:.4f}", flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        atomic_write_text(Path(args.out), json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
