@@ -4,7 +4,7 @@
     python analyses/attribution.py --checkpoints smollm2-135m-instruct smollm2-135m-instruct \\
         --facts tests/data/facts.jsonl --max-steps 64 --out runs/smollm2
 
-Writes OUT/attribution.json and OUT/attribution.html (mechrecall.report.patching.run_attribution). With --facts the
+Writes OUT/attribution.json and OUT/attribution.html (mechrecall.report.attribution.run_attribution). With --facts the
 storage texts of your facts (the first of each fact) are attributed on any two checkpoints. Integrated gradients
 start at --steps; each fact's steps double until its completeness gap is within 5 % (at most --max-steps). The
 first position is held fixed (the attention sink of models trained without <bos>; --attribute-first attributes it).

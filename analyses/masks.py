@@ -23,11 +23,15 @@ from mechrecall.report.masks import IMPORTANCES, run, summary_rows
 
 
 def _main(args) -> int:
+    given = user_kwargs(args)
+    split = given.pop("split")
+    # the options of post-hoc masks on a fact file; a lab pair's masks come from its training traces
+    on_facts = dict(split=split, count=args.count, importance=args.importance, batch_size=args.batch_size,
+                    recall_format=args.recall_format, **({"layers": args.layers} if args.layers else {}))  # fmt: skip
     result = run(
         *pair(args), args.out, base=args.base, registry=args.registry, k=args.k, kind=args.kind, scope=args.scope,
-        draws=args.draws, **({"ks": args.ks} if args.ks else {}), count=args.count, importance=args.importance,
-        batch_size=args.batch_size, sweep_draws=min(2, args.draws), consistency_facts=args.consistency_facts,
-        **({"layers": args.layers} if args.layers else {}), recall_format=args.recall_format, **user_kwargs(args),
+        draws=args.draws, **({"ks": args.ks} if args.ks else {}), sweep_draws=min(2, args.draws),
+        consistency_facts=args.consistency_facts, **given, **(on_facts if args.facts else {}),
     )  # fmt: skip
     print("\n".join(summary_rows(result)))
     return 0

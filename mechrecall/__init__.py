@@ -20,7 +20,8 @@ Three rooms, each building only on the ones above it.
 - ``masks``: shared-update parameter masks and their localization per layer, head and neuron;
 - ``interventions``: ablation and grafting through masks;
 - ``patching``: batched activation patching (one generic function, pluggable setters, metric registry, backends);
-- ``attribution``: token-role attribution (integrated gradients, gradient x input, occlusion).
+- ``attribution``: token-role attribution (integrated gradients, gradient x input, occlusion);
+- ``plotting``: the standalone plotly pages every analysis writes beside its JSON.
 
 **The lab** (``mechrecall.lab``): synthetic bioS facts, a word-level tokenizer, presets, small Llama models trained
 from scratch in the two-stage and mixed regimes, the per-format gradient trace, the recall table and the stage-2

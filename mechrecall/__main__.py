@@ -113,7 +113,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     from mechrecall.io import atomic_write_text
     from mechrecall.report.analysis import analyses, get_analysis
-    from mechrecall.report.reproduce import analyses_markdown
+    from mechrecall.report.reproduce import analyses_markdown, markdown_table
 
     if args.list:
         for a in analyses():
@@ -125,11 +125,37 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     chosen = [get_analysis(n) for n in args.only] if args.only else [a for a in analyses() if a.run_pair]
     if not all(a.run_pair for a in chosen):
         raise ValueError(f"{', '.join(a.name for a in chosen if not a.run_pair)}: written by its analyses/ script")
+    context = _pair_context(args.pair[1], args.registry)
     for a in chosen:
-        a.run_pair(*args.pair, args.out, registry=args.registry, labels=args.labels)
+        a.run_pair(*args.pair, args.out, registry=args.registry, labels=args.labels, context=context)
         print(f"wrote {Path(args.out) / a.output}")
-    atomic_write_text(Path(args.out) / "results.md", analyses_markdown(Path(args.out)))
+    out = Path(args.out)
+    # a reproduce folder keeps its recall tables: results.md is rebuilt from its results.json, not replaced
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None
+    head = markdown_table(results) if results is not None else ""
+    atomic_write_text(out / "results.md", head + analyses_markdown(out))
     return 0
+
+
+def _pair_context(source: str, registry):
+    """What ``reproduce`` tells the analyses about a lab pair, read from the checkpoint: its preset (so a pretrained
+    base gets the smaller sizes, and a run without a gradient trace post-hoc masks) and its starting checkpoint. Any
+    other checkpoint: no context."""
+    from pathlib import Path
+
+    from mechrecall.checkpoint import read_meta
+    from mechrecall.lab.config import Preset
+    from mechrecall.registry import resolve
+    from mechrecall.report.analysis import PairContext
+    from mechrecall.report.masks import base_of
+
+    location, _ = resolve(source, registry)
+    config = read_meta(location).get("config") if Path(location).is_dir() else None
+    if config is None:
+        return PairContext()
+    preset = Preset.model_validate(config)
+    base = None if preset.trace else base_of(source, location, registry)
+    return PairContext(preset=preset, base=base, pretrained=preset.model.source is not None)
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -187,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="the registered analyses of a checkpoint pair (reference first)")
     an.add_argument("pair", nargs="*", metavar="CHECKPOINT", help="two checkpoints: reference first (two-stage)")
     an.add_argument("--out", default=None, help="output folder")
-    an.add_argument("--only", nargs="+", default=None, metavar="NAME", help="these analyses only (see --list)")
+    an.add_argument("--only", type=lambda s: [n for n in s.split(",") if n], default=None, metavar="NAME[,NAME]",
+                    help="these analyses only, comma-separated (see --list)")  # fmt: skip
     an.add_argument("--labels", nargs=2, default=None, help="names of the two checkpoints in the JSON")
     an.add_argument("--registry", default=None)
     an.add_argument("--list", action="store_true", help="list the registered analyses")

@@ -148,16 +148,17 @@ def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int =
     )
 
 
-# The last few example batches, by identity of (tokenizer, pad id, examples). Recall under ablations and their random
-# controls scores the same examples dozens of times, and tokenizing them each time was half of a masks run. An entry
-# holds its tokenizer and examples, so no id in a key can be reused by another object while the entry lives.
+# The last few example batches, by identity of (tokenizer, its pad / end-of-text ids and size, examples). Recall
+# under ablations and their random controls scores the same examples dozens of times, and tokenizing them each time
+# was half of a masks run. An entry holds its tokenizer and examples, so no id in a key can be reused by another
+# object while the entry lives.
 _BATCHES: OrderedDict[tuple, tuple[object, list, Batch]] = OrderedDict()
 _BATCHES_KEPT = 8
 
 
 def _example_batch(tokenizer, examples: Sequence[Example]) -> Batch:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    key = (id(tokenizer), pad, tuple(map(id, examples)))
+    key = (id(tokenizer), pad, tokenizer.eos_token_id, len(tokenizer), tuple(map(id, examples)))
     if key in _BATCHES:
         _BATCHES.move_to_end(key)
         return _BATCHES[key][2]

@@ -111,9 +111,11 @@ def test_importing_the_library_changes_no_environment_variable():
     import subprocess
     import sys
 
-    modules = [
-        m for m in TOOLKIT_MODULES if m != "mechrecall.cli" and not m.endswith("__main__")
-    ]  # (command lines) + ["mechrecall.lab.train", "mechrecall.report.page"]
+    command_lines = [m for m in TOOLKIT_MODULES if m == "mechrecall.cli" or m.endswith("__main__")]
+    modules = [m for m in TOOLKIT_MODULES if m not in command_lines] + [
+        "mechrecall.lab.train",
+        "mechrecall.report.page",
+    ]
     third_party = ["torch", "transformers", "transformer_lens", "nnsight", "peft", "accelerate", "plotly", "pandas"]
     code = (
         f"import os, importlib\nfor m in {third_party!r}: importlib.import_module(m)\n"  # (torch sets one of its own)

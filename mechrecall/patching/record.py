@@ -10,7 +10,8 @@ them all::
      "models": {label: {
          "source": "default-s0-mixed",        # what was loaded under this label
          "n": 40, "roles": [...],             # examples (pairs) and the roles patched
-         "pairs": [{"source_fact", "base_fact", "relation"}, ...],   # which facts each example paired
+         "pairs": [{"source_fact", "base_fact", "relation"}, ...],   # which facts each example paired ({"subject",
+                                                                    # "relation"} for noise tracing)
          "pair_counts": {"asked", "available", "kept", ...},         # why fewer pairs than asked, if so
          "sites": {site: {"axes": ["layer", "pos"], "labels": {"layer": [...], "pos": [...]},
                           "metrics": {metric: {"mean": [...], "base_mean", "source_mean", "per_example": [...]}}}},

@@ -68,18 +68,23 @@ IMPORTANCES = ("posthoc", "posthoc_x_update", "update")
 
 def base_source(loaded: LoadedModel, registry=None) -> str:
     """The base checkpoint of a lab checkpoint: its registry entry's ``base_model``, else ``<run>/data/base``."""
+    return base_of(loaded.source, loaded.location, registry)
+
+
+def base_of(source: str, location: str | Path, registry=None) -> str:
+    """:func:`base_source` of a checkpoint not loaded: its name (or path) and its folder."""
     from mechrecall.registry import RegistryError, resolve
 
     try:
-        _, entry = resolve(loaded.source, registry)
+        _, entry = resolve(source, registry)
         if entry is not None and entry.base_model:
             return entry.base_model
     except RegistryError:
         pass
-    guess = Path(loaded.location).parents[1] / "data" / "base"
+    guess = Path(location).parents[1] / "data" / "base"
     if guess.is_dir():
         return str(guess)
-    raise CheckpointError(f"cannot tell the base checkpoint of {loaded.source!r}: pass base= explicitly")
+    raise CheckpointError(f"cannot tell the base checkpoint of {source!r}: pass base= explicitly")
 
 
 def comparison(trace: GradientTrace, k: float, *, kind: str = "abs_grad", scope: str = "per_matrix") -> MaskComparison:
@@ -329,7 +334,7 @@ def run(
     if facts is not None:
         return run_facts(two_stage, mixed, out, facts, **sizes, **facts_options)
     if facts_options:
-        raise TypeError(f"{', '.join(facts_options)}: options of a masks run on facts (give facts=)")
+        raise ValueError(f"{', '.join(facts_options)}: options of a masks run on a fact file (give --facts / facts=)")
     first, second = check_labels(labels, 2) or ("two_stage", "mixed")  # a lab pair's keys: its regimes, or renamed
     models = {r: load_model(src, registry=registry, device=device, dtype=dtype, supported_only=True)
               for r, src in ((first, two_stage), (second, mixed))}  # fmt: skip
@@ -641,6 +646,8 @@ def run_pair(first: str, second: str, out, *, registry=None, labels=None, contex
         from mechrecall.lab.bios import generate
 
         kw.update(facts=generate(preset.data.spec(), preset.seed).factset(), split="heldout", base=context.base)
+    else:  # the training traces rank the parameters: no fact-file options
+        kw.pop("count", None)
     return run(first, second, out, registry=registry, labels=labels, **kw)
 
 

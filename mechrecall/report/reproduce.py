@@ -173,7 +173,8 @@ def analyses_markdown(out: Path) -> str:
     for analysis in analyses():
         result = None if analysis.summary is None or analysis.beside else analysis.load(out)
         if result is not None:
-            lines += ["", f"## {analysis.title(result)}", "", *analysis.summary(result)]
+            title = analysis.title(result) if analysis.title is not None else analysis.name
+            lines += ["", f"## {title}", "", *analysis.summary(result)]
     return "\n".join(lines) + ("\n" if lines else "")
 
 

@@ -90,7 +90,8 @@ def test_the_analyze_command_loops_over_the_registry(micro_run, tmp_path, capsys
     listed = capsys.readouterr().out
     assert all(a.name in listed for a in analyses())
     out = tmp_path / "pair"
-    assert main(["analyze", "micro-s0-two-stage", "micro-s0-mixed", "--only", "patching", "--registry", str(reg),
+    # --only takes one comma-separated argument, so it cannot swallow the checkpoints after it
+    assert main(["analyze", "--only", "patching", "micro-s0-two-stage", "micro-s0-mixed", "--registry", str(reg),
                  "--out", str(out)]) == 0  # fmt: skip
     assert json.loads((out / "patching.json").read_text())["labels"] == ["two_stage", "mixed"]
     assert "## Cross-format patching" in (out / "results.md").read_text()
