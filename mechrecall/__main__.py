@@ -50,10 +50,14 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mechrecall.loading import load_model
 
+    if args.facts is None and (args.match != "exact" or args.chat_template or args.split is not None):
+        raise ValueError("--match, --chat-template and --split apply to --facts FILE; a lab checkpoint's own people "
+                         "are scored by exact match")  # fmt: skip
+
     loaded = load_model(args.checkpoint, registry=args.registry, device=args.device, dtype=args.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     if args.facts is not None:
-        result = _eval_facts(model, tokenizer, args.facts, args.split, args.checkpoint, args.chat_template)
+        result = _eval_facts(model, tokenizer, args.facts, args.split, args.checkpoint, args.chat_template, args.match)
         print(json.dumps(result, indent=2))
         return 0
     from mechrecall.lab.evaluate import evaluate
@@ -68,10 +72,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_facts(model, tokenizer, path: str, split: str | None, source: str, chat: bool = False) -> dict:
-    """Exact match (every answer token, + end-of-text for queries) of a fact file's texts, per format and split."""
+def _eval_facts(
+    model, tokenizer, path: str, split: str | None, source: str, chat: bool = False, match: str = "exact"
+) -> dict:
+    """Recall of a fact file's texts, per format and split: exact match (every answer token, + end-of-text for
+    queries), or with ``match="in-reply"`` the answer anywhere in a greedy reply (:func:`answer_in_reply`)."""
     from mechrecall.facts import load_facts
-    from mechrecall.recall import recall
+    from mechrecall.recall import answer_in_reply, recall
+
+    def score(fmt: str, split: str | None = None) -> float:
+        if match == "exact":
+            return recall(model, tokenizer, facts, split, fmt=fmt)
+        return float(answer_in_reply(model, tokenizer, facts.examples(fmt, split)).float().mean())
 
     facts = load_facts(path).split(split)
     if not len(facts):
@@ -79,13 +91,12 @@ def _eval_facts(model, tokenizer, path: str, split: str | None, source: str, cha
     if chat:
         facts = facts.with_chat_template(tokenizer)
     check_tokenization(facts, tokenizer, ("subject",), source)
-    out: dict = {"facts": str(path), "n_facts": len(facts)}
+    out: dict = {"facts": str(path), "n_facts": len(facts), "match": match}
     for fmt in ("storage", "query"):
         if not facts.examples(fmt):
             continue
-        out[fmt] = recall(model, tokenizer, facts, fmt=fmt)
-        out[f"{fmt}_per_split"] = {s: recall(model, tokenizer, facts, s, fmt=fmt) for s in facts.splits
-                                   if facts.examples(fmt, s)}  # fmt: skip
+        out[fmt] = score(fmt)
+        out[f"{fmt}_per_split"] = {s: score(fmt, s) for s in facts.splits if facts.examples(fmt, s)}
     return out
 
 
@@ -202,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default=None, help="with --facts: only this split's facts")
     ev.add_argument("--chat-template", action="store_true",
                     help="with --facts: wrap query texts in the tokenizer's chat template (instruct models)")  # fmt: skip
+    ev.add_argument("--match", choices=("exact", "in-reply"), default="exact",
+                    help="with --facts: exact match of the answer (default), or the answer anywhere in a greedy "
+                         "32-token reply (an upper bound for models that answer in sentences)")  # fmt: skip
     add_model_args(ev)
     ev.set_defaults(func=_cmd_eval)
     rg = sub.add_parser("registry", help="list registered checkpoints")

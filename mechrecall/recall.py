@@ -28,6 +28,7 @@ __all__ = [
     "answer_scores",
     "exact_match",
     "recall",
+    "answer_in_reply",
 ]
 
 
@@ -177,3 +178,50 @@ def recall(model, tokenizer, facts: FactSet, split: str | None = None, fmt: str 
         return float(exact_match(model, tokenizer, facts.examples(fmt, split)).float().mean())
     finally:
         model.train(was)
+
+
+def _end_of_turn_ids(tokenizer) -> list[int]:
+    """Ids of the chat template's end-of-turn tokens (``<|im_end|>``, ``<end_of_turn>``, ...) the vocabulary has."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[t] for t in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>") if t in vocab]
+
+
+def _normalized(text: str) -> str:
+    # all whitespace dropped, not just collapsed: a word-level tokenizer decodes "Syracuse, NY" as "Syracuse , NY"
+    return "".join(text.casefold().split())
+
+
+@torch.no_grad()
+def answer_in_reply(
+    model, tokenizer, examples: Sequence[Example], max_new_tokens: int = 32, batch_size: int = 16
+) -> Bool[Tensor, " n"]:
+    """Per example: the answer appears (case and spacing ignored) in the model's greedy reply to the prompt, on the CPU.
+
+    A looser measure than :func:`exact_match` for models that answer in sentences (an instruct model in its chat
+    template: "Marie Curie was born in Poland."), at the cost of generating ``max_new_tokens`` a prompt. It credits
+    any reply that names the answer, also among other candidates, so it is an upper bound on recall, not recall.
+    """
+    from mechrecall.devices import model_device
+
+    device = model_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop = [t for t in {tokenizer.eos_token_id, *_end_of_turn_ids(tokenizer)} if t is not None]
+    was = model.training
+    model.eval()
+    found = []
+    try:
+        for rows in row_chunks(len(examples), batch_size):
+            chunk = [examples[int(i)] for i in rows]
+            # the prompt tokens exact match scores from (special tokens and chat template included)
+            ids = [(enc := encode_example(tokenizer, ex)).input_ids[: enc.prompt_len] for ex in chunk]
+            width = max(map(len, ids))
+            # left-padded, so that every prompt's next token is at the last position
+            input_ids = torch.tensor([[pad] * (width - len(s)) + list(s) for s in ids], device=device)
+            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids], device=device)
+            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=stop)  # fmt: skip
+            replies = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            found += [_normalized(ex.answer) in _normalized(reply) for ex, reply in zip(chunk, replies, strict=True)]
+    finally:
+        model.train(was)
+    return torch.tensor(found, dtype=torch.bool)

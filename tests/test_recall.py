@@ -95,3 +95,37 @@ def test_answer_scores_give_exact_match_and_the_answers_nll(micro_dataset, micro
         torch.testing.assert_close(scores.nll[i], -logprob.sum(), rtol=1e-5, atol=1e-5)
         assert bool(scores.correct[i]) == bool(correct_answers(model, alone).all())
     assert (scores.nll > 0).all()
+
+
+def test_answer_in_reply_credits_every_exact_match_and_ignores_padding(micro_run):
+    """The answer in a greedy reply: every exact match counts (greedy decoding then starts with the answer), and the
+    left-padded batch gives each prompt the reply it gets alone."""
+    from mechrecall.lab.models import lab_dataset
+    from mechrecall.loading import load_model
+    from mechrecall.recall import _normalized, answer_in_reply, exact_match
+    from mechrecall.tokenization import encode_example
+
+    _, reg = micro_run
+    loaded = load_model("micro-s0-mixed", registry=reg)
+    model, tok = loaded.model, loaded.tokenizer
+    data = lab_dataset(loaded)
+    examples = data.query_examples(data.pids("train")[:6]) + data.query_examples(data.pids("heldout")[:6])
+    exact = exact_match(model, tok, examples)
+    found = answer_in_reply(model, tok, examples, max_new_tokens=8, batch_size=5)
+    assert exact.any() and not exact.all()  # a mix, so both outcomes are checked
+    assert (found | ~exact).all()
+    for ex, hit in zip(examples, found.tolist(), strict=True):
+        enc = encode_example(tok, ex)
+        ids = torch.tensor([enc.input_ids[: enc.prompt_len]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+        reply = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        assert hit == (_normalized(ex.answer) in _normalized(reply)), (ex.text, reply)
+
+
+def test_eval_options_for_fact_files_need_one(micro_run, capsys):
+    from mechrecall.__main__ import main
+
+    _, reg = micro_run
+    assert main(["eval", "micro-s0-mixed", "--registry", str(reg), "--match", "in-reply"]) == 2
+    assert "apply to --facts FILE" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Grafting, settled: does any static mask of the mixed model's parameters carry held-out recall into another model?
+"""Grafting: does any static mask of the mixed model's parameters carry held-out recall into another model?
 
 The paper reports that grafting the mixed model's shared-update parameters into the two-stage model transfers recall;
 mechrecall's masks analysis found that it transfers nothing. This module runs the protocol variants the paper's
