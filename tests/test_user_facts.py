@@ -147,6 +147,12 @@ def test_eval_cli_scores_a_fact_file_on_any_checkpoint(smollm2, capsys):
     assert set(r["query_per_split"]) == {"validation"}
     assert main(["eval", SMOL, "--registry", reg, "--facts", str(FACTS), "--split", "nope"]) == 2
     assert "no fact has split 'nope'" in capsys.readouterr().err
+    # an instruct model in its chat template, scored by the answer in its reply (plumbing; the numbers are in the docs)
+    argv = ["eval", SMOL, "--registry", reg, "--facts", str(FACTS), "--split", "validation", "--chat-template",
+            "--match", "in-reply", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["match"] == "in-reply" and 0 <= r["query_per_split"]["validation"] <= 1
 
 
 def test_recall_analysis_on_smollm2(smollm2, tmp_path, capsys):
