@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from mechrecall.arch import attention_implementation
-from mechrecall.devices import model_device, nbytes, release_memory, to_cpu
+from mechrecall.devices import check_memory, model_device, nbytes, release_memory, to_cpu
 from mechrecall.facts import Example
 from mechrecall.tokenization import collate_examples, encode_example
 
@@ -216,6 +216,17 @@ def vmap_bytes(params: dict[str, Tensor], batch_size: int) -> int:
     return 2 * batch_size * nbytes(params.values())
 
 
+def stats_memory(
+    params: dict[str, Tensor], n_examples: int, *, streamed: bool, batch_size: int, kept_dim: int | None = None
+) -> tuple[int, int]:
+    """What :func:`gradient_stats` needs, in bytes: ``(on the model's device, on the CPU)``. On the device: the
+    gradient buffers and one gradient (streamed) or :func:`vmap_bytes` of a batch, plus 1 GiB for one example's
+    activations; on the CPU: the two float32 sums and the kept per-example rows (``kept_dim`` floats each)."""
+    device = (2 * nbytes(params.values()) if streamed else vmap_bytes(params, batch_size)) + (1 << 30)
+    numel = sum(p.numel() for p in params.values())
+    return device, 8 * numel + 4 * n_examples * (kept_dim or 0)
+
+
 def flatten(grads: dict[str, Tensor]) -> Float[Tensor, "batch n_params"]:
     return torch.cat([g.flatten(1) for g in grads.values()], dim=1)
 
@@ -321,6 +332,19 @@ def gradient_stats(
     if streamed is None:
         streamed = vmap_bytes(params, batch_size) > VMAP_BUDGET
     fmt = ",".join(sorted({e.format for e in examples}))
+    numel = sum(p.numel() for p in params.values())
+    kept_dim = (project_dim or numel) if keep_per_example else None
+    on_device, on_cpu = stats_memory(params, len(examples), streamed=streamed, batch_size=batch_size,
+                                     kept_dim=kept_dim)  # fmt: skip
+    device = model_device(model)
+    mode = "streamed" if streamed else f"vmap over {batch_size} examples"
+    remedies = "measure on a device with more free memory (a GPU: --device cuda), or --dtype bf16"
+    # before any allocation: one line saying what it needs, not an out-of-memory kill halfway through
+    if device.type == "cpu":
+        check_memory(f"per-example gradients ({mode}) of {numel:,} parameters", on_device + on_cpu, device, remedies)
+    else:
+        check_memory(f"per-example gradients ({mode}) of {numel:,} parameters", on_device, device, remedies)
+        check_memory(f"the float32 gradient sums of {numel:,} parameters", on_cpu, "cpu", "a machine with more RAM")
     total = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
     total_abs = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
     kept: list[Tensor] = []

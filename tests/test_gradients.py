@@ -167,3 +167,36 @@ def test_architectures_the_layer_does_not_know_get_gradients_or_one_clear_refusa
         torch.testing.assert_close(fast[n], slow[n], rtol=0, atol=1e-5, msg=n)
     with pytest.raises(UnsupportedArchitecture, match=f"model_type '{name}'"):
         cache_residuals(model, tok, facts.examples("storage"))
+
+
+def test_post_hoc_importance_too_large_for_free_memory_is_refused_before_any_gradient(monkeypatch):
+    """The mask importance's estimate (gradient buffers, one gradient, the float32 sums, 1 GiB) is checked against
+    free memory first: one line saying what it needs, no gradient computed."""
+    import mechrecall.devices as devices_mod
+    import mechrecall.gradients as gradients_mod
+    from mechrecall.devices import MemoryEstimateError
+    from mechrecall.masks import posthoc_importance
+    from tests.test_architectures import VOCAB, _facts, _tokenizer
+    from tests.tiny_models import tiny_model
+
+    facts = _facts()
+    model = tiny_model("llama", VOCAB)
+    examples = facts.examples("storage", templates=[0])[:4]
+    device, cpu = gradients_mod.stats_memory(gradients_mod.select_params(model), 4, streamed=True, batch_size=2)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert cpu == 8 * n and device == 2 * 4 * n + (1 << 30)  # float32 model: buffers + one gradient, and 1 GiB
+    monkeypatch.setattr(devices_mod, "available_memory", lambda device: 1 << 29)  # 0.5 GiB free
+
+    def no_gradients(*a, **k):
+        raise AssertionError("a gradient was computed before the memory check")
+
+    monkeypatch.setattr(gradients_mod, "iter_example_grads", no_gradients)
+    monkeypatch.setattr(gradients_mod, "per_example_grads", no_gradients)
+    with pytest.raises(
+        MemoryEstimateError, match=r"per-example gradients \(.*\) of [\d,]+ parameters needs about 1\.0"
+    ):
+        posthoc_importance(model, _tokenizer(facts), examples, batch_size=2)
+    monkeypatch.undo()
+    assert set(posthoc_importance(model, _tokenizer(facts), examples, batch_size=2)) == set(
+        gradients_mod.select_params(model)
+    )
