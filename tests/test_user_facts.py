@@ -95,6 +95,22 @@ def test_consistency_analysis_on_smollm2(smollm2, tmp_path, capsys):
     assert plotly_page(tmp_path / "consistency.html")
 
 
+@pytest.mark.parametrize("name", ["consistency", "masks"])
+def test_a_model_too_large_for_free_memory_gets_one_line_and_no_output(smollm2, tmp_path, capsys, monkeypatch, name):
+    """The gradient measures' memory estimate is checked before any gradient: exit 2, one line naming what it needs,
+    nothing written to --out."""
+    import mechrecall.devices as devices_mod
+
+    monkeypatch.setattr(devices_mod, "available_memory", lambda device: 1 << 30)  # 1 GiB free: SmolLM2 needs more
+    out = tmp_path / "out"
+    models = [SMOL] if name == "consistency" else [SMOL, SMOL]
+    extra = ["--grad-facts", "2", "--no-parity"] if name == "consistency" else ["--draws", "1", "--ks", "0.05"]
+    rc = script(name)(["--checkpoints", *models, "--facts", str(FACTS), "--count", "4", *extra, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "needs about" in err and "GiB are free" in err, err
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_masks_analysis_on_smollm2_with_posthoc_importance(smollm2, tmp_path, capsys):
     rc = script("masks")(["--checkpoints", SMOL, SMOL, "--facts", str(FACTS), "--split", "heldout", "--count", "4",
                           "--k", "0.05", "--ks", "0.05", "--draws", "1", "--consistency-facts", "2", "--layers", "29",
