@@ -43,7 +43,7 @@ from torch import Tensor
 from mechrecall import arch, devices
 from mechrecall.facts import Example
 from mechrecall.io import atomic_write_dir, atomic_write_json
-from mechrecall.tokenization import EncodedExample, collate_examples, encode_example
+from mechrecall.tokenization import EncodedExample, collate_examples, encode_example, pad_id
 
 __all__ = [
     "SITES",
@@ -258,7 +258,7 @@ def cache_residuals(
     fn = _STATES[backend]
     hf = _hf_model(model, backend)
     sites = _check_sites(hf, default_sites(hf) if sites is None else sites)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     encoded_all = [encode_example(tokenizer, ex, add_eos=False) for ex in examples]
     width = max(e.prompt_len for e in encoded_all)
     axis = tuple(str(i) for i in range(width)) if all_positions else tuple(roles)

@@ -33,7 +33,7 @@ from torch.func import functional_call, grad, vmap
 from mechrecall.arch import attention_implementation
 from mechrecall.devices import check_memory, model_device, nbytes, release_memory, to_cpu
 from mechrecall.facts import Example
-from mechrecall.tokenization import collate_examples, encode_example
+from mechrecall.tokenization import collate_examples, encode_example, pad_id
 
 __all__ = [
     "ParamFilter",
@@ -62,7 +62,7 @@ def select_params(model, include: ParamFilter | None = None) -> dict[str, Tensor
 
 def answer_batch(tokenizer, examples: Sequence[Example]):
     """Token batch whose labels mark each example's answer tokens (and end-of-text for queries)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     return collate_examples([encode_example(tokenizer, ex) for ex in examples], pad)
 
 
@@ -337,13 +337,13 @@ def gradient_stats(
     on_device, on_cpu = stats_memory(params, len(examples), streamed=streamed, batch_size=batch_size,
                                      kept_dim=kept_dim)  # fmt: skip
     device = model_device(model)
-    mode = "streamed" if streamed else f"vmap over {batch_size} examples"
-    remedies = "measure on a device with more free memory (a GPU: --device cuda), or --dtype bf16"
+    if device.type == "cpu":  # one pool: the gradients and the sums
+        on_device, on_cpu = on_device + on_cpu, 0
     # before any allocation: one line saying what it needs, not an out-of-memory kill halfway through
-    if device.type == "cpu":
-        check_memory(f"per-example gradients ({mode}) of {numel:,} parameters", on_device + on_cpu, device, remedies)
-    else:
-        check_memory(f"per-example gradients ({mode}) of {numel:,} parameters", on_device, device, remedies)
+    mode = "streamed" if streamed else f"vmap over {batch_size} examples"
+    check_memory(f"per-example gradients ({mode}) of {numel:,} parameters", on_device, device,
+                 "measure on a device with more free memory (a GPU: --device cuda), or --dtype bf16")  # fmt: skip
+    if on_cpu:
         check_memory(f"the float32 gradient sums of {numel:,} parameters", on_cpu, "cpu", "a machine with more RAM")
     total = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
     total_abs = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}

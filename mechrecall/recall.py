@@ -16,8 +16,9 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from mechrecall.devices import model_device
 from mechrecall.facts import Example, FactSet
-from mechrecall.tokenization import Batch, collate_examples, encode_example
+from mechrecall.tokenization import Batch, collate_examples, encode_example, pad_id
 
 __all__ = [
     "scored_logits",
@@ -122,8 +123,6 @@ class AnswerScores:
 
 def answer_scores(model, tokenizer, examples: Sequence[Example], batch_size: int = 512) -> AnswerScores:
     """:class:`AnswerScores` of ``examples`` (one teacher-forced forward per batch), on the CPU."""
-    from mechrecall.devices import model_device
-
     batch = _example_batch(tokenizer, examples)
     device = model_device(model)
     correct, nll = [], []
@@ -137,8 +136,6 @@ def answer_scores(model, tokenizer, examples: Sequence[Example], batch_size: int
 def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int = 512) -> Bool[Tensor, " n"]:
     """Per example: greedy exact match of its answer (and end-of-text for queries), on the CPU (no log-probabilities:
     :func:`answer_scores` gives both)."""
-    from mechrecall.devices import model_device
-
     batch = _example_batch(tokenizer, examples)
     device = model_device(model)
     return torch.cat(
@@ -158,7 +155,7 @@ _BATCHES_KEPT = 8
 
 
 def _example_batch(tokenizer, examples: Sequence[Example]) -> Batch:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     key = (id(tokenizer), pad, tokenizer.eos_token_id, len(tokenizer), tuple(map(id, examples)))
     if key in _BATCHES:
         _BATCHES.move_to_end(key)
@@ -201,10 +198,8 @@ def answer_in_reply(
     template: "Marie Curie was born in Poland."), at the cost of generating ``max_new_tokens`` a prompt. It credits
     any reply that names the answer, also among other candidates, so it is an upper bound on recall, not recall.
     """
-    from mechrecall.devices import model_device
-
     device = model_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     stop = [t for t in {tokenizer.eos_token_id, *_end_of_turn_ids(tokenizer)} if t is not None]
     was = model.training
     model.eval()

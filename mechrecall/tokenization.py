@@ -24,6 +24,7 @@ __all__ = [
     "collate",
     "collate_examples",
     "collate_documents",
+    "pad_id",
 ]
 
 
@@ -129,6 +130,12 @@ def collate(sequences: list[list[int]], scored: list[list[int]], pad_id: int) ->
 def collate_examples(encoded: list[EncodedExample], pad_id: int) -> Batch:
     """Batch of examples scored on their answer positions (+ end-of-text for queries)."""
     return collate([list(e.input_ids) for e in encoded], [list(e.answer_positions) for e in encoded], pad_id)
+
+
+def pad_id(tokenizer) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else its end-of-text (many causal LMs define no pad;
+    padded positions are masked, so which id fills them does not matter)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def collate_documents(tokenizer, texts: list[str]) -> Batch:

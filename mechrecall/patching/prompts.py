@@ -22,7 +22,7 @@ import torch
 
 from mechrecall.facts import FORMATS, Example, FactSet
 from mechrecall.patching.core import PatchInputs
-from mechrecall.tokenization import RoleAlignmentError, encode_example
+from mechrecall.tokenization import RoleAlignmentError, encode_example, pad_id
 
 __all__ = [
     "FORMATS",
@@ -70,7 +70,7 @@ def fact_inputs(
     if not examples:
         raise ValueError("no examples to patch")
     encs = [_encode(tokenizer, ex, roles) for ex in examples]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     prompts = [e.input_ids[: e.prompt_len] for e, _ in encs]
     answer = torch.tensor([e.input_ids[e.prompt_len] for e, _ in encs])
     extra: dict = {}
