@@ -1,17 +1,23 @@
 """Does early cross-format consistency predict which runs will generalize? (beyond the paper: early prediction)
 
-    python analyses/predict_generalization.py --out runs/predict [--preset micro] [--fractions 0.1 0.25]
+    python analyses/predict_generalization.py --out runs/micro/predict [--preset micro] [--fractions 0.1 0.25]
 
-Trains a grid of lab runs that differ in what should matter (regime, the query share of mixed batches, weight decay,
-the stage-2 learning rate, the data seed; :data:`GRID`). Each run is interrupted at fixed fractions of its budget
-(the trainer's resumable checkpoints), measured there, and resumed to the end. At each fraction, on the
-*validation* people: gradient consistency (mean cosine of same-fact storage/query answer-loss gradients minus the
-mismatched-fact baseline) and representation consistency (last-layer same-fact minus mismatched cosine at the subject
-and final tokens); and the obvious baselines: the training loss over the run's own training data and the trained-QA
-exact match at that point. The target is the run's final held-out QA (measurement only: nothing is chosen by it).
-Writes ``predict.json`` (every run's numbers, each predictor's Spearman rho with a bootstrap interval, and its |rho|
-against each baseline's) and ``predict.html`` (one scatter per predictor). A finished run is reused, so an
-interrupted grid resumes.
+Trains a grid of 16 independent lab runs (:data:`GRID`): 8 mixed and 8 two-stage, each with its own data and
+initialisation seed, varying what should matter from the first step in both regimes (mixed: the query share of a
+batch and the weight decay; two-stage: stage 1's learning rate and weight decay, and stage 2's learning rate), so no two
+runs share a checkpoint. Each run is interrupted at fixed fractions of its step budget (the trainer's resumable
+checkpoints), measured there, and resumed to the end. At each fraction, on the *validation* people: gradient
+consistency (mean cosine of same-fact storage/query answer-loss gradients minus the mismatched-fact baseline) and
+representation consistency (last-layer same-fact minus mismatched cosine at the subject and final tokens); and, at the
+same checkpoint, the baselines: validation QA and its answer NLL (the obvious early read of generalization), the
+training loss over one set of rows for every run (all biographies and the trained people's QA, whatever the regime
+has trained on so far) and trained QA. The target is the run's final held-out QA (measurement only: nothing is chosen
+by it). Statistics (:mod:`mechrecall.lab.predict`): Spearman rho with a permutation p-value, Holm-corrected over every
+correlation of the pooled analysis (and separately over the within-regime ones), a bootstrap interval, and for each
+consistency measure the interval of ``|rho| - |rho|`` of each baseline. Writes ``predict.json`` (every run's numbers,
+the correlations and the verdict: which measure, at which fraction, predicts better than validation QA and its NLL)
+and ``predict.html``. A finished run is reused, so an interrupted grid resumes; ``--set key=value`` applies to every
+run (the tests shrink the budgets with it).
 """
 
 from __future__ import annotations
@@ -27,23 +33,33 @@ from mechrecall.cli import Parser, at_least, check_out, fraction, positive_int
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# name -> (regime, overrides on the preset)
-GRID: dict[str, tuple[str, list[str]]] = {
-    "mixed": ("mixed", []),
-    "mixed-q8": ("mixed", ["mixed.batch_query=8"]),
-    "mixed-q16": ("mixed", ["mixed.batch_query=16"]),
-    "mixed-q64": ("mixed", ["mixed.batch_query=64"]),
-    "mixed-wd0.1": ("mixed", ["mixed.weight_decay=0.1"]),
-    "mixed-wd0": ("mixed", ["mixed.weight_decay=0.0"]),
-    "mixed-seed1": ("mixed", ["seed=1"]),
-    "two-stage": ("two_stage", []),
-    "two-stage-lr3e-4": ("two_stage", ["two_stage.stage2.lr=3e-4"]),
-    "two-stage-lr3e-3": ("two_stage", ["two_stage.stage2.lr=3e-3"]),
-    "two-stage-seed1": ("two_stage", ["seed=1"]),
-    "pre-instruction": ("pre_instruction", []),
-}
+
+def _grid() -> dict[str, tuple[str, list[str]]]:
+    """name -> (regime, overrides on the preset); fixed before the grid was run, seeds 1-16 one per run."""
+    grid: dict[str, tuple[str, list[str]]] = {}
+    seed = 0
+    for wd in (0.1, 0.5):
+        for q in (8, 16, 32, 64):
+            seed += 1
+            grid[f"mixed-q{q}-wd{wd}-s{seed}"] = ("mixed", [f"mixed.batch_query={q}", f"mixed.weight_decay={wd}",
+                                                           f"seed={seed}"])  # fmt: skip
+    for lr1 in (1e-3, 3e-3):
+        for wd in (0.1, 0.5):
+            for lr2 in (3e-4, 3e-3):
+                seed += 1
+                grid[f"two-stage-lr{lr1:g}-wd{wd}-lr{lr2:g}-s{seed}"] = (
+                    "two_stage",
+                    [f"two_stage.stage1.lr={lr1}", f"two_stage.stage1.weight_decay={wd}",
+                     f"two_stage.stage2.lr={lr2}", f"seed={seed}"],
+                )  # fmt: skip
+    return grid
+
+
+GRID = _grid()
 PREDICTORS = ("grad_margin", "rep_subject_margin", "rep_final_margin")
-BASELINES = ("train_loss", "trained_qa")
+BASELINES = ("validation_qa", "validation_qa_nll", "train_loss", "trained_qa")
+VALIDATION_BASELINES = ("validation_qa", "validation_qa_nll")
+ALPHA = 0.05
 
 
 def _budget(preset, regime: str) -> int:
@@ -53,14 +69,15 @@ def _budget(preset, regime: str) -> int:
 
 
 @torch.no_grad()
-def _train_loss(model, tokenizer, dataset, cfg_formats: tuple[str, ...]) -> float:
-    """Mean LM loss over the run's training data (biographies and/or trained QA), in batches of 64."""
+def _train_loss(model, tokenizer, dataset) -> float:
+    """Mean LM loss over all biographies and the trained people's QA, in batches of 64: the same rows for every run,
+    so the baseline compares runs on one set of data whatever their regime has trained on so far."""
     from mechrecall.lab.train import TrainingData, lm_loss
     from mechrecall.recall import row_chunks
 
     data = TrainingData.build(dataset, tokenizer)
     total, count = 0.0, 0
-    for fmt in cfg_formats:
+    for fmt in ("storage", "query"):
         batch = getattr(data, fmt)
         for rows in row_chunks(len(batch), 64):
             sub = batch.index(rows)
@@ -79,29 +96,27 @@ def measure_checkpoint(path: Path, dataset, grad_facts: int) -> dict:
     facts = dataset.factset(dataset.pids("validation"))
     m = measure(model, tok, facts, grad_facts=grad_facts)
     g, r = m["gradient"], m["representation"]
-    stage = meta.get("stage")
-    formats = (
-        ("storage",) if stage in ("stage1",) else ("query",) if stage in ("stage2", "qa") else ("storage", "query")
-    )
-    recall = evaluate(model, tok, dataset, splits=("train",), storage=False)
+    recall = evaluate(model, tok, dataset, splits=("train", "validation"), storage=False)
     return {
         "step": meta.get("global_step"),
-        "stage": stage,
+        "stage": meta.get("stage"),
         "grad_margin": g["same_fact_mean_cos"] - g["baseline_mean_cos"],
         "rep_subject_margin": r["subject_last_layer_margin"],
         "rep_final_margin": r["final_last_layer_margin"],
-        "train_loss": _train_loss(model, tok, dataset, formats),
+        "validation_qa": recall["validation_qa"],
+        "validation_qa_nll": recall["validation_qa_nll"],
+        "train_loss": _train_loss(model, tok, dataset),
         "trained_qa": recall["trained_qa"],
     }
 
 
-def run_one(name: str, preset_name: str, out: Path, fractions, grad_facts: int) -> dict:
+def run_one(name: str, preset_name: str, out: Path, fractions, grad_facts: int, extra: list[str] = ()) -> dict:
     from mechrecall.lab.bios import generate
     from mechrecall.lab.config import get_preset
     from mechrecall.lab.train import train
 
     regime, overrides = GRID[name]
-    preset = get_preset(preset_name, overrides)
+    preset = get_preset(preset_name, [*overrides, *extra])
     run_dir = out / "runs" / name
     done = run_dir / "measured.json"
     if done.exists():
@@ -109,7 +124,7 @@ def run_one(name: str, preset_name: str, out: Path, fractions, grad_facts: int) 
     dataset = generate(preset.data.spec(), preset.seed)
     budget = _budget(preset, regime)
     t0 = time.perf_counter()
-    row: dict = {"name": name, "regime": regime, "overrides": overrides, "budget": budget, "at": {}}
+    row: dict = {"name": name, "regime": regime, "overrides": [*overrides, *extra], "budget": budget, "at": {}}
     for f in fractions:
         step = max(1, round(f * budget))
         result = train(preset, regime, run_dir, progress=False, stop_after=step)
@@ -137,8 +152,7 @@ def _table(rows: list[dict], f):
     )  # fmt: skip
 
 
-def analyse(rows: list[dict], fractions, n_boot: int = 2000) -> dict:
-    """Per fraction, each predictor's Spearman rho with final held-out QA over all runs (and against the baselines)."""
+def _correlations(rows: list[dict], fractions, n_boot: int) -> dict:
     from mechrecall.lab.predict import compare_predictors
 
     return {
@@ -148,14 +162,38 @@ def analyse(rows: list[dict], fractions, n_boot: int = 2000) -> dict:
     }  # fmt: skip
 
 
+def analyse(rows: list[dict], fractions, n_boot: int = 2000) -> dict:
+    """Per fraction, each measure's Spearman rho with final held-out QA over all runs, its permutation p-value
+    (``p_holm``: Holm-corrected over every correlation here) and each predictor's margin over each baseline."""
+    from mechrecall.lab.predict import holm_adjust
+
+    out = _correlations(rows, fractions, n_boot)
+    holm_adjust(out)
+    return out
+
+
 def analyse_within(rows: list[dict], fractions, n_boot: int = 2000) -> dict:
     """The same within each regime that has at least :data:`WITHIN_MIN_RUNS` runs: does early consistency tell
-    runs of one regime apart, beyond telling the regimes apart?"""
+    runs of one regime apart, beyond telling the regimes apart? Holm's correction spans every regime and fraction."""
+    from mechrecall.lab.predict import holm_adjust
+
     out: dict = {}
     for regime in dict.fromkeys(r["regime"] for r in rows):
         sub = [r for r in rows if r["regime"] == regime]
         if len(sub) >= WITHIN_MIN_RUNS:
-            out[regime] = analyse(sub, fractions, n_boot)
+            out[regime] = _correlations(sub, fractions, n_boot)
+    holm_adjust({f"{regime} {f}": table for regime, by in out.items() for f, table in by.items()})
+    return out
+
+
+def verdict(correlations: dict) -> dict[str, list[str]]:
+    """Per fraction, the consistency measures that predict better than validation QA: a Holm-corrected p below
+    :data:`ALPHA` and, against validation QA and against its answer NLL, a bootstrap interval of ``|rho| - |rho_b|``
+    entirely above 0. An empty list is the answer "none did"."""
+    out = {}
+    for f, table in correlations.items():
+        out[f] = [r["predictor"] for r in table if r["predictor"] in PREDICTORS and r.get("p_holm", 1.0) < ALPHA
+                  and all(r["abs_rho_minus_baseline"][b]["ci"][0] > 0 for b in VALIDATION_BASELINES)]  # fmt: skip
     return out
 
 
@@ -185,13 +223,22 @@ def main(argv=None) -> int:
     ap.add_argument("--fractions", nargs="+", type=fraction, default=[0.1, 0.25])
     ap.add_argument("--grad-facts", type=at_least(2), default=48)
     ap.add_argument("--boot", type=positive_int, default=2000)
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a preset override applied to every run after the grid's own (e.g. mixed.steps=40)",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     try:
         check_out(out)
-        rows = [run_one(n, args.preset, out, args.fractions, args.grad_facts) for n in args.runs]
-        result = {"preset": args.preset, "fractions": args.fractions, "runs": rows,
-                  "correlations": analyse(rows, args.fractions, args.boot),
+        rows = [run_one(n, args.preset, out, args.fractions, args.grad_facts, args.overrides) for n in args.runs]
+        correlations = analyse(rows, args.fractions, args.boot)
+        result = {"preset": args.preset, "fractions": args.fractions, "overrides": args.overrides, "runs": rows,
+                  "correlations": correlations, "better_than_validation_qa": verdict(correlations),
                   "within_regime": analyse_within(rows, args.fractions, args.boot),
                   "total_seconds": sum(r["seconds"] for r in rows)}  # fmt: skip
     except (KeyError, ValueError) as e:
@@ -202,14 +249,14 @@ def main(argv=None) -> int:
 
     page = figure(rows, args.fractions).to_html(include_plotlyjs=True)
     atomic_write_files(out, {"predict.json": result, "predict.html": page})
-    for f, res in result["correlations"].items():
-        for r in res:
-            print(f"{float(f):.0%} {r['predictor']:20s} rho={r['rho']:+.2f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]")
-    for regime, by in result["within_regime"].items():
+    tables = [("", result["correlations"])] + [(f"within {g} ", by) for g, by in result["within_regime"].items()]
+    for prefix, by in tables:
         for f, res in by.items():
             for r in res:
-                print(f"within {regime} {float(f):.0%} {r['predictor']:20s} rho={r['rho']:+.2f} "
-                      f"[{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]")  # fmt: skip
+                print(f"{prefix}{float(f):.0%} {r['predictor']:20s} rho={r['rho']:+.2f} [{r['ci'][0]:+.2f}, "
+                      f"{r['ci'][1]:+.2f}] p={r['p']:.4f} Holm p={r['p_holm']:.4f}")  # fmt: skip
+    for f, names in result["better_than_validation_qa"].items():
+        print(f"better than validation QA and its NLL at {float(f):.0%}: {', '.join(names) or 'none'}")
     return 0
 
 

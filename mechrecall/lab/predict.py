@@ -1,11 +1,14 @@
-"""Does early consistency predict generalization? Rank correlations over a grid of runs, with bootstrap intervals.
+"""Does early consistency predict generalization? Rank correlations over a grid of runs, with permutation tests.
 
 A grid is a table with one row per training run: predictors measured early (gradient / representation consistency
-on the validation people at 10 % and 25 % of the budget, and the baselines: training loss and trained QA at the same
-points) and the target, the run's final held-out QA. :func:`compare_predictors` gives each predictor's Spearman
-correlation with the target and a percentile bootstrap interval over runs (runs resampled with replacement; the
-same resamples for every predictor, so their intervals are comparable), plus, against a baseline, the bootstrap
-distribution of the difference in |rho|.
+on the validation people at fixed fractions of the budget, and baselines measured at the same checkpoint: validation
+QA and its answer NLL, training loss, trained QA) and the target, the run's final held-out QA.
+:func:`compare_predictors` gives each column's Spearman correlation with the target, a two-sided permutation p-value
+(the target shuffled over runs), a percentile bootstrap interval over runs (runs resampled with replacement; the same
+resamples for every column, so intervals are comparable; a resample in which a column is constant has no rho and is
+dropped, and how many were is reported), and for each predictor the bootstrap interval of ``|rho| - |rho_baseline|``.
+:func:`holm` corrects a family of p-values for multiple comparisons (Holm's step-down, which controls the family-wise
+error rate without assuming independence).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-__all__ = ["PredictorResult", "compare_predictors", "rank", "spearman"]
+__all__ = ["PredictorResult", "compare_predictors", "holm", "holm_adjust", "rank", "spearman"]
 
 
 def rank(values: npt.ArrayLike) -> np.ndarray:
@@ -47,10 +50,33 @@ class PredictorResult:
     ci: tuple[float, float]
     n_runs: int
     better_than: dict[str, tuple[float, tuple[float, float]]]  # baseline -> (|rho| - |rho_b|, its interval)
+    p: float = float("nan")  # two-sided permutation p-value of rho
+    boot_dropped: int = 0  # bootstrap resamples without a rho (a constant column), left out of the interval
 
     def to_dict(self) -> dict:
         return {"predictor": self.predictor, "rho": self.rho, "ci": list(self.ci), "n_runs": self.n_runs,
+                "p": self.p, "boot_dropped": self.boot_dropped,
                 "abs_rho_minus_baseline": {b: {"diff": d, "ci": list(c)} for b, (d, c) in self.better_than.items()}}  # fmt: skip
+
+
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm-adjusted p-values (NaN stays NaN and is not counted in the family)."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(len(p), np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m, running = len(order), 0.0
+    for i, idx in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[idx]))  # step-down: adjusted p never decreases with rank
+        out[idx] = running
+    return out
+
+
+def holm_adjust(tables: Mapping[str, list[dict]]) -> None:
+    """Adds ``p_holm`` to every row of ``{key: [PredictorResult.to_dict(), ...]}``, the rows taken as one family."""
+    rows = [r for table in tables.values() for r in table]
+    for r, adj in zip(rows, holm([r["p"] for r in rows]), strict=True):
+        r["p_holm"] = float(adj)
 
 
 def compare_predictors(
@@ -60,11 +86,12 @@ def compare_predictors(
     baselines: Sequence[str] = (),
     *,
     n_boot: int = 2000,
+    n_perm: int = 10000,
     seed: int = 0,
     level: float = 0.95,
 ) -> list[PredictorResult]:
-    """Spearman rho of each of ``predictors`` and ``baselines`` (columns of ``grid``) with ``target``, a bootstrap
-    interval over runs, and for each predictor the difference ``|rho| - |rho_baseline|`` with its interval."""
+    """Spearman rho of each of ``predictors`` and ``baselines`` (columns of ``grid``) with ``target``, its permutation
+    p-value, a bootstrap interval over runs, and for each predictor ``|rho| - |rho_baseline|`` with its interval."""
     df = pd.DataFrame(grid)
     missing = [c for c in (target, *predictors, *baselines) if c not in df.columns]
     if missing:
@@ -78,6 +105,19 @@ def compare_predictors(
     names = list(dict.fromkeys([*predictors, *baselines]))
     point = {c: spearman(df[c].to_numpy(float), y) for c in names}
     boots = {c: np.array([spearman(df[c].to_numpy(float)[s], y[s]) for s in samples]) for c in names}
+    # one set of target shuffles for every column; ranks once, then each shuffle is a dot product
+    perms = np.argsort(rng.random((n_perm, n)), axis=1)
+    ry = rank(y) - rank(y).mean()
+    pvalue = {}
+    for c in names:
+        rx = rank(df[c].to_numpy(float))
+        rx -= rx.mean()
+        denom = np.sqrt((rx**2).sum() * (ry**2).sum())
+        if denom == 0:
+            pvalue[c] = float("nan")
+            continue
+        null = np.abs(ry[perms] @ rx) / denom
+        pvalue[c] = float((1 + (null >= abs(point[c]) - 1e-12).sum()) / (1 + n_perm))
     lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
 
     def interval(values: np.ndarray) -> tuple[float, float]:
@@ -92,5 +132,7 @@ def compare_predictors(
                 if b != c:
                     diff = np.abs(boots[c]) - np.abs(boots[b])
                     better[b] = (abs(point[c]) - abs(point[b]), interval(diff))
-        out.append(PredictorResult(c, point[c], interval(boots[c]), n, better))
+        out.append(
+            PredictorResult(c, point[c], interval(boots[c]), n, better, pvalue[c], int(np.isnan(boots[c]).sum()))
+        )
     return out

@@ -22,8 +22,9 @@ def captioned(predict: dict) -> list[tuple]:
     fig.update_layout(barmode="group", yaxis_title="Spearman rho with final held-out QA", yaxis_range=[-1, 1],
                       title=f"Early measures as predictors ({len(predict['runs'])} runs)")  # fmt: skip
     caption = ("Early prediction (analyses/predict_generalization.py): Spearman correlation of each measure at a fixed "
-               "fraction of a run's budget with the run's final held-out QA, with 95 % bootstrap intervals over runs; "
-               "consistency is measured on the validation people.")  # fmt: skip
+               "fraction of a run's budget with the run's final held-out QA, with 95 % bootstrap intervals over runs "
+               "(the permutation p-values, Holm-corrected, are in predict.json); consistency and the validation-QA "
+               "baselines are measured on the validation people at the same checkpoint.")  # fmt: skip
     return [(fig, caption)]
 
 
