@@ -101,7 +101,8 @@ def test_report_page_shows_grafting_prediction_and_remedy_results(micro_run, gra
     atomic_write_json(copy / "grafting" / "grafting.json", grafting_json)
     rows = [{"name": f"r{i}", "final": {"heldout_qa": i / 10},
              "at": {"0.1": {**{p: i * 0.1 + (i % 3) * 0.01 for p in pg.PREDICTORS}, "train_loss": 3.0 - i * 0.2,
-                            "trained_qa": (i * 7 % 5) / 5}}} for i in range(6)]  # fmt: skip
+                            "trained_qa": (i * 7 % 5) / 5, "validation_qa": (i * 3 % 4) / 4,
+                            "validation_qa_nll": 9.0 - i}}} for i in range(6)]  # fmt: skip
     atomic_write_json(copy / "predict" / "predict.json", {"runs": rows, "correlations": pg.analyse(rows, [0.1], 200)})
     runs = [{"name": n, "seed": s, **dict.fromkeys(rm.METRICS, v + s / 100)}
             for n, v in (("two-stage", 0.1), ("mixed", 0.3), ("two-stage+cos-w1", 0.2)) for s in (0, 1)]  # fmt: skip
