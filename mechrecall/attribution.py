@@ -171,18 +171,24 @@ class IGResult:
 
 
 def _ig_once(model, x: Tensor, baseline: Tensor, readout, answer, steps: int, batch_size: int) -> Tensor:
-    """``(x - baseline) * sum_i w_i grad f(baseline + a_i (x - baseline))``, accumulated in float32."""
+    """``(x - baseline) * sum_i w_i grad f(baseline + a_i (x - baseline))``, accumulated in float32.
+
+    The (step, example) pairs are flattened and run ``batch_size`` rows a forward, as Captum expands its batch: a few
+    examples at many steps make a few large forwards instead of many small ones, which is what keeps a CPU busy."""
     nodes, weights = np.polynomial.legendre.leggauss(steps)
-    alphas, step_sizes = 0.5 * (nodes + 1), 0.5 * weights  # Captum's "gausslegendre" on [0, 1]
+    alphas = torch.tensor(0.5 * (nodes + 1), dtype=torch.float32, device=x.device)  # Captum's "gausslegendre" on [0, 1]
+    step_sizes = torch.tensor(0.5 * weights, dtype=torch.float32, device=x.device)
+    n = x.shape[0]
+    diff = (x - baseline).float()
     total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for a, w in zip(alphas.tolist(), step_sizes.tolist()):
-        for s in range(0, x.shape[0], batch_size):
-            sl = slice(s, s + batch_size)
-            point = (baseline[sl] + a * (x[sl] - baseline[sl])).requires_grad_(True)
-            out = _target(model, point, readout[sl], answer[sl]).sum()
-            (g,) = torch.autograd.grad(out, point)
-            total[sl] += w * g.float()
-    return (x - baseline).float() * total
+    for start in range(0, steps * n, batch_size):
+        k = torch.arange(start, min(start + batch_size, steps * n), device=x.device)
+        ex, st = k % n, k // n
+        point = (baseline[ex].float() + alphas[st, None, None] * diff[ex]).to(x.dtype).requires_grad_(True)
+        out = _target(model, point, readout[ex], answer[ex]).sum()
+        (g,) = torch.autograd.grad(out, point)
+        total.index_add_(0, ex, step_sizes[st, None, None] * g.float())
+    return diff * total
 
 
 def integrated_gradients(
@@ -263,14 +269,22 @@ def role_shares(attr: Float[Tensor, "batch pos"], inputs: RoleInputs) -> dict[st
 
 
 def attribute(
-    model, tokenizer, examples: Sequence[Example], *, steps: int = 32, max_steps: int = 128, fix_first: bool = True
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    steps: int = 32,
+    max_steps: int = 128,
+    fix_first: bool = True,
+    batch_size: int = 64,
 ) -> dict:
     """All three attributions for ``examples``; per-example role shares (IG, grad x input) and occlusion drops
-    (``fix_first``: :func:`role_inputs`)."""
+    (``fix_first``: :func:`role_inputs`). ``batch_size``: rows of one integrated-gradients forward (lower it when
+    activations of that many prompts do not fit)."""
     inputs = role_inputs(tokenizer, examples, fix_first=fix_first)
     was = model.training
     model.eval()
-    ig = integrated_gradients(model, inputs, steps=steps, max_steps=max_steps)
+    ig = integrated_gradients(model, inputs, steps=steps, max_steps=max_steps, batch_size=batch_size)
     gxi = gradient_x_input(model, inputs)
     occ = occlusion_by_role(model, inputs)
     model.train(was)

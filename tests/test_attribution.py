@@ -136,3 +136,15 @@ def test_refinement_is_per_example(setup):
     tol = 0.05 * coarse.gap.abs() + 1e-3
     assert coarse.example_converged == (coarse.delta.abs() <= tol).tolist()
     assert coarse.converged == all(coarse.example_converged)
+
+
+def test_rows_of_a_forward_do_not_change_the_attributions(setup):
+    """(step, example) rows flattened into forwards of any size, a chunk straddling two steps included, give the
+    same integrated gradients as one row a forward."""
+    model, tok, examples = setup
+    inputs = role_inputs(tok, examples[:3])
+    one = integrated_gradients(model, inputs, steps=8, max_steps=8, batch_size=1)
+    for bs in (5, 64):
+        other = integrated_gradients(model, inputs, steps=8, max_steps=8, batch_size=bs)
+        assert torch.allclose(other.attributions, one.attributions, atol=1e-5)
+        assert torch.allclose(other.delta, one.delta, atol=1e-5)

@@ -76,12 +76,24 @@ class StageConfig(_Strict):
     adapter_options: dict[str, Any] = Field(default_factory=dict)
     trace_base_grads: bool = False  # with trace and LoRA: also trace |dL/dW| of the frozen base weights
     stop_at_trained_qa: float | None = Field(None, gt=0, le=1)
+    # plateau of validation QA (read every eval_every steps): stop once the last ``stop_at_plateau`` evaluations have
+    # not beaten the best before them by more than ``plateau_delta``; held-out people are never read by a stop rule
+    stop_at_plateau: int | None = Field(None, ge=1)
+    plateau_delta: float = Field(0.01, ge=0)
     eval_every: int = Field(100, ge=1)
     # cross-format alignment term on the query loss (mechrecall.lab.objectives); 0 = off
     align_weight: float = Field(0.0, ge=0)
     align_teacher: Literal["stage_start", "live"] = "stage_start"
     align_layers: tuple[int, ...] | None = None  # hidden_states indices (0 = embeddings); None = every block output
     align_loss: Literal["cosine", "mse", "contrastive"] = "cosine"
+
+    @model_validator(mode="after")
+    def _plateau_needs_qa(self) -> StageConfig:
+        if self.stop_at_plateau is not None and not self.batch_query:
+            raise ValueError(
+                "stop_at_plateau reads validation QA, which a stage without QA (batch_query=0) never evaluates"
+            )
+        return self
 
 
 class TwoStageConfig(_Strict):

@@ -577,9 +577,15 @@ def _sharded_step(run: _Run, batches: dict[str, Batch], weights: dict[str, float
     return logged
 
 
+def plateaued(values: list[float], patience: int, delta: float) -> bool:
+    """True when the last ``patience`` values do not beat the best before them by more than ``delta``."""
+    return len(values) > patience and max(values[-patience:]) <= max(values[:-patience]) + delta
+
+
 def _log_evaluation(run: _Run, cfg: StageConfig, stage: str, step: int, event: StepEvent) -> bool:
-    """Evaluate, append to ``history.json``; True when the stage's stop rule (trained QA only) is met."""
-    # held-out numbers are logged for trajectories only; the stop rule reads trained QA alone
+    """Evaluate, append to ``history.json``; True when a stop rule of the stage is met (trained QA reaching
+    ``stop_at_trained_qa``, or validation QA on a plateau: :func:`plateaued`)."""
+    # held-out numbers are logged for trajectories only; the stop rules read trained and validation QA alone
     m = evaluate(run.model, run.tokenizer, run.dataset, splits=SPLITS if cfg.batch_query else (), storage=True)
     run.procs.after_forwards(run.model)
     entry = {"stage": stage, "step": step, "global_step": run.state["global_step"], "lr": lr_at(cfg, step - 1)}
@@ -588,6 +594,10 @@ def _log_evaluation(run: _Run, cfg: StageConfig, stage: str, step: int, event: S
     run.state["history"].append(entry)
     if run.procs.main:
         atomic_write_json(run.regime_dir / "history.json", run.state["history"])
+    if cfg.stop_at_plateau is not None:
+        curve = [e["validation_qa"] for e in run.state["history"] if e["stage"] == stage and "validation_qa" in e]
+        if plateaued(curve, cfg.stop_at_plateau, cfg.plateau_delta):
+            return True
     return cfg.stop_at_trained_qa is not None and m.get("trained_qa", 0.0) >= cfg.stop_at_trained_qa
 
 

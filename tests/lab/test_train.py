@@ -189,3 +189,21 @@ def test_scored_logits_loss_of_a_lora_model_equals_the_full_logits_loss():
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     assert any(bool(g.abs().sum() > 0) for g in grads[1])
+
+
+def test_plateau_rule_by_hand():
+    from mechrecall.lab.train import plateaued
+
+    assert not plateaued([0.1, 0.2], 2, 0.01)  # not enough evaluations to have a plateau
+    assert plateaued([0.1, 0.3, 0.305, 0.31], 2, 0.01)  # the last two beat 0.3 by at most 0.01
+    assert not plateaued([0.1, 0.3, 0.305, 0.32], 2, 0.01)
+    assert plateaued([0.5, 0.2, 0.1], 2, 0.0)  # falling is a plateau too
+
+
+def test_mixed_stops_on_a_validation_plateau_and_says_so(tmp_path):
+    # a delta of 1 makes any second evaluation a plateau: the run stops at 2 x eval_every of its 24 steps
+    preset = get_preset("micro", SHORT + ["mixed.stop_at_plateau=1", "mixed.plateau_delta=1.0"])
+    meta = train(preset, "mixed", tmp_path, progress=False)
+    assert meta["metrics"]["steps"] == 16 and meta["metrics"]["stopped_early"]
+    with pytest.raises(ValueError, match="stop_at_plateau reads validation QA"):
+        get_preset("micro", ["two_stage.stage1.stop_at_plateau=2"])
