@@ -1,0 +1,34 @@
+"""analyses/matched_compute.py: pre-instruction against mixed at matched steps and rows (plumbing, tiny budgets)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_mixed_runs_get_the_steps_and_rows_pre_instruction_took(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "analyses"))
+    import matched_compute as mc
+
+    shrink = ["pre_instruction.qa.steps=6", "pre_instruction.qa.batch_query=8", "pre_instruction.joint.steps=8",
+              "pre_instruction.joint.batch_storage=8", "pre_instruction.joint.batch_query=8", "mixed.batch_storage=8",
+              "mixed.batch_query=8", "data.n_people=40"]  # fmt: skip
+    argv = ["--out", str(tmp_path / "m"), "--seeds", "1"] + [a for s in shrink for a in ("--set", s)]
+    assert mc.main(argv) == 0
+    result = json.loads((tmp_path / "m" / "matched.json").read_text())
+    runs = result["runs"]["1"]
+    assert runs["pre-instruction"]["steps"] == 14 and runs["pre-instruction"]["rows"] == 6 * 8 + 8 * 16
+    assert runs["mixed-matched-steps"]["steps"] == 14
+    assert runs["mixed-matched-rows"]["steps"] == 11 and runs["mixed-matched-rows"]["rows"] == 176
+    d = result["pre_instruction_minus"]["mixed-matched-steps"]["heldout_qa"]
+    assert d["per_seed"] == [
+        pytest.approx(runs["pre-instruction"]["heldout_qa"] - runs["mixed-matched-steps"]["heldout_qa"])
+    ]
+    assert "pre-instruction - mixed-matched-rows" in capsys.readouterr().out
+    # a second call reuses every finished run (nothing retrained: result.json files are read back)
+    stamp = (tmp_path / "m" / "seed-1" / "pre-instruction" / "result.json").stat().st_mtime_ns
+    assert mc.main(argv) == 0
+    assert (tmp_path / "m" / "seed-1" / "pre-instruction" / "result.json").stat().st_mtime_ns == stamp
