@@ -22,6 +22,15 @@ never used. Writes ``OUT/remedy.json`` (every run's metrics, the choices, means,
 held-out gap each chosen variant closes and its held-out QA over plain mixed) and ``remedy.html``. The compute
 control ``mixed@1.2x-steps`` runs at every seed too. Finished runs are reused, so an interrupted sweep
 resumes.
+
+``--converge`` (fresh seeds 3 4 5 unless ``--seeds`` says otherwise) trains the two baselines and the two variants
+the sweep chose (:data:`CONVERGE`), each to convergence by a rule fixed before its runs: mixed runs up to 4x the
+preset's steps (the schedule spans the longer budget), stopping once three evaluations in a row have not beaten the
+best validation QA before them by more than 0.01 (``stop_at_plateau``); two-stage runs get 4x the stage-2 steps and
+keep the preset's stop at 0.95 trained QA, so that the two are compared at matched trained QA (storage is
+reported). Writes ``OUT/converge.json``: every run's final metrics and steps, the gains at convergence (means over
+the seeds, with each seed's), and the gains at equal steps read from the runs' histories (held-out QA logged along
+each run, compared at the evaluation steps both runs reached).
 """
 
 from __future__ import annotations
@@ -60,6 +69,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 CONTROLS: dict[str, tuple[str, list[str]]] = {"mixed@1.2x-steps": ("mixed", ["mixed.steps={mixed_steps_x1.2}"])}
 VARIANTS.update(CONTROLS)
 METRICS = ("heldout_qa", "validation_qa", "trained_qa", "storage")
+# --converge: (variant, baseline) pairs of the sweep's choices, and the budgets that let each run converge
+CONVERGE = {"mixed+con-w1": "mixed", "two-stage+con-w10": "two-stage"}
+CONVERGE_SET = {"mixed": ["mixed.steps={mixed_steps_x4}", "mixed.stop_at_plateau=3", "mixed.plateau_delta=0.01"],
+                "two_stage": ["two_stage.stage2.steps={stage2_steps_x4}"]}  # fmt: skip
 
 
 def family(name: str) -> str:
@@ -69,7 +82,9 @@ def family(name: str) -> str:
 def resolve(overrides: list[str], preset) -> list[str]:
     """Fill a variant's placeholders from the preset: ``{last_layer}`` (the last block output's hidden-state index)
     and ``{mixed_steps_x1.2}`` (20 % more mixed steps), so that every variant means the same on any preset."""
-    values = {"{last_layer}": str(preset.model.n_layers), "{mixed_steps_x1.2}": str(round(1.2 * preset.mixed.steps))}
+    values = {"{last_layer}": str(preset.model.n_layers), "{mixed_steps_x1.2}": str(round(1.2 * preset.mixed.steps)),
+              "{mixed_steps_x4}": str(4 * preset.mixed.steps),
+              "{stage2_steps_x4}": str(4 * preset.two_stage.stage2.steps)}  # fmt: skip
     out = []
     for o in overrides:
         for k, v in values.items():
@@ -166,6 +181,37 @@ def figure(result: dict):
     return fig
 
 
+def _history(out: Path, name: str, seed: int, regime: str) -> dict[int, float]:
+    """Held-out QA along a run (global step -> value), from its history.json."""
+    import json
+
+    path = out / "runs" / f"{name}-s{seed}" / regime / "history.json"
+    return {e["global_step"]: e["heldout_qa"] for e in json.loads(path.read_text()) if "heldout_qa" in e}
+
+
+def converge(preset_name: str, seeds: list[int], out: Path, overrides: list[str]) -> dict:
+    """The chosen variants and their baselines trained to convergence (:data:`CONVERGE_SET`), per seed."""
+    from mechrecall.lab.config import get_preset
+
+    rows, equal_steps = [], {}
+    for seed in seeds:
+        base = get_preset(preset_name, [*overrides, f"seed={seed}"])
+        for variant, baseline in CONVERGE.items():
+            regime = VARIANTS[baseline][0]
+            extra = [*overrides, *resolve(CONVERGE_SET[regime], base)]
+            pair = [run_one(n, seed, preset_name, out, extra) for n in (baseline, variant)]
+            rows.extend(pair)
+            a, b = _history(out, baseline, seed, regime), _history(out, variant, seed, regime)
+            equal_steps[f"{variant} s{seed}"] = {str(k): b[k] - a[k] for k in sorted(set(a) & set(b))}
+    gains = {}
+    for variant, baseline in CONVERGE.items():
+        diffs = [next(r for r in rows if r["name"] == variant and r["seed"] == s)["heldout_qa"]
+                 - next(r for r in rows if r["name"] == baseline and r["seed"] == s)["heldout_qa"] for s in seeds]  # fmt: skip
+        gains[variant] = {"over": baseline, "per_seed": diffs, "mean": float(np.mean(diffs))}
+    return {"preset": preset_name, "seeds": seeds, "overrides": overrides, "rules": CONVERGE_SET, "runs": rows,
+            "gain_at_convergence": gains, "gain_at_equal_steps": equal_steps}  # fmt: skip
+
+
 def main(argv=None) -> int:
     from mechrecall.cli import Parser, check_out
 
@@ -173,11 +219,30 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="micro")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (--converge: 3 4 5)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--converge", action="store_true", help="the chosen variants and baselines to convergence")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    from mechrecall.io import atomic_write_files
+    from mechrecall.io import atomic_write_files, atomic_write_json
+
+    if args.converge:
+        try:
+            check_out(out)
+            result = converge(args.preset, args.seeds or [3, 4, 5], out / "converge", args.overrides)
+        except (KeyError, ValueError) as e:
+            print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+            return 2
+        atomic_write_json(out / "converge.json", result)
+        for r in result["runs"]:
+            print(f"{r['name']:24s} s{r['seed']} held-out {r['heldout_qa']:.3f} validation {r['validation_qa']:.3f} "
+                  f"trained {r['trained_qa']:.3f} storage {r['storage']:.3f} step {r['global_step']}")  # fmt: skip
+        for v, g in result["gain_at_convergence"].items():
+            print(
+                f"{v} over {g['over']} at convergence: {g['mean']:+.3f} (per seed {', '.join(f'{d:+.3f}' for d in g['per_seed'])})"
+            )
+        return 0
+    args.seeds = args.seeds or [0, 1, 2]
 
     try:
         check_out(out)
