@@ -24,12 +24,18 @@ from mechrecall.cli import Parser, check_out
 METRICS = ("heldout_qa", "validation_qa", "trained_qa", "storage")
 
 
-def _rows(preset, stages: dict) -> int:
-    """Training rows a finished run consumed: each stage's steps times its rows a step."""
-    per_step = {"qa": preset.pre_instruction.qa.batch_query,
-                "joint": preset.pre_instruction.joint.batch_storage + preset.pre_instruction.joint.batch_query,
-                "mixed": preset.mixed.batch_storage + preset.mixed.batch_query}  # fmt: skip
-    return sum(m["steps"] * per_step[stage] for stage, m in stages.items())
+def _rows(preset, regime: str, regime_dir: Path) -> int:
+    """Training rows a finished run consumed: each stage's steps (from its checkpoint's meta, so a run finished by an
+    earlier call counts the same) times its rows a step."""
+    from mechrecall.checkpoint import read_meta
+    from mechrecall.lab.train import stage_plan
+
+    plan = stage_plan(preset, regime)
+    total = 0
+    for i, (stage, cfg) in enumerate(plan):
+        steps = read_meta(regime_dir / ("final" if i == len(plan) - 1 else stage))["metrics"]["steps"]
+        total += steps * (cfg.batch_storage + cfg.batch_query)
+    return total
 
 
 def _run(preset, regime: str, run_dir: Path) -> dict:
@@ -45,7 +51,7 @@ def _run(preset, regime: str, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     meta = train(preset, regime, run_dir, progress=False)
     row = {"regime": regime, "seed": preset.seed, "steps": meta["global_step"],
-           "rows": _rows(preset, meta["stages"]), **{k: meta["metrics"][k] for k in METRICS},
+           "rows": _rows(preset, regime, run_dir / regime), **{k: meta["metrics"][k] for k in METRICS},
            "seconds": time.perf_counter() - t0}  # fmt: skip
     atomic_write_json(done, row)
     return row

@@ -3,9 +3,9 @@
     python analyses/predict_generalization.py --out runs/micro/predict [--preset micro] [--fractions 0.1 0.25]
 
 Trains a grid of 16 independent lab runs (:data:`GRID`): 8 mixed and 8 two-stage, each with its own data and
-initialisation seed, varying what should matter from the first step in both regimes (mixed: the query share of a
-batch and the weight decay; two-stage: stage 1's learning rate and weight decay, and stage 2's learning rate), so no two
-runs share a checkpoint. Each run is interrupted at fixed fractions of its step budget (the trainer's resumable
+initialisation seed, so no two runs share a checkpoint. Mixed varies the query share of a batch and the weight decay;
+two-stage varies stage 1's learning rate and weight decay (which act on the early measures) and stage 2's learning
+rate (which acts only after the measured fractions, on the micro preset: stage 1 is its first 60 % of the budget). Each run is interrupted at fixed fractions of its step budget (the trainer's resumable
 checkpoints), measured there, and resumed to the end. At each fraction, on the *validation* people: gradient
 consistency (mean cosine of same-fact storage/query answer-loss gradients minus the mismatched-fact baseline) and
 representation consistency (last-layer same-fact minus mismatched cosine at the subject and final tokens); and, at the
@@ -14,7 +14,8 @@ training loss over one set of rows for every run (all biographies and the traine
 has trained on so far) and trained QA. The target is the run's final held-out QA (measurement only: nothing is chosen
 by it). Statistics (:mod:`mechrecall.lab.predict`): Spearman rho with a permutation p-value, Holm-corrected over every
 correlation of the pooled analysis (and separately over the within-regime ones), a bootstrap interval, and for each
-consistency measure the interval of ``|rho| - |rho|`` of each baseline. Writes ``predict.json`` (every run's numbers,
+consistency measure the interval of ``|rho| - |rho|`` of each baseline at a Bonferroni level over the verdict's
+claims (1 - 0.05 / (3 measures x the fractions)); a constant baseline counts as |rho| = 0. Writes ``predict.json`` (every run's numbers,
 the correlations and the verdict: which measure, at which fraction, predicts better than validation QA and its NLL)
 and ``predict.html``. A finished run is reused, so an interrupted grid resumes; ``--set key=value`` applies to every
 run (the tests shrink the budgets with it).
@@ -127,9 +128,12 @@ def run_one(name: str, preset_name: str, out: Path, fractions, grad_facts: int, 
     row: dict = {"name": name, "regime": regime, "overrides": [*overrides, *extra], "budget": budget, "at": {}}
     for f in fractions:
         step = max(1, round(f * budget))
-        result = train(preset, regime, run_dir, progress=False, stop_after=step)
-        at = result.get("interrupted_at", step)
-        path = run_dir / regime / "checkpoints" / f"step-{at:06d}"
+        path = run_dir / regime / "checkpoints" / f"step-{step:06d}"
+        if not path.exists():  # (a resumed run may have saved it before it stopped)
+            at = train(preset, regime, run_dir, progress=False, stop_after=step).get("interrupted_at")
+            if at != step:
+                raise ValueError(f"run {name}: its checkpoint at step {step} ({f:.0%}) is missing and the run stopped "
+                                 f"at {at}: start {run_dir} afresh")  # fmt: skip
         row["at"][str(f)] = measure_checkpoint(path, dataset, grad_facts)
     meta = train(preset, regime, run_dir, progress=False)
     row["final"] = {k: meta["metrics"][k] for k in ("heldout_qa", "validation_qa", "trained_qa", "storage")}
@@ -152,12 +156,17 @@ def _table(rows: list[dict], f):
     )  # fmt: skip
 
 
+def diff_level(fractions) -> float:
+    """The level of the |rho| margins the verdict reads: Bonferroni over its claims (measures x fractions)."""
+    return 1 - ALPHA / (len(PREDICTORS) * len(fractions))
+
+
 def _correlations(rows: list[dict], fractions, n_boot: int) -> dict:
     from mechrecall.lab.predict import compare_predictors
 
     return {
         str(f): [r.to_dict() for r in compare_predictors(_table(rows, f), "heldout_qa", PREDICTORS, BASELINES,
-                                                           n_boot=n_boot)]
+                                                           n_boot=n_boot, diff_level=diff_level(fractions))]
         for f in fractions
     }  # fmt: skip
 
@@ -189,7 +198,7 @@ def analyse_within(rows: list[dict], fractions, n_boot: int = 2000) -> dict:
 def verdict(correlations: dict) -> dict[str, list[str]]:
     """Per fraction, the consistency measures that predict better than validation QA: a Holm-corrected p below
     :data:`ALPHA` and, against validation QA and against its answer NLL, a bootstrap interval of ``|rho| - |rho_b|``
-    entirely above 0. An empty list is the answer "none did"."""
+    (at :func:`diff_level`) entirely above 0. An empty list is the answer "none did"."""
     out = {}
     for f, table in correlations.items():
         out[f] = [r["predictor"] for r in table if r["predictor"] in PREDICTORS and r.get("p_holm", 1.0) < ALPHA
@@ -238,6 +247,7 @@ def main(argv=None) -> int:
         rows = [run_one(n, args.preset, out, args.fractions, args.grad_facts, args.overrides) for n in args.runs]
         correlations = analyse(rows, args.fractions, args.boot)
         result = {"preset": args.preset, "fractions": args.fractions, "overrides": args.overrides, "runs": rows,
+                  "margin_interval_level": diff_level(args.fractions),
                   "correlations": correlations, "better_than_validation_qa": verdict(correlations),
                   "within_regime": analyse_within(rows, args.fractions, args.boot),
                   "total_seconds": sum(r["seconds"] for r in rows)}  # fmt: skip

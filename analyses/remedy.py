@@ -27,8 +27,10 @@ resumes.
 the sweep chose (:data:`CONVERGE`), each to convergence by a rule fixed before its runs: mixed runs up to 4x the
 preset's steps (the schedule spans the longer budget), stopping once three evaluations in a row have not beaten the
 best validation QA before them by more than 0.01 (``stop_at_plateau``); two-stage runs get 4x the stage-2 steps and
-keep the preset's stop at 0.95 trained QA, so that the two are compared at matched trained QA (storage is
-reported). Writes ``OUT/converge.json``: every run's final metrics and steps, the gains at convergence (means over
+keep the preset's stop at 0.95 trained QA, so that the two are compared at matched trained QA when both reach it
+(each run's trained QA, storage and ``stopped_early`` are reported: a run that used its whole budget did not reach
+its stop rule). The plateau rule reads noisy validation QA (questions of 20 people) while the learning rate has not
+yet decayed, so a stop marks a flat stretch of validation QA, not a proven ceiling. Writes ``OUT/converge.json``: every run's final metrics and steps, the gains at convergence (means over
 the seeds, with each seed's), and the gains at equal steps read from the runs' histories (held-out QA logged along
 each run, compared at the evaluation steps both runs reached).
 """
@@ -129,6 +131,7 @@ def run_one(name: str, seed: int, preset_name: str, out: Path, overrides: list[s
     meta = train(preset, regime, run_dir, progress=False)
     row = {"name": name, "seed": seed, "regime": regime, "overrides": extra, **{k: meta["metrics"][k] for k in METRICS}}
     row["global_step"] = meta.get("global_step")
+    row["stopped_early"] = meta["metrics"].get("stopped_early")  # a stop rule fired before the step budget
     row["seconds"] = meta.get("train_seconds", time.perf_counter() - t0)
     row["shared_stage1_seconds"] = shared  # counted once, in the plain run
     return row

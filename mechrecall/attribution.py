@@ -179,7 +179,7 @@ def _ig_once(model, x: Tensor, baseline: Tensor, readout, answer, steps: int, ba
     alphas = torch.tensor(0.5 * (nodes + 1), dtype=torch.float32, device=x.device)  # Captum's "gausslegendre" on [0, 1]
     step_sizes = torch.tensor(0.5 * weights, dtype=torch.float32, device=x.device)
     n = x.shape[0]
-    diff = (x - baseline).float()
+    diff = x.float() - baseline.float()
     total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for start in range(0, steps * n, batch_size):
         k = torch.arange(start, min(start + batch_size, steps * n), device=x.device)

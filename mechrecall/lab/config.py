@@ -127,6 +127,15 @@ class Preset(_Strict):
     # the lab presets so that their runs keep the digits their published numbers (docs/results) were measured with
     scored_logits: bool = False
 
+    @model_validator(mode="after")
+    def _plateau_needs_validation_people(self) -> Preset:
+        stages = [self.mixed, self.two_stage.stage1, self.two_stage.stage2]
+        if self.pre_instruction is not None:
+            stages += [self.pre_instruction.qa, self.pre_instruction.joint]
+        if any(s.stop_at_plateau is not None for s in stages) and self.data.validation_fraction == 0:
+            raise ValueError("stop_at_plateau reads validation QA: data.validation_fraction must be above 0")
+        return self
+
 
 def _stage(**kw: Any) -> StageConfig:
     return StageConfig(**kw)

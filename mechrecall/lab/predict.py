@@ -6,7 +6,8 @@ QA and its answer NLL, training loss, trained QA) and the target, the run's fina
 :func:`compare_predictors` gives each column's Spearman correlation with the target, a two-sided permutation p-value
 (the target shuffled over runs), a percentile bootstrap interval over runs (runs resampled with replacement; the same
 resamples for every column, so intervals are comparable; a resample in which a column is constant has no rho and is
-dropped, and how many were is reported), and for each predictor the bootstrap interval of ``|rho| - |rho_baseline|``.
+dropped, and how many were is reported), and for each predictor the bootstrap interval of ``|rho| - |rho_baseline|``
+(a baseline that is constant, in the data or in a resample, predicts nothing: its |rho| counts as 0 there).
 :func:`holm` corrects a family of p-values for multiple comparisons (Holm's step-down, which controls the family-wise
 error rate without assuming independence).
 """
@@ -49,14 +50,16 @@ class PredictorResult:
     rho: float
     ci: tuple[float, float]
     n_runs: int
-    better_than: dict[str, tuple[float, tuple[float, float]]]  # baseline -> (|rho| - |rho_b|, its interval)
+    # baseline -> (|rho| - |rho_b|, its interval at ``diff_level``, resamples dropped: predictor or target constant)
+    better_than: dict[str, tuple[float, tuple[float, float], int]]
     p: float = float("nan")  # two-sided permutation p-value of rho
-    boot_dropped: int = 0  # bootstrap resamples without a rho (a constant column), left out of the interval
+    boot_dropped: int = 0  # bootstrap resamples without a rho (the column or the target constant), left out
 
     def to_dict(self) -> dict:
         return {"predictor": self.predictor, "rho": self.rho, "ci": list(self.ci), "n_runs": self.n_runs,
                 "p": self.p, "boot_dropped": self.boot_dropped,
-                "abs_rho_minus_baseline": {b: {"diff": d, "ci": list(c)} for b, (d, c) in self.better_than.items()}}  # fmt: skip
+                "abs_rho_minus_baseline": {b: {"diff": d, "ci": list(c), "dropped": k}
+                                           for b, (d, c, k) in self.better_than.items()}}  # fmt: skip
 
 
 def holm(pvalues: Sequence[float]) -> np.ndarray:
@@ -89,9 +92,11 @@ def compare_predictors(
     n_perm: int = 10000,
     seed: int = 0,
     level: float = 0.95,
+    diff_level: float | None = None,
 ) -> list[PredictorResult]:
     """Spearman rho of each of ``predictors`` and ``baselines`` (columns of ``grid``) with ``target``, its permutation
-    p-value, a bootstrap interval over runs, and for each predictor ``|rho| - |rho_baseline|`` with its interval."""
+    p-value, a bootstrap interval over runs at ``level``, and for each predictor ``|rho| - |rho_baseline|`` with its
+    interval at ``diff_level`` (default ``level``; raise it to correct a family of such comparisons, Bonferroni)."""
     df = pd.DataFrame(grid)
     missing = [c for c in (target, *predictors, *baselines) if c not in df.columns]
     if missing:
@@ -118,10 +123,10 @@ def compare_predictors(
             continue
         null = np.abs(ry[perms] @ rx) / denom
         pvalue[c] = float((1 + (null >= abs(point[c]) - 1e-12).sum()) / (1 + n_perm))
-    lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
 
-    def interval(values: np.ndarray) -> tuple[float, float]:
+    def interval(values: np.ndarray, at: float = level) -> tuple[float, float]:
         ok = values[~np.isnan(values)]
+        lo_q, hi_q = (1 - at) / 2, 1 - (1 - at) / 2
         return (float(np.quantile(ok, lo_q)), float(np.quantile(ok, hi_q))) if len(ok) else (float("nan"),) * 2
 
     out = []
@@ -130,8 +135,10 @@ def compare_predictors(
         if c in predictors:
             for b in baselines:
                 if b != c:
-                    diff = np.abs(boots[c]) - np.abs(boots[b])
-                    better[b] = (abs(point[c]) - abs(point[b]), interval(diff))
+                    # NaN |rho| of the baseline is a constant baseline: it ranks nothing, so it counts as 0
+                    diff = np.abs(boots[c]) - np.nan_to_num(np.abs(boots[b]), nan=0.0)
+                    point_diff = abs(point[c]) - (0.0 if np.isnan(point[b]) else abs(point[b]))
+                    better[b] = (point_diff, interval(diff, diff_level or level), int(np.isnan(diff).sum()))
         out.append(
             PredictorResult(c, point[c], interval(boots[c]), n, better, pvalue[c], int(np.isnan(boots[c]).sum()))
         )

@@ -32,3 +32,8 @@ def test_mixed_runs_get_the_steps_and_rows_pre_instruction_took(tmp_path, capsys
     stamp = (tmp_path / "m" / "seed-1" / "pre-instruction" / "result.json").stat().st_mtime_ns
     assert mc.main(argv) == 0
     assert (tmp_path / "m" / "seed-1" / "pre-instruction" / "result.json").stat().st_mtime_ns == stamp
+    # a run that finished training but was stopped before its result.json: counted again from its checkpoints
+    (tmp_path / "m" / "seed-1" / "pre-instruction" / "result.json").unlink()
+    assert mc.main(argv) == 0
+    again = json.loads((tmp_path / "m" / "matched.json").read_text())["runs"]["1"]["pre-instruction"]
+    assert (again["steps"], again["rows"]) == (14, 6 * 8 + 8 * 16)

@@ -36,7 +36,8 @@ def test_a_monotone_predictor_beats_a_noisy_baseline_on_a_hand_made_grid():
     noisy = res["train_loss_10pct"]
     assert noisy.rho == pytest.approx(spearman(grid["train_loss_10pct"], heldout))
     assert noisy.ci[0] < noisy.rho < noisy.ci[1]
-    diff, ci = res["grad_cos_10pct"].better_than["train_loss_10pct"]
+    diff, ci, dropped = res["grad_cos_10pct"].better_than["train_loss_10pct"]
+    assert dropped == 0  # nothing constant in any resample of 12 distinct values
     assert diff == pytest.approx(1 - abs(noisy.rho)) and ci[0] <= diff <= ci[1]
     assert res["grad_cos_10pct"].better_than["trained_qa_10pct"][0] == pytest.approx(0.0)
 
@@ -73,8 +74,29 @@ def test_within_regime_correlations_only_for_regimes_with_enough_runs():
     assert res["validation_qa"]["p"] != res["validation_qa"]["p"]  # constant column: no rho, no p (NaN)
     # six runs, a perfect rank order: p = 2/720 exactly, Monte Carlo ~0.003; Holm multiplies by the family's size
     assert res["grad_margin"]["p"] < 0.01 and res["grad_margin"]["p_holm"] >= res["grad_margin"]["p"]
-    # grad_margin ties validation QA's NLL (|rho| = 1 both): not "better than validation QA"
+    # a constant baseline ranks nothing: its |rho| counts as 0, so grad_margin's margin over it is 1
+    assert res["grad_margin"]["abs_rho_minus_baseline"]["validation_qa"]["diff"] == pytest.approx(1.0)
+    # but grad_margin ties validation QA's NLL (|rho| = 1 both): not "better than validation QA"
+    assert res["grad_margin"]["abs_rho_minus_baseline"]["validation_qa_nll"]["diff"] == pytest.approx(0.0)
     assert pg.verdict(within["mixed"]) == {"0.1": []}
+
+
+def test_verdict_names_a_measure_that_beats_both_validation_baselines():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "analyses"))
+    import predict_generalization as pg
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(16):  # grad_margin ranks the target exactly; the validation baselines are noise or constant
+        at = {"grad_margin": i, "rep_subject_margin": rng.random(), "rep_final_margin": rng.random(),
+              "validation_qa": 0.0, "validation_qa_nll": rng.random(), "train_loss": rng.random(),
+              "trained_qa": rng.random()}  # fmt: skip
+        rows.append({"regime": "mixed", "final": {"heldout_qa": i / 20}, "at": {"0.1": at}})
+    correlations = pg.analyse(rows, [0.1], n_boot=500)
+    assert pg.verdict(correlations) == {"0.1": ["grad_margin"]}
 
 
 def test_the_grid_is_sixteen_independent_runs():

@@ -207,3 +207,8 @@ def test_mixed_stops_on_a_validation_plateau_and_says_so(tmp_path):
     assert meta["metrics"]["steps"] == 16 and meta["metrics"]["stopped_early"]
     with pytest.raises(ValueError, match="stop_at_plateau reads validation QA"):
         get_preset("micro", ["two_stage.stage1.stop_at_plateau=2"])
+
+
+def test_a_plateau_rule_without_validation_people_is_refused():
+    with pytest.raises(ValueError, match="validation_fraction must be above 0"):
+        get_preset("micro", ["mixed.stop_at_plateau=2", "data.validation_fraction=0"])
