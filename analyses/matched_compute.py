@@ -11,6 +11,13 @@ held-out QA is read at its end. Writes ``matched.json``: every run's held-out / 
 steps and rows, and per comparison the paired difference pre-instruction - mixed at each seed with its mean and
 range. A finished run is reused, so an interrupted study resumes; ``--set key=value`` applies to every run (the tests
 shrink the budgets with it).
+
+``--mechanism`` also trains a two-stage run per seed (the preset's) and runs every pair analysis of ``reproduce``
+(consistency, masks, patching, attribution) on two pairs per seed, (two-stage, pre-instruction) and (mixed at
+matched steps, mixed at matched rows); the numbers kept are each model's own (:data:`MEASURES`), which do not depend
+on the model it is paired with. Writes ``mechanism.json``: per seed and measure every model's value, whether the
+order two-stage < mixed (matched steps) < pre-instruction holds, and pre-instruction minus each mixed run. The rule,
+fixed before the runs: a measure keeps "the regimes' order" only if the order holds at every seed.
 """
 
 from __future__ import annotations
@@ -22,6 +29,26 @@ from pathlib import Path
 from mechrecall.cli import Parser, check_out
 
 METRICS = ("heldout_qa", "validation_qa", "trained_qa", "storage")
+# --mechanism: the pairs analysed per seed (first, second: labels are the run names) and each model's own numbers
+PAIRS = (("two-stage", "pre-instruction"), ("mixed-matched-steps", "mixed-matched-rows"))
+ORDER = ("two-stage", "mixed-matched-steps", "pre-instruction")
+
+
+def _best_hit(patching: dict, label: str) -> float:
+    from mechrecall.patching.record import best_site
+
+    return float(best_site(patching["models"][label]["sites"]["resid_pre"], "hit")["value"])
+
+
+# measure -> (analysis JSON, the value for one model's label)
+MEASURES = {
+    "gradient_margin": ("consistency.json", lambda j, r: j["gradient"][r]["same_fact_mean_cos"]
+                        - j["gradient"][r]["baseline_mean_cos"]),
+    "representation_margin_final": ("consistency.json", lambda j, r: j["representation"][r]["final_last_layer_margin"]),
+    "shared_fraction": ("masks.json", lambda j, r: j[r]["shared_fraction"]),
+    "patching_best_hit": ("patching.json", _best_hit),
+    "ig_subject_relation_preceding": ("attribution.json", lambda j, r: j[r]["subject_relation_preceding_share"]),
+}  # fmt: skip
 
 
 def _rows(preset, regime: str, regime_dir: Path) -> int:
@@ -72,6 +99,50 @@ def run_seed(preset_name: str, seed: int, out: Path, extra: list[str]) -> dict[s
     return runs
 
 
+def mechanism_seed(preset_name: str, seed: int, out: Path, extra: list[str], runs: dict[str, dict]) -> dict:
+    """Train (or reuse) the seed's two-stage run, analyse both pairs (a finished pair's JSONs are reused) and return
+    every model's :data:`MEASURES`."""
+    import json
+
+    from mechrecall.lab.config import get_preset
+    from mechrecall.report.reproduce import run_analyses
+
+    seed_dir = out / f"seed-{seed}"
+    runs["two-stage"] = _run(get_preset(preset_name, [*extra, f"seed={seed}"]), "two_stage", seed_dir / "two-stage")
+    regime = {"two-stage": "two_stage", "pre-instruction": "pre_instruction"}
+    values: dict[str, dict[str, float]] = {}
+    for first, second in PAIRS:
+        pair_dir = seed_dir / "analyses" / f"{first}--{second}"
+        if not (pair_dir / "done.json").exists():
+            folders = [str(seed_dir / n / regime.get(n, "mixed") / "final") for n in (first, second)]
+            seconds = run_analyses(*folders, pair_dir, labels=(first, second))
+            from mechrecall.io import atomic_write_json
+
+            atomic_write_json(pair_dir / "done.json", {"seconds": seconds})
+        for name, (file, get) in MEASURES.items():
+            j = json.loads((pair_dir / file).read_text())
+            for label in (first, second):
+                values.setdefault(label, {})[name] = float(get(j, label))
+    return values
+
+
+def mechanism_summary(by_seed: dict[int, dict[str, dict[str, float]]]) -> dict:
+    """Per measure: each seed's order check and pre-instruction minus each mixed run; the rule's verdict."""
+    out = {}
+    for m in MEASURES:
+        holds = [all(v[a][m] < v[b][m] for a, b in zip(ORDER, ORDER[1:])) for v in by_seed.values()]
+        minus = {
+            name: [v["pre-instruction"][m] - v[name][m] for v in by_seed.values()]
+            for name in ("mixed-matched-steps", "mixed-matched-rows")
+        }
+        out[m] = {
+            "order_holds_per_seed": holds,
+            "order_holds_at_every_seed": all(holds),
+            "pre_instruction_minus": minus,
+        }
+    return out
+
+
 def paired(by_seed: dict[int, dict[str, dict]], against: str) -> dict:
     """Pre-instruction minus ``against`` at each seed, per metric: the differences, their mean, min and max."""
     out = {}
@@ -86,6 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="micro")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    ap.add_argument("--mechanism", action="store_true",
+                    help="also a two-stage run per seed and every pair analysis on the seed's models")  # fmt: skip
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a preset override applied to every run (e.g. mixed.batch_query=16)")  # fmt: skip
     args = ap.parse_args(argv)
@@ -93,6 +166,11 @@ def main(argv=None) -> int:
     try:
         check_out(out)
         by_seed = {s: run_seed(args.preset, s, out, args.overrides) for s in args.seeds}
+        mech = (
+            {s: mechanism_seed(args.preset, s, out, args.overrides, by_seed[s]) for s in args.seeds}
+            if args.mechanism
+            else None
+        )
     except (KeyError, ValueError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
@@ -103,6 +181,15 @@ def main(argv=None) -> int:
               "pre_instruction_minus": {name: paired(by_seed, name)
                                         for name in ("mixed-matched-steps", "mixed-matched-rows")}}  # fmt: skip
     atomic_write_json(out / "matched.json", result)
+    if mech is not None:
+        summary = mechanism_summary(mech)
+        atomic_write_json(out / "mechanism.json", {"preset": args.preset, "seeds": args.seeds, "order": ORDER,
+                                                   "values": {str(s): v for s, v in mech.items()}, "summary": summary})  # fmt: skip
+        for m, d in summary.items():
+            per = " ".join(f"s{s}:" + "/".join(f"{mech[s][n][m]:.3f}" for n in ORDER) for s in args.seeds)
+            print(
+                f"{m:32s} two-stage/mixed-steps/pre-instruction {per} order at every seed: {d['order_holds_at_every_seed']}"
+            )
     for s, runs in by_seed.items():
         for name, r in runs.items():
             print(f"seed {s} {name:20s} steps {r['steps']:5d} rows {r['rows']:7d} held-out QA {r['heldout_qa']:.3f} "

@@ -37,3 +37,33 @@ def test_mixed_runs_get_the_steps_and_rows_pre_instruction_took(tmp_path, capsys
     assert mc.main(argv) == 0
     again = json.loads((tmp_path / "m" / "matched.json").read_text())["runs"]["1"]["pre-instruction"]
     assert (again["steps"], again["rows"]) == (14, 6 * 8 + 8 * 16)
+
+
+def test_mechanism_adds_two_stage_and_each_models_measures(tmp_path):
+    sys.path.insert(0, str(ROOT / "analyses"))
+    import matched_compute as mc
+
+    shrink = ["pre_instruction.qa.steps=4", "pre_instruction.qa.batch_query=8", "pre_instruction.joint.steps=4",
+              "pre_instruction.joint.batch_storage=8", "pre_instruction.joint.batch_query=8", "mixed.batch_storage=8",
+              "mixed.batch_query=8", "two_stage.stage1.steps=4", "two_stage.stage1.batch_storage=8",
+              "two_stage.stage2.steps=4", "two_stage.stage2.batch_query=8", "data.n_people=40"]  # fmt: skip
+    argv = ["--out", str(tmp_path / "m"), "--seeds", "1", "--mechanism"] + [a for s in shrink for a in ("--set", s)]
+    assert mc.main(argv) == 0
+    mech = json.loads((tmp_path / "m" / "mechanism.json").read_text())
+    values = mech["values"]["1"]
+    assert set(values) == {"two-stage", "pre-instruction", "mixed-matched-steps", "mixed-matched-rows"}
+    runs = json.loads((tmp_path / "m" / "matched.json").read_text())["runs"]["1"]
+    assert runs["two-stage"]["steps"] == 8
+    cons = json.loads(
+        (tmp_path / "m" / "seed-1" / "analyses" / "two-stage--pre-instruction" / "consistency.json").read_text()
+    )
+    g = cons["gradient"]["pre-instruction"]
+    assert values["pre-instruction"]["gradient_margin"] == pytest.approx(
+        g["same_fact_mean_cos"] - g["baseline_mean_cos"]
+    )
+    for m, d in mech["summary"].items():
+        v = [values[n][m] for n in mc.ORDER]
+        assert d["order_holds_per_seed"] == [v[0] < v[1] < v[2]]
+        assert d["pre_instruction_minus"]["mixed-matched-rows"] == [
+            pytest.approx(values["pre-instruction"][m] - values["mixed-matched-rows"][m])
+        ]
