@@ -136,13 +136,38 @@ def load_json(path: Path, expect: type = dict):
     return data
 
 
-def versus(value: float, reference: float, claim: str, margin: float = 0.0) -> str:
-    """The paper's claim, and whether this run agrees: ``value`` must exceed ``reference`` by more than ``margin``
-    (e.g. twice the spread of random controls); within the margin the run shows no clear difference."""
-    if value - reference > margin:
-        verdict = "agrees in direction"
-    elif reference - value > margin:
-        verdict = "does not agree"
+def versus(
+    value: float,
+    reference: float,
+    claim: str,
+    margin: float = 0.0,
+    *,
+    intervals: tuple[Sequence[float], Sequence[float]] | None = None,
+    margin_is: str = "twice the spread of the random controls",
+) -> str:
+    """The paper's claim (``value`` above ``reference``), and what this run says about it, no more than it measured.
+
+    With ``intervals`` (the two values' 95 % intervals) the run agrees only when they do not overlap; with a
+    ``margin`` (what it is: ``margin_is``) the difference must exceed it; with neither, the caption says only which
+    way the difference points, and that no interval was compared."""
+    if intervals is not None:
+        (v_lo, v_hi), (r_lo, r_hi) = intervals
+        if v_lo > r_hi:
+            verdict = "agrees (95% intervals do not overlap)"
+        elif r_lo > v_hi:
+            verdict = "does not agree (95% intervals do not overlap)"
+        else:
+            verdict = "shows no clear difference (95% intervals overlap)"
+    elif margin > 0:
+        if value - reference > margin:
+            verdict = f"agrees (the difference exceeds {margin_is})"
+        elif reference - value > margin:
+            verdict = f"does not agree (the difference exceeds {margin_is})"
+        else:
+            verdict = f"shows no clear difference (within {margin_is})"
+    elif value == reference:
+        return f"The paper: {claim}. This run shows no difference."
     else:
-        verdict = "shows no clear difference (within twice the spread of the random controls)"
+        way = "the paper's way" if value > reference else "against the paper"
+        return f"The paper: {claim}. This run's difference points {way} (no interval compared)."
     return f"The paper: {claim}. This run {verdict}."

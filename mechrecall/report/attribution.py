@@ -135,7 +135,7 @@ def captioned(attribution: dict) -> list[tuple]:
         f"{a['subject_relation_preceding_share']:.3f} vs {first} {b['subject_relation_preceding_share']:.3f}. "
         + versus(a["subject_plus_relation_share"], b["subject_plus_relation_share"],
                  "mixed models read the fact from the subject and relation tokens, two-stage models from the whole "
-                 "context")
+                 "context", intervals=(a["subject_plus_relation_share_ci"], b["subject_plus_relation_share_ci"]))
     )  # fmt: skip
     box_caption = "Subject + relation share per fact (each point one fact; the answer-preceding token not included)."
     return [(bars, bars_caption), (box, box_caption)]

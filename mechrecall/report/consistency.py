@@ -205,7 +205,7 @@ def captioned(result: dict) -> list[tuple]:
         f"{g[second]['same_fact_mean_cos']:.3f} vs {first} {g[first]['same_fact_mean_cos']:.3f}; mismatched facts "
         f"give ~{g[second]['baseline_mean_cos']:.3f}. "
         + versus(g[second]["same_fact_mean_cos"], g[first]["same_fact_mean_cos"],
-                 "mixed training aligns the two formats' gradients")
+                 "mixed training aligns the two formats' gradients", intervals=(g[second]["ci"], g[first]["ci"]))
     )  # fmt: skip
     rep_caption = (
         f"Finding 2, representation consistency: cosine of the same fact's hidden states in both formats minus that "

@@ -1,9 +1,11 @@
 """Grafting: does any static mask of the mixed model's parameters carry held-out recall into another model?
 
-The paper reports that grafting the mixed model's shared-update parameters into the two-stage model transfers recall;
-mechrecall's masks analysis found that it transfers nothing. This module runs the protocol variants the paper's
-description allows, on one lab checkpoint family (base, stage-1 = biographies only, final two-stage, mixed), so that
-the answer does not hang on one choice:
+The paper reports that grafting the mixed model's shared-update parameters into the two-stage model, both fine-tuned
+from one pretrained base, transfers recall. On the lab's from-scratch pairs (default and micro presets, seed 0)
+mechrecall's masks analysis found that it transfers nothing, which is not a test of that claim: models trained from
+scratch share no coordinates. This module runs every protocol variant the paper's description allows on one lab
+checkpoint family (base, stage-1 = biographies only, final two-stage, mixed), so that the answer does not hang on
+one choice; the shared-base test is a family fine-tuned from one pretrained base:
 
 - **recipients**: the final two-stage model and the stage-1 (biography-only) model, which has stored every fact
   and never seen a question (and, on request, the base model, as in Panigrahi et al. 2023);
@@ -167,6 +169,8 @@ def run(
         "donor": mixed, "base": base, "ks": list(ks), "sources": list(sources), "scope": scope, "draws": draws,
         "margin": MARGIN, "dataset_hash": dataset.hash, "donor_recall": donor_recall, "recipients": {},
         "ranked_parameters": totals,
+        # from-scratch families share no coordinates: their grafts are not a test of the paper's shared-base claim
+        "from_scratch": donor.meta.get("config", {}).get("model", {}).get("source", "") is None,
     }  # fmt: skip
     for label, source in recipients.items():
         loaded = base_loaded if source == "base" else load_model(source, registry=registry, device=device,
@@ -248,6 +252,9 @@ def captioned(grafting: dict) -> list[tuple]:
                f"size at {len(grafting['ks'])} sizes, into each recipient, against size-matched random masks. {best}. "
                f"Any variant beats its random controls by more than max(5 points, 2 sd) (a post-hoc screen over every "
                f"variant): {grafting['any_transfer']}.")  # fmt: skip
+    if grafting.get("from_scratch"):
+        caption += (" These models were trained from scratch and share no coordinates, so this is not a test of the "
+                    "paper's shared-base claim; that test needs a family fine-tuned from one pretrained base.")  # fmt: skip
     return [(figure(grafting), caption)]
 
 

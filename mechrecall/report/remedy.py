@@ -25,7 +25,8 @@ def captioned(remedy: dict) -> list[tuple]:
     caption = (f"Consistency-aware objectives (analyses/remedy.py, preset {remedy['preset']}, means over seeds "
                f"{seeds}): each family's variant chosen by validation QA at seed 0 ({remedy['chosen']}); share of the "
                f"two-stage-to-mixed held-out gap it closes: {closed}; held-out QA against plain mixed: {over}. Every "
-               f"variant tried is in remedy.json.")  # fmt: skip
+               f"variant tried is in remedy.json. All at the preset's step budgets (equal steps): a gain at equal steps "
+               f"may be faster convergence rather than a higher ceiling (analyses/remedy.py --converge tests that).")  # fmt: skip
     return [(fig, caption)]
 
 

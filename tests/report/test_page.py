@@ -36,6 +36,10 @@ def test_report_is_self_contained(micro_run):
     for section in ("Recall", "Figures", "Provenance", "held-out QA", "checkpoints_sha256", "torch"):
         assert section in page
     assert page.count("class='caption'") >= 10
+    # the micro pair is trained from scratch: its graft is said not to test the paper's shared-base claim, and the
+    # figures are said to be one seed's pair
+    assert "not a test of the paper&#x27;s claim" in page and "Analyses of one pair, seed 0" in page
+    assert "means over seeds [0]" in page
 
 
 def test_report_renders_in_headless_chromium(micro_run):
@@ -64,9 +68,15 @@ def test_the_browser_check_catches_errors_and_empty_figures(micro_run, tmp_path)
 def test_captions_say_agree_disagree_or_no_clear_difference():
     from mechrecall.report.analysis import versus
 
-    assert "agrees in direction" in versus(0.5, 0.2, "x")
-    assert "does not agree" in versus(0.1, 0.2, "x")
-    assert "no clear difference" in versus(0.192, 0.189, "x", margin=2 * 0.008)
+    # no interval, no margin: only the direction, and that nothing was compared
+    assert "points the paper's way (no interval compared)" in versus(0.5, 0.2, "x")
+    assert "points against the paper (no interval compared)" in versus(0.1, 0.2, "x")
+    assert "no clear difference (within twice the spread" in versus(0.192, 0.189, "x", margin=2 * 0.008)
+    assert "agrees (the difference exceeds" in versus(0.3, 0.189, "x", margin=2 * 0.008)
+    # intervals: agreement only when the 95 % intervals do not overlap
+    assert "agrees (95% intervals do not overlap)" in versus(0.5, 0.2, "x", intervals=((0.4, 0.6), (0.1, 0.3)))
+    assert "no clear difference (95% intervals overlap)" in versus(0.5, 0.2, "x", intervals=((0.25, 0.6), (0.1, 0.3)))
+    assert "does not agree" in versus(0.1, 0.5, "x", intervals=((0.0, 0.2), (0.4, 0.6)))
 
 
 def test_report_cli_rebuilds_and_errors_cleanly(micro_run, tmp_path, capsys):
