@@ -104,6 +104,7 @@ def mechanism_seed(preset_name: str, seed: int, out: Path, extra: list[str], run
     every model's :data:`MEASURES`."""
     import json
 
+    from mechrecall.io import atomic_write_json
     from mechrecall.lab.config import get_preset
     from mechrecall.report.reproduce import run_analyses
 
@@ -116,11 +117,10 @@ def mechanism_seed(preset_name: str, seed: int, out: Path, extra: list[str], run
         if not (pair_dir / "done.json").exists():
             folders = [str(seed_dir / n / regime.get(n, "mixed") / "final") for n in (first, second)]
             seconds = run_analyses(*folders, pair_dir, labels=(first, second))
-            from mechrecall.io import atomic_write_json
-
             atomic_write_json(pair_dir / "done.json", {"seconds": seconds})
+        read = {file: json.loads((pair_dir / file).read_text()) for file, _ in MEASURES.values()}  # each file once
         for name, (file, get) in MEASURES.items():
-            j = json.loads((pair_dir / file).read_text())
+            j = read[file]
             for label in (first, second):
                 values.setdefault(label, {})[name] = float(get(j, label))
     return values

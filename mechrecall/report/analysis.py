@@ -136,6 +136,17 @@ def load_json(path: Path, expect: type = dict):
     return data
 
 
+# said under any graft between models trained from scratch: they share no coordinates for a mask to carry
+NOT_A_SHARED_BASE_TEST = ("These models were trained from scratch and share no coordinates, so this is not a test of "
+                          "the paper's claim, which is about two models fine-tuned from one pretrained base.")  # fmt: skip
+
+
+def from_scratch(meta: Mapping) -> bool:
+    """Whether a checkpoint's metadata says it is a lab model trained from a random initialisation (its preset had no
+    ``model.source``); False for a pretrained base, a model fine-tuned from one, or a checkpoint without lab metadata."""
+    return (meta.get("config") or {}).get("model", {}).get("source", "") is None
+
+
 def versus(
     value: float,
     reference: float,

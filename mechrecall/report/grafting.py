@@ -47,7 +47,7 @@ from mechrecall.lab.models import lab_dataset
 from mechrecall.lab.trace import GradientTrace
 from mechrecall.loading import load_model
 from mechrecall.masks import mask_count, mask_minus, topk_mask, update_importance
-from mechrecall.report.analysis import Analysis
+from mechrecall.report.analysis import NOT_A_SHARED_BASE_TEST, Analysis, from_scratch
 
 __all__ = ["DEFAULT_KS", "MASK_SOURCES", "run", "summary_rows", "transfers"]
 
@@ -169,8 +169,7 @@ def run(
         "donor": mixed, "base": base, "ks": list(ks), "sources": list(sources), "scope": scope, "draws": draws,
         "margin": MARGIN, "dataset_hash": dataset.hash, "donor_recall": donor_recall, "recipients": {},
         "ranked_parameters": totals,
-        # from-scratch families share no coordinates: their grafts are not a test of the paper's shared-base claim
-        "from_scratch": donor.meta.get("config", {}).get("model", {}).get("source", "") is None,
+        "from_scratch": from_scratch(donor.meta),  # (the caption then says what it cannot test)
     }  # fmt: skip
     for label, source in recipients.items():
         loaded = base_loaded if source == "base" else load_model(source, registry=registry, device=device,
@@ -253,8 +252,7 @@ def captioned(grafting: dict) -> list[tuple]:
                f"Any variant beats its random controls by more than max(5 points, 2 sd) (a post-hoc screen over every "
                f"variant): {grafting['any_transfer']}.")  # fmt: skip
     if grafting.get("from_scratch"):
-        caption += (" These models were trained from scratch and share no coordinates, so this is not a test of the "
-                    "paper's shared-base claim; that test needs a family fine-tuned from one pretrained base.")  # fmt: skip
+        caption += " " + NOT_A_SHARED_BASE_TEST
     return [(figure(grafting), caption)]
 
 

@@ -58,7 +58,15 @@ from mechrecall.masks import (
     topk_mask,
     update_importance,
 )
-from mechrecall.report.analysis import Analysis, PairContext, check_labels, labels_of, versus
+from mechrecall.report.analysis import (
+    NOT_A_SHARED_BASE_TEST,
+    Analysis,
+    PairContext,
+    check_labels,
+    from_scratch,
+    labels_of,
+    versus,
+)
 from mechrecall.tokenization import check_tokenization
 
 SPLITS = ("heldout", "train")
@@ -351,8 +359,7 @@ def run(
     if (first, second) != ("two_stage", "mixed"):
         result["labels"] = [first, second]
     result["dataset_hash"] = dataset.hash
-    # grafting between models trained from scratch is not a test of the paper's shared-base claim: the caption says so
-    result["from_scratch"] = models[second].meta.get("config", {}).get("model", {}).get("source", "") is None
+    result["from_scratch"] = from_scratch(models[second].meta)  # (its graft caption then says what it cannot test)
     result |= {label: _entry(pair, label, k) for label in models}
     config = models[second].model.config
     atomic_write_files(out, {"masks.json": result, "masks.html": figures_html(result, config)})
@@ -632,9 +639,7 @@ def captioned(masks: dict) -> list[tuple]:
         gr_caption = (
             f"Grafting {second}'s shared parameters into {g['recipient']}: recall {g['heldout_before']:.3f} -> "
             f"{g['heldout_after']:.3f} (random masks {g['random_heldout_mean']:.3f} ± {g['random_heldout_std']:.3f}). "
-            + ("These models were trained from scratch and share no coordinates, so this is not a test of the "
-               "paper's claim, which is about two models fine-tuned from one pretrained base."
-               if masks.get("from_scratch") else
+            + (NOT_A_SHARED_BASE_TEST if masks.get("from_scratch") else
                versus(g["heldout_after"], g["random_heldout_mean"], "grafting the shared set transfers held-out recall",
                       2 * g["random_heldout_std"]))
         )  # fmt: skip

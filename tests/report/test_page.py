@@ -89,3 +89,11 @@ def test_report_cli_rebuilds_and_errors_cleanly(micro_run, tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "results.json" in err and "\n" not in err
+
+
+def test_from_scratch_reads_a_lab_checkpoints_model_source():
+    from mechrecall.report.analysis import from_scratch
+
+    assert from_scratch({"config": {"model": {"source": None}}})
+    assert not from_scratch({"config": {"model": {"source": "smollm2-135m-instruct"}}})
+    assert not from_scratch({}) and not from_scratch({"config": None})
